@@ -5,6 +5,8 @@ Nothing is downloaded: every model is built from a config with a fixed seed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -18,6 +20,8 @@ from transformers import (
 )
 
 from server.engine.model import freeze
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
 
 EOS_ID, PAD_ID = 0, 1
 VOCAB = 258  # 2 specials + 256 byte symbols

@@ -1,0 +1,1 @@
+"""The HTTP edge: app factory, routes, pydantic schemas, and the error -> status mapping."""

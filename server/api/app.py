@@ -1,0 +1,110 @@
+"""The app factory. The model loads in the background so /health answers at once and /ready says when."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from server.api.errors import install_error_handlers
+from server.api.limits import BodySizeLimit
+from server.api.routes import router
+from server.config import Settings
+from server.engine.engine import Engine
+from server.registry.registry import PrefixRegistry
+from server.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """What a running server holds; tests build it from a tiny model, `serve` from the real one."""
+
+    engine: Engine
+    registry: PrefixRegistry
+    model_name: str
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    components: Components | None = None
+    scheduler: Scheduler | None = None
+    load_error: str | None = None
+    background: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None and self.scheduler.accepting
+
+
+def build_components(settings: Settings) -> Components:
+    """Load the base model and open the prefix registry (blocking; seconds once the model is cached)."""
+    from server.engine.model import load_model
+
+    loaded = load_model(
+        settings.model, dtype=settings.dtype, device=settings.device, cache_dir=settings.model_cache_dir
+    )
+    engine = Engine(loaded.model, loaded.tokenizer, max_virtual_tokens=settings.max_virtual_tokens)
+    registry = PrefixRegistry.open(
+        settings.prefix_dir,
+        engine.fingerprint,
+        cache_bytes=settings.prefix_cache_bytes,
+        dtype=engine.dtype,
+        device=engine.device,
+        max_virtual_tokens=settings.max_virtual_tokens,
+    )
+    return Components(engine=engine, registry=registry, model_name=loaded.name)
+
+
+def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
+    """An app serving `components`, or loading them from `settings` in the background at startup."""
+    settings = settings or Settings.from_env()
+    state = ServerState(settings=settings, components=components)
+
+    async def start_serving(components: Components) -> None:
+        state.components = components
+        scheduler = Scheduler(
+            components.engine,
+            components.registry,
+            SchedulerConfig(settings.max_batch_size, settings.max_batch_wait_ms),
+        )
+        await scheduler.start()
+        state.scheduler = scheduler
+        log.info("ready: model %s, %d prefixes", components.model_name, len(components.registry.list()))
+
+    async def load_in_background() -> None:
+        try:
+            await start_serving(await asyncio.to_thread(build_components, settings))
+        except Exception as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.exception("startup failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if components is not None:
+            await start_serving(components)
+        else:
+            state.background.append(asyncio.create_task(load_in_background()))
+        yield
+        for task in state.background:
+            task.cancel()
+        if state.scheduler is not None:
+            await state.scheduler.stop()
+
+    app = FastAPI(
+        title="prefix-server",
+        version="0.1.0",
+        description="One frozen base model, many prefix-tuned tasks, mixed in every batch.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    # Bodies are limited while they stream in (413 before a large upload is read into memory).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + (1 << 20))  # + form and config
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,157 @@
+"""HTTP routes: validate, hand to the scheduler or the registry, shape the reply. Never runs the model."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+
+from server.api.schemas import (
+    TASK_ID_PATTERN,
+    ErrorResponse,
+    FromTextRequest,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    PrefixInfo,
+    PrefixList,
+    Ready,
+    Usage,
+)
+from server.errors import InvalidRequest, NotReady, PayloadTooLarge
+from server.request import Request as GenRequest
+from server.request import SamplingParams
+
+router = APIRouter()
+
+_ERR = {"model": ErrorResponse}
+ERRORS = {400: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}
+UPLOAD_ERRORS = {**ERRORS, 413: _ERR}
+
+
+def _state(request: Request):
+    """The server state, or 503 while the model is still loading (or failed to load)."""
+    state = request.app.state.server
+    if not state.ready:
+        why = f"startup failed: {state.load_error}" if state.load_error else "the model is still loading"
+        raise NotReady(f"not ready: {why}")
+    return state
+
+
+def _check_task_id(task_id: str) -> str:
+    if not re.fullmatch(TASK_ID_PATTERN, task_id):
+        raise InvalidRequest(f"task_id must be 1-64 of A-Za-z0-9._-, got {task_id[:80]!r}")
+    return task_id
+
+
+@router.get("/health", response_model=Health, tags=["ops"])
+async def health() -> Health:
+    """The process is alive (it may still be loading the model)."""
+    return Health(status="ok")
+
+
+@router.get("/ready", response_model=Ready, responses={503: _ERR}, tags=["ops"])
+async def ready(request: Request) -> Ready:
+    """The model is loaded and the server accepts work."""
+    state = _state(request)
+    return Ready(status="ready", model=state.components.model_name)
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+    """Generate text for one prompt, with the task's current prefix (or the base model)."""
+    state = _state(request)
+    settings, engine = state.settings, state.components.engine
+    if body.task_id is not None:
+        state.components.registry.get(body.task_id)  # 404 now, not after queueing
+    if body.max_new_tokens > settings.max_new_tokens:
+        raise InvalidRequest(
+            f"max_new_tokens must be <= {settings.max_new_tokens}, got {body.max_new_tokens}"
+        )
+    prompt_ids = engine.tokenizer(body.prompt)["input_ids"]
+    if len(prompt_ids) > settings.max_prompt_tokens:
+        raise InvalidRequest(
+            f"prompt has {len(prompt_ids)} tokens, the limit is {settings.max_prompt_tokens}"
+        )
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    sampling = SamplingParams(
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=stop,
+        ignore_eos=body.ignore_eos,
+    )
+    req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=body.task_id, prompt=body.prompt)
+    await state.scheduler.generate(req)
+    return GenerateResponse(
+        request_id=req.request_id,
+        task_id=req.task_id,
+        prefix_version=req.prefix_version,
+        text=req.text,
+        token_ids=req.output_token_ids,
+        finish_reason=req.finish_reason.value,
+        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(req.output_token_ids)),
+    )
+
+
+async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+    return data
+
+
+@router.post(
+    "/prefixes", response_model=PrefixInfo, status_code=201, responses=UPLOAD_ERRORS, tags=["prefixes"]
+)
+async def upload_prefix(
+    request: Request,
+    task_id: Annotated[str, Form(description="1-64 of A-Za-z0-9._-")],
+    file: Annotated[UploadFile, File(description="a native prefix file or a PEFT adapter_model.safetensors")],
+    config: Annotated[UploadFile | None, File(description="optional PEFT adapter_config.json")] = None,
+) -> PrefixInfo:
+    """Add a task, or a new version of it (hot swap: new requests use it at once)."""
+    state = _state(request)
+    _check_task_id(task_id)
+    data = await _read_limited(file, state.settings.max_upload_bytes, "file")
+    config_bytes = await _read_limited(config, 1 << 20, "config") if config is not None else None
+    registry = state.components.registry
+    record = await asyncio.to_thread(registry.upload, task_id, data, config_bytes)
+    return PrefixInfo(**record.to_dict())
+
+
+@router.post(
+    "/prefixes/from-text", response_model=PrefixInfo, status_code=201, responses=ERRORS, tags=["prefixes"]
+)
+async def prefix_from_text(body: FromTextRequest, request: Request) -> PrefixInfo:
+    """Make a task's prefix from an instruction text: its K/V under the base model (no training)."""
+    state = _state(request)
+    engine, registry = state.components.engine, state.components.registry
+    token_ids = engine.tokenizer(body.text)["input_ids"]
+    prefix = await state.scheduler.run_exclusive(lambda: engine.encode_prefix(token_ids))
+    record = await asyncio.to_thread(registry.add, body.task_id, prefix, "text")
+    return PrefixInfo(**record.to_dict())
+
+
+@router.get("/prefixes", response_model=PrefixList, responses={503: _ERR}, tags=["prefixes"])
+async def list_prefixes(request: Request) -> PrefixList:
+    state = _state(request)
+    return PrefixList(prefixes=[PrefixInfo(**r.to_dict()) for r in state.components.registry.list()])
+
+
+@router.get("/prefixes/{task_id}", response_model=PrefixInfo, responses=ERRORS, tags=["prefixes"])
+async def get_prefix(task_id: str, request: Request) -> PrefixInfo:
+    state = _state(request)
+    return PrefixInfo(**state.components.registry.get(_check_task_id(task_id)).to_dict())
+
+
+@router.delete("/prefixes/{task_id}", status_code=204, responses=ERRORS, tags=["prefixes"])
+async def delete_prefix(task_id: str, request: Request) -> Response:
+    """Delete a task: running requests finish on their version; new ones get 404."""
+    state = _state(request)
+    await asyncio.to_thread(state.components.registry.delete, _check_task_id(task_id))
+    return Response(status_code=204)

@@ -1,0 +1,81 @@
+"""Pydantic models of the HTTP API (the only place pydantic is used)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+TaskId = Field(pattern=TASK_ID_PATTERN, min_length=1, max_length=64, description="1-64 of A-Za-z0-9._-")
+
+
+class _Strict(BaseModel):
+    # Unknown fields are an error (a typo must not silently fall back to a default), and no lax coercion.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Strict):
+    task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="null or absent: the base model")
+    prompt: str = Field(description="tokenized as tokenizer(prompt) would by default")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] | str | None = Field(
+        None, description="stop strings; the text ends before the first match"
+    )
+    ignore_eos: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    task_id: str | None
+    prefix_version: int | None
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length", "abort", "error"]
+    usage: Usage
+
+
+class FromTextRequest(_Strict):
+    task_id: str = TaskId
+    text: str = Field(min_length=1)
+
+
+class PrefixInfo(BaseModel):
+    task_id: str
+    version: int
+    num_virtual_tokens: int
+    bytes: int
+    sha256: str
+    created_at: float
+    source: str
+
+
+class PrefixList(BaseModel):
+    prefixes: list[PrefixInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    model: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,113 @@
+"""`prefix-server serve | convert`: argparse in, Settings out; nothing else reads the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from server.config import Settings
+from server.errors import PrefixServerError
+
+SERVE_FLAGS = {
+    # flag: (type, help)
+    "model": (str, "'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a hub id"),
+    "host": (str, "bind address (default 127.0.0.1)"),
+    "port": (int, "port (default 8000)"),
+    "prefix_dir": (Path, "prefix store folder (default: the repo's prefixes/)"),
+    "dtype": (str, "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)"),
+    "device": (str, "auto | cpu | cuda | cuda:N"),
+    "model_cache_dir": (Path, "where converted GGUF models are kept"),
+    "prefix_cache_bytes": (int, "in-memory prefix cache budget in bytes (LRU beyond it)"),
+    "max_virtual_tokens": (int, "largest prefix accepted, in virtual tokens"),
+    "max_upload_bytes": (int, "largest prefix upload accepted (413 beyond it)"),
+    "max_batch_size": (int, "most requests in one batch"),
+    "max_batch_wait_ms": (float, "how long a batch waits to fill up"),
+    "max_prompt_tokens": (int, "longest prompt accepted"),
+    "max_new_tokens": (int, "largest max_new_tokens accepted"),
+    "log_level": (str, "debug | info | warning | error"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefix-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Every flag can also be set as "
+        "PREFIX_SERVER_<FLAG> in the environment (e.g. PREFIX_SERVER_PORT=9000).",
+    )
+    for name, (kind, text) in SERVE_FLAGS.items():
+        serve.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+
+    convert = sub.add_parser("convert", help="convert a prefix between the native and the PEFT format")
+    convert.add_argument(
+        "input", type=Path, help="a native prefix file, or a PEFT adapter folder / .safetensors"
+    )
+    convert.add_argument("output", type=Path, help="native: a .safetensors file; peft: a folder")
+    convert.add_argument("--to", choices=["native", "peft"], required=True)
+    convert.add_argument("--model", default="default", help="base model (needed to read a PEFT adapter)")
+    convert.add_argument("--config", type=Path, help="PEFT adapter_config.json (default: beside the input)")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger(__name__).info("settings: %s", dataclasses.asdict(settings))
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def convert(args: argparse.Namespace) -> None:
+    from server.registry.format import ModelFingerprint, load_prefix, read_metadata, save_native, to_peft
+
+    source = args.input / "adapter_model.safetensors" if args.input.is_dir() else args.input
+    data = source.read_bytes()
+    metadata = read_metadata(data)
+    if args.to == "peft":
+        fingerprint = ModelFingerprint.from_metadata(metadata)
+        prefix = load_prefix(data, fingerprint)
+        weights, config = to_peft(prefix, base_model_name=metadata.get("base_model"))
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "adapter_model.safetensors").write_bytes(weights)
+        (args.output / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        print(f"wrote PEFT adapter to {args.output}/ ({prefix.num_virtual_tokens} virtual tokens)")
+        return
+    from transformers import AutoConfig
+
+    from server.engine.model import DEFAULT_MODEL, default_gguf_path
+
+    if args.model == DEFAULT_MODEL or args.model.endswith(".gguf"):
+        gguf = default_gguf_path() if args.model == DEFAULT_MODEL else Path(args.model)
+        model_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        model_config = AutoConfig.from_pretrained(args.model)
+    config_path = args.config or source.with_name("adapter_config.json")
+    adapter_config = config_path.read_bytes() if config_path.is_file() else None
+    prefix = load_prefix(data, ModelFingerprint.from_config(model_config), adapter_config=adapter_config)
+    args.output.write_bytes(save_native(prefix))
+    print(f"wrote native prefix to {args.output} ({prefix.num_virtual_tokens} virtual tokens)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        {"serve": serve, "convert": convert}[args.command](args)
+    except PrefixServerError as e:
+        print(f"prefix-server: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()

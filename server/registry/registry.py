@@ -1,0 +1,177 @@
+"""The prefix registry: validated uploads into the store, pinned hot-swappable prefixes from the cache.
+
+Thread-safe without a lock of its own: the store's index is the one source of truth for "latest", and
+the cache pins by (task_id, version). Every acquire that starts after an upload returns resolves the new
+version; one that resolved a version just before an upload or delete removed its file resolves again.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from server.errors import PrefixFormatError, PrefixServerError
+from server.registry.cache import PrefixCache
+from server.registry.format import (
+    FORMAT_NAME,
+    ModelFingerprint,
+    PrefixKV,
+    load_prefix,
+    read_metadata,
+    save_native,
+)
+from server.registry.store import PrefixRecord, PrefixStore, validate_task_id
+
+T = TypeVar("T")
+
+
+class PrefixRegistry:
+    """Upload / add / get / list / delete prefixes, and acquire / release their tensors for requests."""
+
+    def __init__(
+        self,
+        store: PrefixStore,
+        cache: PrefixCache,
+        fingerprint: ModelFingerprint,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_virtual_tokens: int = 256,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.fingerprint = fingerprint
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_virtual_tokens = max_virtual_tokens
+        self.recovery_warnings: list[str] = []  # filled by open(); shown at startup
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        fingerprint: ModelFingerprint,
+        *,
+        cache_bytes: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_virtual_tokens: int = 256,
+    ) -> PrefixRegistry:
+        """A registry over the store at `root`, its index recovered from disk."""
+        store = PrefixStore(root)
+        warnings = store.recover()
+        registry = cls(
+            store,
+            PrefixCache(cache_bytes),
+            fingerprint,
+            dtype=dtype,
+            device=device,
+            max_virtual_tokens=max_virtual_tokens,
+        )
+        registry.recovery_warnings = warnings
+        return registry
+
+    def upload(self, task_id: str, data: bytes, adapter_config: bytes | None = None) -> PrefixRecord:
+        """Validate a native or PEFT prefix file against the model and store it, as native float32, as a new version."""
+        validate_task_id(task_id)
+        prefix = load_prefix(
+            data,
+            self.fingerprint,
+            adapter_config=adapter_config,
+            max_virtual_tokens=self.max_virtual_tokens,
+            dtype=torch.float32,
+        )
+        # load_prefix accepted it, so the header parses and the format says which kind it was.
+        source = "native" if read_metadata(data).get("format") == FORMAT_NAME else "peft"
+        return self._put(task_id, prefix, source)
+
+    def add(self, task_id: str, prefix: PrefixKV, source: str = "text") -> PrefixRecord:
+        """Store a prefix made in process (prefix-from-text) as a new version."""
+        validate_task_id(task_id)
+        self.fingerprint.check(prefix.fingerprint)
+        if prefix.num_virtual_tokens > self.max_virtual_tokens:
+            raise PrefixFormatError(
+                f"prefix has {prefix.num_virtual_tokens} virtual tokens, limit is {self.max_virtual_tokens}"
+            )
+        if not (torch.isfinite(prefix.keys).all() and torch.isfinite(prefix.values).all()):
+            raise PrefixFormatError("prefix contains NaN or Inf values")
+        return self._put(task_id, prefix.to("cpu", torch.float32), source)
+
+    def get(self, task_id: str) -> PrefixRecord:
+        """The latest version of a task; PrefixNotFound otherwise."""
+        return self.store.get(task_id)
+
+    def list(self) -> list[PrefixRecord]:
+        """Latest version of every task, sorted by task_id."""
+        return self.store.list()
+
+    def delete(self, task_id: str) -> PrefixRecord:
+        """Delete a task (PrefixNotFound if absent); requests already holding its tensors keep them."""
+        record = self.store.delete(task_id)
+        self.cache.drop(task_id)
+        return record
+
+    def can_acquire(self, task_id: str) -> bool:
+        """Whether `acquire(task_id)` would fit in the cache now; PrefixNotFound if the task does not exist."""
+        record = self.store.get(task_id)
+        fp = self.fingerprint
+        nbytes = (
+            2 * fp.num_layers * fp.kv_heads * record.num_virtual_tokens * fp.head_dim * self.dtype.itemsize
+        )
+        return self.cache.can_acquire((task_id, record.version), nbytes)
+
+    def acquire(self, task_id: str) -> tuple[PrefixRecord, PrefixKV]:
+        """Pin the latest version of a task; pair with `release(record)`.
+
+        keys, values: [num_layers, kv_heads, num_virtual_tokens, head_dim], contiguous, on `device` in
+        `dtype`. Shared between requests: read only.
+        """
+        return self._with_latest(
+            task_id, lambda r: self.cache.acquire((r.task_id, r.version), functools.partial(self._load, r))
+        )
+
+    def release(self, record: PrefixRecord) -> None:
+        """Unpin what `acquire` returned with `record`."""
+        self.cache.release((record.task_id, record.version))
+
+    def read_file(self, task_id: str) -> bytes:
+        """The stored native file (safetensors bytes) of the task's latest version, for download."""
+        return self._with_latest(task_id, self.store.read)[1]
+
+    def stats(self) -> dict:
+        """Cache counters (see PrefixCache.stats) plus the number of tasks."""
+        return {"num_tasks": len(self.store.list()), **self.cache.stats()}
+
+    def _put(self, task_id: str, prefix: PrefixKV, source: str) -> PrefixRecord:
+        def encode(version: int) -> bytes:
+            extra = {"task_id": task_id, "version": str(version), "source": source}
+            return save_native(prefix, extra)
+
+        record = self.store.put(task_id, encode, num_virtual_tokens=prefix.num_virtual_tokens, source=source)
+        self.cache.drop(task_id)  # free superseded versions now, unless running requests pin them
+        return record
+
+    def _load(self, record: PrefixRecord) -> PrefixKV:
+        data = self.store.read(record)
+        prefix = load_prefix(
+            data, self.fingerprint, max_virtual_tokens=self.max_virtual_tokens, dtype=self.dtype
+        )
+        return prefix.to(device=self.device)  # [num_layers, kv_heads, num_virtual_tokens, head_dim]
+
+    def _with_latest(self, task_id: str, use: Callable[[PrefixRecord], T]) -> tuple[PrefixRecord, T]:
+        """(latest record, use(record)), resolving again if the record's file vanished in between."""
+        stale: PrefixRecord | None = None
+        while True:
+            record = self.store.get(task_id)  # PrefixNotFound once deleted
+            try:
+                return record, use(record)
+            except FileNotFoundError as e:
+                if record == stale:  # the index still names it, so it is not a race: the file is gone
+                    raise PrefixServerError(
+                        f"stored file of task {task_id!r} v{record.version} is missing under {self.store.root}"
+                    ) from e
+                stale = record

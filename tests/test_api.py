@@ -1,0 +1,272 @@
+"""The HTTP API in-process (httpx over ASGITransport) on a tiny model: every route, every error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+from conftest import make_tiny_model, peft_greedy, peft_prefix_model
+
+from server.api.app import Components, create_app
+from server.config import Settings
+from server.engine.engine import Engine
+from server.registry.format import save_native
+from server.registry.registry import PrefixRegistry
+from server.request import Request, SamplingParams
+
+FAMILY = "llama-gqa"
+
+
+def store_listing(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def engine(tokenizer):
+    return Engine(make_tiny_model(FAMILY), tokenizer)
+
+
+@pytest.fixture
+async def api(tmp_path, engine):
+    settings = Settings(
+        prefix_dir=tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=300.0, max_upload_bytes=100_000
+    )
+    registry = PrefixRegistry.open(
+        settings.prefix_dir,
+        engine.fingerprint,
+        cache_bytes=10_000_000,
+        dtype=engine.dtype,
+        device=engine.device,
+    )
+    app = create_app(settings, Components(engine=engine, registry=registry, model_name="tiny"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            client.app = app
+            client.root = settings.prefix_dir
+            yield client
+
+
+def random_native(engine, num_virtual_tokens: int, seed: int) -> bytes:
+    return save_native(
+        engine.encode_prefix(
+            torch.randint(
+                2, 200, (num_virtual_tokens,), generator=torch.Generator().manual_seed(seed)
+            ).tolist()
+        )
+    )
+
+
+async def upload(api, task_id, data: bytes, config: bytes | None = None):
+    files = {"file": ("adapter_model.safetensors", data)}
+    if config is not None:
+        files["config"] = ("adapter_config.json", config)
+    return await api.post("/prefixes", data={"task_id": task_id}, files=files)
+
+
+def assert_error(resp, status: int, code: str, *fragments: str):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body
+
+
+async def test_health_and_ready(api):
+    assert (await api.get("/health")).json() == {"status": "ok"}
+    assert (await api.get("/ready")).json() == {"status": "ready", "model": "tiny"}
+
+
+async def test_peft_upload_then_generate_matches_peft(api, tokenizer, tmp_path):
+    peft_model, weights, config = peft_prefix_model(make_tiny_model(FAMILY), 6, seed=4, tmp_path=tmp_path)
+    resp = await upload(api, "summarize", weights, config)
+    assert resp.status_code == 201, resp.text
+    info = resp.json()
+    assert info["task_id"] == "summarize" and info["version"] == 1 and info["num_virtual_tokens"] == 6
+    assert len(info["sha256"]) == 64 and info["bytes"] > 0
+    body = {"task_id": "summarize", "prompt": "Hello there, prefix!", "max_new_tokens": 9, "ignore_eos": True}
+    out = (await api.post("/generate", json=body)).json()
+    prompt_ids = tokenizer("Hello there, prefix!")["input_ids"]
+    assert out["token_ids"] == peft_greedy(peft_model, prompt_ids, 9)
+    assert out["prefix_version"] == 1 and out["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 9}
+    assert out["text"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+
+
+async def test_swap_list_get_delete(api, engine):
+    v1, v2 = random_native(engine, 5, 1), random_native(engine, 7, 2)
+    assert (await upload(api, "chat", v1)).json()["version"] == 1
+    body = {"task_id": "chat", "prompt": "abc", "max_new_tokens": 6, "ignore_eos": True}
+    first = (await api.post("/generate", json=body)).json()
+    assert (await upload(api, "chat", v2)).json()["version"] == 2  # hot swap
+    second = (await api.post("/generate", json=body)).json()
+    assert second["prefix_version"] == 2
+    from server.registry.format import load_prefix
+
+    alone = Request(
+        engine.tokenizer("abc")["input_ids"],
+        SamplingParams(max_new_tokens=6, ignore_eos=True),
+        prefix=load_prefix(v2, engine.fingerprint),
+    )
+    engine.generate([alone])
+    assert second["token_ids"] == alone.output_token_ids != first["token_ids"]
+    listing = (await api.get("/prefixes")).json()["prefixes"]
+    assert [(p["task_id"], p["version"], p["num_virtual_tokens"]) for p in listing] == [("chat", 2, 7)]
+    assert (await api.get("/prefixes/chat")).json()["version"] == 2
+    assert (await api.delete("/prefixes/chat")).status_code == 204
+    assert_error(await api.post("/generate", json=body), 404, "task_not_found", "chat")
+    assert_error(await api.get("/prefixes/chat"), 404, "task_not_found")
+    assert_error(await api.delete("/prefixes/chat"), 404, "task_not_found")
+
+
+async def test_prefix_from_text_equals_prepending(api, engine):
+    resp = await api.post("/prefixes/from-text", json={"task_id": "pirate", "text": "Talk like a pirate. "})
+    assert resp.status_code == 201 and resp.json()["source"] == "text"
+    with_prefix = await api.post(
+        "/generate", json={"task_id": "pirate", "prompt": "Hi!", "max_new_tokens": 8, "ignore_eos": True}
+    )
+    prepended = await api.post(
+        "/generate", json={"prompt": "Talk like a pirate. Hi!", "max_new_tokens": 8, "ignore_eos": True}
+    )
+    assert with_prefix.json()["token_ids"] == prepended.json()["token_ids"]
+    assert prepended.json()["prefix_version"] is None and prepended.json()["task_id"] is None
+
+
+async def test_eight_concurrent_requests_for_eight_tasks_run_as_one_batch(api, engine):
+    for i in range(8):
+        assert (await upload(api, f"task-{i}", random_native(engine, 3 + i, i))).status_code == 201
+    bodies = [
+        {"task_id": f"task-{i}", "prompt": f"prompt number {i}", "max_new_tokens": 5, "ignore_eos": True}
+        for i in range(8)
+    ]
+    scheduler = api.app.state.server.scheduler
+    before = len(scheduler.batch_sizes)
+    results = await asyncio.gather(*(api.post("/generate", json=b) for b in bodies))
+    assert all(r.status_code == 200 for r in results)
+    assert list(scheduler.batch_sizes)[before:] == [8]
+    # ... and each row equals the same request alone.
+    alone = (await api.post("/generate", json=bodies[5])).json()
+    assert alone["token_ids"] == results[5].json()["token_ids"]
+
+
+@pytest.mark.parametrize(
+    "make_file, status, code, fragments",
+    [
+        (lambda e: b"not a safetensors file at all", 422, "invalid_prefix", ()),
+        (lambda e: random_native(e, 3, 0)[:-10], 422, "invalid_prefix", ()),
+        (lambda e: b"x" * 200_000, 413, "payload_too_large", ("file is larger than the limit of 100000",)),
+        (lambda e: b"x" * 1_300_000, 413, "payload_too_large", ("larger than the limit of 1148576 bytes",)),
+    ],
+    ids=["garbage", "truncated", "too-large", "body-too-large"],
+)
+async def test_bad_uploads_leave_the_registry_as_it_was(api, engine, make_file, status, code, fragments):
+    assert (await upload(api, "keep", random_native(engine, 4, 9))).status_code == 201
+    before = store_listing(api.root)
+    assert_error(await upload(api, "keep", make_file(engine)), status, code, *fragments)
+    assert store_listing(api.root) == before
+    assert (await api.get("/prefixes/keep")).json()["version"] == 1
+
+
+async def test_wrong_model_prefix_names_the_mismatch(api, tokenizer):
+    other = Engine(make_tiny_model("gpt2"), tokenizer)
+    data = save_native(other.encode_prefix([5, 6, 7]))
+    assert_error(await upload(api, "x", data), 422, "invalid_prefix", "gpt2", "llama")
+    assert (await api.get("/prefixes")).json() == {"prefixes": []}
+
+
+@pytest.mark.parametrize(
+    "body, status, code, fragments",
+    [
+        ({"prompt": "hi", "max_new_tokens": 0}, 422, "invalid_request", ("max_new_tokens",)),
+        ({"prompt": "hi", "temperature": -1}, 422, "invalid_request", ("temperature",)),
+        ({"prompt": "hi", "top_p": 1.5}, 422, "invalid_request", ("top_p",)),
+        ({"prompt": "hi", "max_new_tokens": "5"}, 422, "invalid_request", ("max_new_tokens", "'5'")),
+        ({"prompt": "hi", "max_new_tokens": True}, 422, "invalid_request", ("max_new_tokens",)),
+        ({"prompt": "hi", "bogus": 1}, 422, "invalid_request", ("bogus",)),
+        ({"max_new_tokens": 3}, 422, "invalid_request", ("prompt",)),
+        ({"prompt": ""}, 422, "invalid_request", ("prompt is empty",)),
+        (
+            {"prompt": "hi", "max_new_tokens": 5000},
+            422,
+            "invalid_request",
+            ("max_new_tokens must be <= 1024",),
+        ),
+        ({"prompt": "hi", "max_new_tokens": 600}, 422, "invalid_request", ("model context is 512",)),
+        ({"prompt": "hi", "task_id": "nope"}, 404, "task_not_found", ("nope",)),
+        ({"prompt": "hi", "task_id": "../etc"}, 422, "invalid_request", ("task_id",)),
+    ],
+)
+async def test_bad_generate_requests_get_clear_4xx(api, body, status, code, fragments):
+    assert_error(await api.post("/generate", json=body), status, code, *fragments)
+
+
+async def test_malformed_json_is_400(api):
+    resp = await api.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(resp, 400, "malformed_json")
+
+
+async def test_bad_task_id_on_upload(api, engine):
+    assert_error(
+        await upload(api, "a/b", random_native(engine, 2, 1)), 422, "invalid_request", "A-Za-z0-9._-"
+    )
+    assert_error(await upload(api, "x" * 65, random_native(engine, 2, 1)), 422, "invalid_request")
+
+
+async def test_stop_string_and_sampling_over_http(api):
+    greedy = (
+        await api.post("/generate", json={"prompt": "stop test", "max_new_tokens": 12, "ignore_eos": True})
+    ).json()
+    seeded = {"prompt": "stop test", "max_new_tokens": 12, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    a, b = [(await api.post("/generate", json=seeded)).json() for _ in range(2)]
+    assert a["token_ids"] == b["token_ids"]
+    text = greedy["text"]
+    stop = text[4:6]
+    if stop and text.find(stop) >= 1:
+        out = (
+            await api.post(
+                "/generate",
+                json={"prompt": "stop test", "max_new_tokens": 12, "ignore_eos": True, "stop": stop},
+            )
+        ).json()
+        assert out["finish_reason"] == "stop" and out["text"] == text[: text.find(stop)]
+
+
+async def test_not_ready_while_loading(tmp_path):
+    settings = Settings(model=str(tmp_path / "no-such-model"), prefix_dir=tmp_path / "p")
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        assert (await client.get("/health")).status_code == 200
+        for _ in range(100):
+            if app.state.server.load_error:
+                break
+            await asyncio.sleep(0.05)
+        resp = await client.get("/ready")
+        assert_error(resp, 503, "not_ready", "startup failed")
+        assert_error(await client.post("/generate", json={"prompt": "x"}), 503, "not_ready")
+
+
+def test_openapi_documents_the_routes(engine, tmp_path):
+    app = create_app(Settings(prefix_dir=tmp_path))
+    schema = app.openapi()
+    paths = schema["paths"]
+    for path in ["/generate", "/prefixes", "/prefixes/from-text", "/prefixes/{task_id}", "/health", "/ready"]:
+        assert path in paths
+    assert "ErrorResponse" in json.dumps(paths["/generate"]["post"]["responses"])
+
+
+async def test_streamed_body_is_cut_off_at_the_limit(api):
+    async def chunks():
+        yield b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        for _ in range(40):
+            yield b"y" * 50_000  # 2 MB in all, no Content-Length
+
+    resp = await api.post(
+        "/prefixes", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zzz"}
+    )
+    assert_error(resp, 413, "payload_too_large", "larger than the limit of 1148576 bytes")

@@ -1,0 +1,116 @@
+"""The real server process on the default model: upload -> generate -> swap -> generate, over TCP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    prefix_dir = tmp_path_factory.mktemp("prefixes")
+    log = open(prefix_dir.parent / "server.log", "w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--prefix-dir",
+            str(prefix_dir),
+            "--max-batch-wait-ms",
+            "20",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"server exited: {_tail(log)}"
+            try:
+                if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"server not ready in 180 s: {_tail(log)}")
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _tail(log) -> str:
+    log.seek(0)
+    return log.read()[-3000:]
+
+
+def test_upload_generate_swap_generate(server):
+    base, proc = server
+    with httpx.Client(base_url=base, timeout=120) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        ask = {"task_id": "style", "prompt": "What is the capital of France?", "max_new_tokens": 12}
+        assert client.post("/generate", json=ask).status_code == 404
+
+        r1 = client.post("/prefixes/from-text", json={"task_id": "style", "text": "Answer in French only."})
+        assert r1.status_code == 201 and r1.json()["version"] == 1
+        out1 = client.post("/generate", json=ask).json()
+        assert out1["prefix_version"] == 1
+        prepended = client.post(
+            "/generate", json={**ask, "task_id": None, "prompt": "Answer in French only." + ask["prompt"]}
+        )
+        assert out1["token_ids"] == prepended.json()["token_ids"]
+
+        # Swap: a PEFT adapter file (random, small) for the same task.
+        gen = torch.Generator().manual_seed(0)
+        emb = torch.randn((8, 30 * 2 * 3 * 64), generator=gen) * 0.5  # [P, layers*2*kv_heads*head_dim]
+        config = {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": 8,
+            "num_layers": 30,
+        }
+        files = {
+            "file": ("adapter_model.safetensors", save({"prompt_embeddings": emb})),
+            "config": ("adapter_config.json", json.dumps(config).encode()),
+        }
+        r2 = client.post("/prefixes", data={"task_id": "style"}, files=files)
+        assert r2.status_code == 201, r2.text
+        assert r2.json()["version"] == 2 and r2.json()["num_virtual_tokens"] == 8
+        out2 = client.post("/generate", json=ask).json()
+        assert out2["prefix_version"] == 2 and out2["token_ids"] != out1["token_ids"]
+
+        # A bad upload changes nothing.
+        bad = client.post("/prefixes", data={"task_id": "style"}, files={"file": ("x.safetensors", b"junk")})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_prefix"
+        assert client.get("/prefixes/style").json()["version"] == 2
+    assert proc.poll() is None
