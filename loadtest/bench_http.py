@@ -1,0 +1,162 @@
+"""HTTP benchmark: does the server batch concurrent mixed-task requests, and what does HTTP cost?
+
+Prints tokens/s of
+  (h8) N concurrent POST /generate, each for a different task (N different 16-token prefixes),
+  (h1) the same N requests sent one by one,
+  (e8) the same N requests run engine-direct in this process, as one batch (no HTTP, no scheduler),
+and the ratios h8/h1 (target >= 3) and h8/e8 (target >= 0.9). It starts its own server on a free
+port (default model, a temporary prefix folder) unless --url is given.
+
+    python loadtest/bench_http.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.bench_engine import TEXT, fixed_len_ids
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.model import load_model
+from server.registry.format import save_native
+from server.request import Request, SamplingParams
+
+
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefix_dir = tempfile.mkdtemp(prefix="bench-prefixes-")
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--prefix-dir",
+        prefix_dir,
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not become ready in 300 s")
+
+
+async def send(client: httpx.AsyncClient, body: dict) -> int:
+    resp = await client.post("/generate", json=body)
+    resp.raise_for_status()
+    return resp.json()["usage"]["completion_tokens"]
+
+
+async def http_run(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, int]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        start = time.perf_counter()
+        if concurrent:
+            tokens = sum(await asyncio.gather(*(send(client, b) for b in bodies)))
+        else:
+            tokens = 0
+            for b in bodies:
+                tokens += await send(client, b)
+        return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="an already running server (default: start one)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    loaded = load_model("default", cache_dir=Settings().model_cache_dir)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    tok = loaded.tokenizer
+    proc, url = (None, args.url) if args.url else start_server(["--max-batch-wait-ms", "20"])
+    try:
+        prefixes = [engine.encode_prefix(fixed_len_ids(tok, TEXT, 16, 3 * i)) for i in range(args.batch)]
+        for i, prefix in enumerate(prefixes):
+            files = {"file": ("p.safetensors", save_native(prefix))}
+            httpx.post(
+                url + "/prefixes", data={"task_id": f"bench-{i}"}, files=files, timeout=60
+            ).raise_for_status()
+        prompts = [tok.decode(fixed_len_ids(tok, TEXT, 30, 5 * i + 1)) for i in range(args.batch)]
+        bodies = [
+            {"task_id": f"bench-{i}", "prompt": p, "max_new_tokens": args.new_tokens, "ignore_eos": True}
+            for i, p in enumerate(prompts)
+        ]
+        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+
+        def engine_run() -> tuple[float, int]:
+            reqs = [
+                Request(tok(p)["input_ids"], params, prefix=x) for p, x in zip(prompts, prefixes, strict=True)
+            ]
+            start = time.perf_counter()
+            engine.generate(reqs)
+            return time.perf_counter() - start, sum(len(r.output_token_ids) for r in reqs)
+
+        scenarios = {
+            "h8_http_concurrent": lambda: asyncio.run(http_run(url, bodies, concurrent=True)),
+            "h1_http_one_by_one": lambda: asyncio.run(http_run(url, bodies, concurrent=False)),
+            "e8_engine_direct": engine_run,
+        }
+        scenarios["h8_http_concurrent"]()  # warm-up
+        samples: dict[str, list[float]] = {k: [] for k in scenarios}
+        for _ in range(args.repeats):
+            for name, run in scenarios.items():
+                seconds, tokens = run()
+                samples[name].append(tokens / seconds)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    tps = {k: statistics.median(v) for k, v in samples.items()}
+    result = {
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "h8_over_h1": round(tps["h8_http_concurrent"] / tps["h1_http_one_by_one"], 2),
+        "h8_over_e8": round(tps["h8_http_concurrent"] / tps["e8_engine_direct"], 3),
+    }
+    print(
+        f"{loaded.name}, {args.batch} requests for {args.batch} tasks, 16-token prefixes, {args.new_tokens} new tokens"
+    )
+    print("| scenario | tokens/s |\n|---|---|")
+    for k, v in tps.items():
+        print(f"| {k} | {v:.1f} |")
+    print(
+        f"h8/h1 = {result['h8_over_h1']:.2f} (target >= 3)   h8/e8 = {result['h8_over_e8']:.3f} (target >= 0.9)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
