@@ -25,7 +25,12 @@ SERVE_FLAGS = {
     "max_virtual_tokens": (int, "largest prefix accepted, in virtual tokens"),
     "max_upload_bytes": (int, "largest prefix upload accepted (413 beyond it)"),
     "max_batch_size": (int, "most requests in one batch"),
-    "max_batch_wait_ms": (float, "how long a batch waits to fill up"),
+    "max_batch_wait_ms": (float, "how long an idle engine waits for a first batch to fill"),
+    "max_batch_tokens": (int, "token budget of the running batch (prefix + prompt + max_new_tokens per row)"),
+    "max_queue": (int, "most waiting requests; beyond it 429 with Retry-After"),
+    "batching": (str, "continuous (default) | static"),
+    "request_timeout_s": (float, "per-request timeout in seconds (0 = none)"),
+    "shutdown_timeout_s": (float, "on SIGTERM, how long running requests may take to finish"),
     "max_prompt_tokens": (int, "longest prompt accepted"),
     "max_new_tokens": (int, "largest max_new_tokens accepted"),
     "log_level": (str, "debug | info | warning | error"),
@@ -66,7 +71,39 @@ def serve(args: argparse.Namespace) -> None:
     )
     logging.getLogger(__name__).info("settings: %s", dataclasses.asdict(settings))
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
+
+
+def _make_draining_server():
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM: stop admitting (/ready says 503), let accepted requests finish for up to
+        `shutdown_timeout_s`, then exit 0. A second signal, or SIGINT, exits at once."""
+
+        def __init__(self, config, state, shutdown_timeout_s: float):
+            super().__init__(config)
+            self.state, self.shutdown_timeout_s = state, shutdown_timeout_s
+            self._draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            loop = self.state.loop
+            if sig != signal.SIGTERM or self._draining or loop is None or self.state.scheduler is None:
+                return super().handle_exit(sig, frame)
+            self._draining = True
+            logging.getLogger(__name__).info("SIGTERM: draining for up to %.0f s", self.shutdown_timeout_s)
+            loop.call_soon_threadsafe(lambda: self.state.background.append(loop.create_task(self._drain())))
+
+        async def _drain(self) -> None:
+            await self.state.scheduler.drain(self.shutdown_timeout_s)
+            await asyncio.sleep(0.2)  # let the last replies flush
+            self.should_exit = True
+
+    return DrainingServer
 
 
 def convert(args: argparse.Namespace) -> None:

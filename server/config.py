@@ -34,8 +34,13 @@ class Settings:
     max_virtual_tokens: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
     # batching and limits
-    max_batch_size: int = 16
+    max_batch_size: int = 16  # slots of the running batch
     max_batch_wait_ms: float = 5.0
+    max_batch_tokens: int = 32768  # running rows' prefix + prompt + max_new_tokens, summed
+    max_queue: int = 256
+    batching: str = "continuous"  # or "static" (for comparison)
+    request_timeout_s: float = 0.0  # 0 = none
+    shutdown_timeout_s: float = 30.0
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024
     log_level: str = "info"
@@ -47,6 +52,8 @@ class Settings:
             "max_virtual_tokens",
             "max_upload_bytes",
             "max_batch_size",
+            "max_batch_tokens",
+            "max_queue",
             "max_prompt_tokens",
             "max_new_tokens",
         ]
@@ -54,8 +61,11 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"setting {name} must be a positive integer, got {value!r}")
-        if self.max_batch_wait_ms < 0:
-            raise InvalidRequest(f"setting max_batch_wait_ms must be >= 0, got {self.max_batch_wait_ms!r}")
+        for name in ("max_batch_wait_ms", "request_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) < 0:
+                raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.batching not in ("continuous", "static"):
+            raise InvalidRequest(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
 
     @classmethod
     def from_env(

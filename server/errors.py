@@ -39,3 +39,7 @@ class UnsupportedModel(PrefixServerError):
     """A base model whose attention or cache cannot take a prefix."""
 
     code = "unsupported_model"
+
+
+class RequestTimeout(PrefixServerError):
+    code = "timeout"

@@ -77,8 +77,13 @@ class Request:
     text: str = ""
     finish_reason: FinishReason | None = None
     error: Exception | None = None
-    # Set by whoever waits on the request (the scheduler's asyncio future, a stream queue, ...).
+    stream: bool = False  # send a token event per step, not just the final reply
+    budget_tokens: int = 0  # prefix + prompt + max_new_tokens: its share of --max-batch-tokens
+    prefix_record: Any = None  # the registry record pinned while the request runs
+    # Set by whoever waits on the request (the scheduler's event queue).
     sink: Any = None
+    num_streamed_tokens: int = 0
+    num_streamed_chars: int = 0
 
     @property
     def prefix_len(self) -> int:
@@ -95,3 +100,20 @@ class Request:
     def finish(self, reason: FinishReason) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
+
+    def take_delta(self) -> tuple[list[int], str]:
+        """New token ids and text since the last call, for streaming.
+
+        While running, text that may still change is held back: a trailing partial UTF-8 character
+        ("\ufffd") and a tail that could be the start of a stop string.
+        """
+        tokens = self.output_token_ids[self.num_streamed_tokens :]
+        self.num_streamed_tokens = len(self.output_token_ids)
+        safe = len(self.text)
+        if not self.finished:
+            safe = len(self.text.rstrip("\ufffd"))
+            hold = max((len(s) - 1 for s in self.sampling.stop), default=0)
+            safe = max(self.num_streamed_chars, safe - hold)
+        delta = self.text[self.num_streamed_chars : safe]
+        self.num_streamed_chars = max(self.num_streamed_chars, safe)
+        return tokens, delta

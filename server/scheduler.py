@@ -1,22 +1,24 @@
-"""The scheduler: a waiting queue, batch formation, and the worker that runs the engine.
+"""The scheduler: waiting queues, admission, and the loop that drives the engine one step at a time.
 
-Plain Python (no torch): it plans which requests run together; the engine runs the plan in a worker
-thread so the event loop stays responsive; postprocess hands each finished request back to its waiter.
-Each request's prefix is acquired from the registry when its batch starts and released when it ends.
+Plain Python (no torch). Each iteration it *plans* (which waiting requests join the running batch now:
+free slots, the token budget, round-robin across tasks so one task cannot starve the others), the
+engine *runs* the plan in a worker thread (prefill of the joiners, then one decode step for every
+running row), and a *postprocess* step hands tokens and finished requests back to their waiters.
+Each request's prefix is acquired when it is admitted and released when it finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from server.errors import NotReady, PrefixServerError
+from server.errors import InvalidRequest, NotReady, Overloaded, PrefixServerError, RequestTimeout
 from server.request import FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -24,35 +26,55 @@ T = TypeVar("T")
 
 
 class EngineLike(Protocol):
+    running: list[Request]
+    num_free_slots: int
+
     def validate(self, request: Request) -> None: ...
-    def generate(self, requests: list[Request]) -> list[Request]: ...
+    def admit(self, requests: list[Request]) -> list[Request]: ...
+    def step(self) -> list[Request]: ...
+    def abort(self, requests: list[Request]) -> list[Request]: ...
 
 
 class RegistryLike(Protocol):
+    def get(self, task_id: str) -> Any: ...
     def acquire(self, task_id: str) -> tuple[Any, Any]: ...
     def release(self, record: Any) -> None: ...
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_size: int = 16
-    max_batch_wait_ms: float = 5.0
+    max_batch_wait_ms: float = 5.0  # an idle engine waits this long for a first batch to fill
+    max_batch_size: int = 16  # = the engine's slots
+    max_batch_tokens: int = 32768  # sum of running rows' prefix + prompt + max_new_tokens
+    max_queue: int = 256  # waiting requests beyond this get 429
+    continuous: bool = True  # False: static batches (a batch runs to its end before the next starts)
+    request_timeout_s: float = 0.0  # 0 = none
+
+
+@dataclass
+class Event:
+    """What a waiter receives: token deltas (streaming), then one final event."""
+
+    kind: str  # "token" | "done" | "error"
+    token_ids: list[int] | None = None
+    text: str = ""
+    error: Exception | None = None
 
 
 class Scheduler:
-    """Groups waiting requests of any tasks into one batch and runs it on a single engine worker."""
-
     def __init__(self, engine: EngineLike, registry: RegistryLike | None, config: SchedulerConfig):
-        self.engine = engine
-        self.registry = registry
-        self.config = config
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.num_running = 0
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # recent, for tests/metrics
+        self.engine, self.registry, self.config = engine, registry, config
+        self.waiting: dict[str, collections.deque[Request]] = {}  # per task, in arrival order
+        self._rr: collections.deque[str] = collections.deque()  # round-robin order of tasks with waiters
+        self._aborts: set[Request] = set()
+        self.running_tokens = 0
+        self.num_steps = 0
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._accepting = False
+        self._draining = False
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -60,115 +82,239 @@ class Scheduler:
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="scheduler")
 
-    async def stop(self) -> None:
-        """Stop admitting, fail what is still waiting, let the running batch finish, then stop."""
-        self._accepting = False
-        for request in self.waiting:
-            self._fail(request, NotReady("server is shutting down"))
-            self._postprocess(request)
-        self.waiting.clear()
-        if self._task is not None and self._wakeup is not None:
-            self._wakeup.set()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
-
     @property
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.running)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting new requests; finish everything accepted, up to `timeout` seconds; abort the rest."""
+        self._accepting = False
+        self._wake()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                log.warning("drain timed out after %.1f s: aborting %d requests", timeout, self.num_running)
+                self._draining = True  # the loop aborts what is left and exits
+                self._wake()
+                await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def stop(self) -> None:
+        """Stop now: fail what waits, abort what runs."""
+        self._accepting = False
+        self._draining = True
+        await self.drain(timeout=0.0 if self._task is None else 60.0)
+
     # ---- the request path ----
-    async def generate(self, request: Request) -> Request:
-        """Queue a request and wait until it has finished; raises its error if it failed."""
+    def submit(self, request: Request) -> None:
+        """Queue a request (429 if the queue is full); the caller then reads `events(request)`."""
         if not self._accepting or self._wakeup is None:
-            raise NotReady("server is not accepting requests")
-        request.sink = asyncio.get_running_loop().create_future()
-        self.waiting.append(request)
-        self._wakeup.set()
+            raise NotReady("server is not accepting requests (starting or shutting down)")
+        if self.num_waiting >= self.config.max_queue:
+            raise Overloaded(f"queue is full ({self.config.max_queue} waiting requests); retry later")
+        prefix_len = 0
+        if request.task_id is not None and self.registry is not None:
+            prefix_len = self.registry.get(request.task_id).num_virtual_tokens  # 404 before queueing
+        request.budget_tokens = prefix_len + request.num_prompt_tokens + request.sampling.max_new_tokens
+        if request.budget_tokens > self.config.max_batch_tokens:
+            raise InvalidRequest(
+                f"request needs {request.budget_tokens} tokens (prefix + prompt + max_new_tokens), "
+                f"max-batch-tokens is {self.config.max_batch_tokens}"
+            )
+        request.sink = asyncio.Queue()
+        key = request.task_id or ""
+        if key not in self.waiting:
+            self.waiting[key] = collections.deque()
+            self._rr.append(key)
+        self.waiting[key].append(request)
+        self._wake()
+
+    async def events(self, request: Request) -> AsyncIterator[Event]:
+        """The request's events until its final one; abort it if the consumer goes away or times out."""
+        timeout = self.config.request_timeout_s or None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
-            return await request.sink
-        except asyncio.CancelledError:
-            if request.status is RequestStatus.WAITING and request in self.waiting:
-                self.waiting.remove(request)  # the client went away before its batch started
-            raise
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    event = await asyncio.wait_for(request.sink.get(), remaining)
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"request took longer than the {timeout:g} s request timeout"
+                    ) from None
+                yield event
+                if event.kind != "token":
+                    return
+        finally:
+            if not request.finished:
+                self.abort(request)
+
+    async def generate(self, request: Request) -> Request:
+        """Submit and wait for the finished request; raises its error if it failed."""
+        self.submit(request)
+        async for event in self.events(request):
+            if event.kind == "error":
+                raise event.error
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Drop a request: from the queue now, or from the running batch at the next step."""
+        queue = self.waiting.get(request.task_id or "")
+        if request.status is RequestStatus.WAITING and queue is not None and request in queue:
+            queue.remove(request)
+            request.finish(FinishReason.ABORT)
+        elif request.status is RequestStatus.RUNNING:
+            self._aborts.add(request)
+            self._wake()
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
-        """Run a model job (e.g. encoding a prefix from text) on the engine worker, between batches."""
+        """Run a model job (e.g. encoding a prefix from text) on the engine worker, between steps."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def plan(self) -> list[Request]:
-        """The next batch: the oldest waiting requests, up to max_batch_size."""
-        batch = []
-        while self.waiting and len(batch) < self.config.max_batch_size:
-            batch.append(self.waiting.popleft())
-        return batch
+        """Which waiting requests join the running batch now: round-robin across tasks, within the free
+        slots and the token budget. Static mode admits only into an empty batch."""
+        if not self.config.continuous and self.engine.running:
+            return []
+        free = self.engine.num_free_slots
+        budget = self.config.max_batch_tokens - self.running_tokens
+        admitted: list[Request] = []
+        blocked = 0  # tasks whose next request does not fit the budget this round
+        while free and self._rr and blocked < len(self._rr):
+            key = self._rr[0]
+            self._rr.rotate(-1)
+            queue = self.waiting[key]
+            if queue[0].budget_tokens > budget:
+                blocked += 1
+                continue
+            request = queue.popleft()
+            admitted.append(request)
+            free -= 1
+            budget -= request.budget_tokens
+            blocked = 0
+            if not queue:
+                del self.waiting[key]
+                self._rr.remove(key)
+        self.running_tokens += sum(r.budget_tokens for r in admitted)
+        return admitted
 
     # ---- internals ----
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     async def _loop(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while self._accepting:
-            if not self.waiting:
+        while True:
+            if self._draining:
+                self._fail_waiting(NotReady("server is shutting down"))
+                self._aborts.update(self.engine.running)
+            if not self.num_waiting and not self.engine.running and not self._aborts:
+                if not self._accepting:
+                    return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = loop.time() + self.config.max_batch_wait_ms / 1000
-            while len(self.waiting) < self.config.max_batch_size and loop.time() < deadline:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    break
-            batch = self.plan()
-            if not batch:
-                continue
-            self.num_running = len(batch)
-            self.batch_sizes.append(len(batch))
+            if not self.engine.running:
+                # An idle engine waits a moment so that requests arriving together share the first prefill.
+                deadline = loop.time() + self.config.max_batch_wait_ms / 1000
+                while (
+                    self.num_waiting < self.config.max_batch_size
+                    and self._accepting
+                    and loop.time() < deadline
+                ):
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), deadline - loop.time())
+            admits, aborts = self.plan(), list(self._aborts)
+            self._aborts.clear()
             try:
-                await loop.run_in_executor(self._executor, self._run_batch, batch)
-            except Exception as e:  # an engine bug: fail this batch, keep serving
-                log.exception("batch of %d failed", len(batch))
-                for request in batch:
-                    if not request.finished:
-                        self._fail(request, e)
-            finally:
-                self.num_running = 0
-            for request in batch:
-                self._postprocess(request)
+                finished = await loop.run_in_executor(self._executor, self._step, admits, aborts)
+            except Exception as e:  # an engine bug: fail every row it held, keep serving
+                log.exception("engine step failed")
+                finished = self._fail_running(admits, e)
+            self._postprocess(finished)
 
-    def _run_batch(self, batch: list[Request]) -> None:
-        """Worker thread: acquire prefixes, validate, run the engine, release prefixes."""
-        records = []
+    def _step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
+        """Worker thread: abort, acquire + admit joiners, one decode step. Returns finished requests."""
+        finished = self.engine.abort(aborts)
         runnable = []
-        try:
-            for request in batch:
-                try:
-                    if request.task_id is not None and self.registry is not None:
-                        record, prefix = self.registry.acquire(request.task_id)
-                        records.append(record)
-                        request.prefix, request.prefix_version = prefix, record.version
-                    self.engine.validate(request)
-                    runnable.append(request)
-                except PrefixServerError as e:  # fails this request only, never the batch
-                    self._fail(request, e)
-            started = time.perf_counter()
-            if runnable:
-                self.engine.generate(runnable)
-            log.debug("batch of %d ran in %.3f s", len(runnable), time.perf_counter() - started)
-        finally:
-            for request in batch:
-                request.prefix = None  # drop the tensor reference with the pin
-            for record in records:
-                self.registry.release(record)
+        for request in admits:
+            try:
+                if request.task_id is not None and self.registry is not None:
+                    record, prefix = self.registry.acquire(request.task_id)
+                    request.prefix_record, request.prefix, request.prefix_version = (
+                        record,
+                        prefix,
+                        record.version,
+                    )
+                self.engine.validate(request)
+                runnable.append(request)
+            except PrefixServerError as e:  # fails this request only, never the batch
+                self._fail(request, e)
+                finished.append(request)
+        finished += self.engine.admit(runnable)
+        if self.engine.running:
+            self.batch_sizes.append(len(self.engine.running))
+            self.num_steps += 1
+            finished += self.engine.step()
+        for request in finished:
+            self._release(request)
+        return finished
+
+    def _release(self, request: Request) -> None:
+        request.prefix = None
+        if request.prefix_record is not None and self.registry is not None:
+            self.registry.release(request.prefix_record)
+            request.prefix_record = None
 
     def _fail(self, request: Request, error: Exception) -> None:
         request.error = error
         request.finish(FinishReason.ERROR)
 
-    def _postprocess(self, request: Request) -> None:
-        future = request.sink
-        if future is None or future.done():
-            return
+    def _fail_waiting(self, error: Exception) -> None:
+        for queue in self.waiting.values():
+            for request in queue:
+                self._fail(request, error)
+                self._send_final(request)
+        self.waiting.clear()
+        self._rr.clear()
+
+    def _fail_running(self, admits: list[Request], error: Exception) -> list[Request]:
+        doomed = {*admits, *self.engine.running}
+        self.engine.abort(list(self.engine.running))
+        for request in doomed:
+            self._fail(request, error)
+            self._release(request)
+        return list(doomed)
+
+    def _postprocess(self, finished: list[Request]) -> None:
+        for request in [*self.engine.running, *finished]:
+            if request.stream and request.error is None:
+                tokens, text = request.take_delta()
+                if tokens or text:
+                    request.sink.put_nowait(Event("token", tokens, text))
+        for request in finished:
+            self.running_tokens -= request.budget_tokens  # every finished request was admitted by plan()
+            self._send_final(request)
+
+    def _send_final(self, request: Request) -> None:
         if request.error is not None:
-            future.set_exception(request.error)
+            request.sink.put_nowait(Event("error", error=request.error))
+        elif request.finish_reason is FinishReason.ABORT and self._draining:
+            request.sink.put_nowait(
+                Event("error", error=NotReady("server shut down before the request finished"))
+            )
         else:
-            future.set_result(request)
+            request.sink.put_nowait(Event("done"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import httpx
@@ -146,7 +147,7 @@ async def test_eight_concurrent_requests_for_eight_tasks_run_as_one_batch(api, e
     before = len(scheduler.batch_sizes)
     results = await asyncio.gather(*(api.post("/generate", json=b) for b in bodies))
     assert all(r.status_code == 200 for r in results)
-    assert list(scheduler.batch_sizes)[before:] == [8]
+    assert set(list(scheduler.batch_sizes)[before:]) == {8}  # every decode step ran all 8 rows together
     # ... and each row equals the same request alone.
     alone = (await api.post("/generate", json=bodies[5])).json()
     assert alone["token_ids"] == results[5].json()["token_ids"]
@@ -270,3 +271,42 @@ async def test_streamed_body_is_cut_off_at_the_limit(api):
         "/prefixes", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zzz"}
     )
     assert_error(resp, 413, "payload_too_large", "larger than the limit of 1148576 bytes")
+
+
+def parse_sse(raw: str) -> list[dict]:
+    events = []
+    for block in raw.strip().split("\n\n"):
+        assert block.startswith("data: "), block
+        events.append(json.loads(block[len("data: ") :]))
+    return events
+
+
+async def test_streaming_equals_the_plain_reply(api, engine):
+    assert (await upload(api, "s", random_native(engine, 5, 3))).status_code == 201
+    body = {"task_id": "s", "prompt": "stream me", "max_new_tokens": 10, "ignore_eos": True}
+    plain = (await api.post("/generate", json=body)).json()
+    resp = await api.post("/generate", json={**body, "stream": True})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(resp.text)
+    tokens = [e for e in events if e["type"] == "token"]
+    assert [e["token_id"] for e in tokens] == plain["token_ids"]
+    assert "".join(e["text"] for e in tokens) == plain["text"]
+    done = events[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "length" and done["prefix_version"] == 1
+    assert done["usage"] == plain["usage"] and len(events) == 11
+
+
+async def test_stream_errors_before_streaming_are_plain_4xx(api):
+    assert_error(
+        await api.post("/generate", json={"prompt": "x", "task_id": "nope", "stream": True}),
+        404,
+        "task_not_found",
+    )
+
+
+async def test_full_queue_answers_429_with_retry_after(api):
+    scheduler = api.app.state.server.scheduler
+    scheduler.config = dataclasses.replace(scheduler.config, max_queue=0)
+    resp = await api.post("/generate", json={"prompt": "x"})
+    assert_error(resp, 429, "overloaded", "queue is full")
+    assert resp.headers["retry-after"] == "1"

@@ -84,18 +84,61 @@ def test_rows_equal_peft_reference(family, tokenizer, tmp_path, projection):
         assert r.output_token_ids == peft_greedy(peft_model, r.prompt_token_ids, n)
 
 
-def test_finished_rows_leave_the_batch(engine):
+def test_finished_rows_leave_their_slots(engine):
     fp = engine.fingerprint
     reqs = make_requests([random_prefix(fp, 4, 1), None, random_prefix(fp, 6, 2)], [5, 8, 3], [2, 9, 5])
-    batch = engine.prefill(reqs)
-    sizes = [batch.size]
-    while batch.size:
-        engine.decode(batch)
-        sizes.append(batch.size)
+    engine.admit(reqs)
+    sizes = [len(engine.running)]
+    while engine.running:
+        engine.step()
+        sizes.append(len(engine.running))
     assert sizes[:2] == [3, 2]  # the 2-token row is gone after its second token
-    assert sizes[5] == 1 and sizes[-1] == 0
+    assert sizes[4] == 1 and sizes[-1] == 0
     assert [len(r.output_token_ids) for r in reqs] == [2, 9, 5]
-    assert batch.cache.layers[0].keys.shape[0] == 1 or batch.size == 0
+    assert engine.slots.num_active == 0
+
+
+def test_requests_joining_mid_flight_equal_alone(engine):
+    """Continuous batching: rows join a running batch at later steps and still match running alone."""
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 9, 2), random_prefix(fp, 5, 3), None]
+    prompt_lens, new_tokens = [6, 14, 2, 9, 21], [20, 5, 12, 7, 9]
+    joins_at = [0, 0, 3, 4, 10]  # decode step at which each request is admitted
+    reqs = make_requests(prefixes, prompt_lens, new_tokens)
+    step = 0
+    while step <= max(joins_at) or engine.running:
+        joining = [r for r, at in zip(reqs, joins_at, strict=True) if at == step]
+        engine.admit(joining)
+        engine.step()
+        step += 1
+    alone = [engine.generate([r])[0] for r in make_requests(prefixes, prompt_lens, new_tokens)]
+    assert [r.output_token_ids for r in reqs] == [a.output_token_ids for a in alone]
+    assert all(len(r.output_token_ids) == n for r, n in zip(reqs, new_tokens, strict=True))
+
+
+def test_more_requests_than_slots_and_capacity_growth(family, tiny_models, tokenizer):
+    engine = Engine(tiny_models(family), tokenizer, max_slots=3)
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 4 + i, i) if i % 2 else None for i in range(7)]
+    prompt_lens, new_tokens = [3, 40, 7, 12, 1, 30, 5], [9, 60, 4, 30, 11, 50, 2]  # rows up to 100 columns
+    batch = engine.generate(make_requests(prefixes, prompt_lens, new_tokens))
+    assert engine.slots.capacity == 128 and engine.running == []
+    alone = [
+        Engine(tiny_models(family), tokenizer, max_slots=1).generate([r])[0]
+        for r in make_requests(prefixes, prompt_lens, new_tokens)
+    ]
+    assert [b.output_token_ids for b in batch] == [a.output_token_ids for a in alone]
+
+
+def test_abort_frees_the_slot(engine):
+    reqs = make_requests([None, None], [4, 6], [30, 30])
+    engine.admit(reqs)
+    engine.step()
+    engine.abort([reqs[0]])
+    assert engine.running == [reqs[1]] and reqs[0].finish_reason is FinishReason.ABORT
+    while engine.running:
+        engine.step()
+    assert len(reqs[1].output_token_ids) == 30
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(engine):

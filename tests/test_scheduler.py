@@ -1,4 +1,5 @@
-"""The scheduler with a fake engine and a fake registry: batching, pins, failures, cancellation."""
+"""The scheduler with a fake engine and a fake registry: admission, fairness, budgets, pins, streaming,
+cancellation, drain. No model: the scheduler is plain Python."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.errors import InvalidRequest, NotReady, PrefixNotFound
-from server.request import FinishReason, Request, SamplingParams
+from server.errors import InvalidRequest, NotReady, Overloaded, PrefixNotFound
+from server.request import FinishReason, Request, RequestStatus, SamplingParams
 from server.scheduler import Scheduler, SchedulerConfig
 
 
@@ -17,178 +18,293 @@ from server.scheduler import Scheduler, SchedulerConfig
 class FakeRecord:
     task_id: str
     version: int
+    num_virtual_tokens: int = 4
 
 
 class FakePrefix:
-    def __init__(self, n: int):
-        self.num_virtual_tokens = n
+    num_virtual_tokens = 4
 
 
 class FakeRegistry:
-    def __init__(self, tasks: dict[str, int]):
+    def __init__(self, tasks):
         self.tasks = dict(tasks)  # task_id -> version
         self.pins: dict[FakeRecord, int] = {}
         self.lock = threading.Lock()
 
+    def get(self, task_id):
+        if task_id not in self.tasks:
+            raise PrefixNotFound(f"task {task_id!r} not found")
+        return FakeRecord(task_id, self.tasks[task_id])
+
     def acquire(self, task_id):
         with self.lock:
-            if task_id not in self.tasks:
-                raise PrefixNotFound(f"task {task_id!r} not found")
-            record = FakeRecord(task_id, self.tasks[task_id])
+            record = self.get(task_id)
             self.pins[record] = self.pins.get(record, 0) + 1
-            return record, FakePrefix(4)
+            return record, FakePrefix()
 
     def release(self, record):
         with self.lock:
             self.pins[record] -= 1
+            assert self.pins[record] >= 0
 
     def pinned(self) -> int:
         return sum(self.pins.values())
 
 
 class FakeEngine:
-    """Echoes each row's task and prompt; records batches and the pins held while it ran."""
+    """Each row emits its step count as a token until max_new_tokens; records admissions and pins."""
 
-    def __init__(self, registry: FakeRegistry | None = None, delay: float = 0.0):
-        self.batches: list[list[str]] = []
+    def __init__(self, registry=None, slots=16, delay=0.0):
+        self.running: list[Request] = []
+        self.slots, self.delay, self.registry = slots, delay, registry
+        self.admissions: list[list[str]] = []
         self.pins_seen: list[int] = []
-        self.registry = registry
-        self.delay = delay
+        self.aborted: list[Request] = []
         self.fail_next = False
+
+    @property
+    def num_free_slots(self):
+        return self.slots - len(self.running)
 
     def validate(self, request):
         if request.prompt_token_ids == [666]:
             raise InvalidRequest("prompt 666 is not allowed")
 
-    def generate(self, requests):
+    def admit(self, requests):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("engine exploded")
-        self.batches.append([r.request_id for r in requests])
+        assert len(requests) <= self.num_free_slots
+        if requests:
+            self.admissions.append([r.task_id for r in requests])
+        for r in requests:
+            r.status = RequestStatus.RUNNING
+        self.running += list(requests)
+        return []
+
+    def step(self):
         if self.registry is not None:
             self.pins_seen.append(self.registry.pinned())
         if self.delay:
             threading.Event().wait(self.delay)
-        for r in requests:
-            r.output_token_ids = [r.prompt_token_ids[0], r.prefix_len]
-            r.finish(FinishReason.LENGTH)
-        return requests
+        for r in self.running:
+            r.output_token_ids.append(len(r.output_token_ids))
+            r.text += "x"
+            if len(r.output_token_ids) >= r.sampling.max_new_tokens:
+                r.finish(FinishReason.LENGTH)
+        done = [r for r in self.running if r.finished]
+        self.running = [r for r in self.running if not r.finished]
+        return done
+
+    def abort(self, requests):
+        doomed = [r for r in requests if r in self.running]
+        for r in doomed:
+            r.finish(FinishReason.ABORT)
+        self.running = [r for r in self.running if r not in doomed]
+        self.aborted += doomed
+        return doomed
 
 
-def make(tasks=None, delay=0.0, max_batch_size=8, wait_ms=200.0):
-    registry = FakeRegistry(tasks or {f"t{i}": 1 for i in range(20)})
-    engine = FakeEngine(registry, delay)
-    return engine, registry, Scheduler(engine, registry, SchedulerConfig(max_batch_size, wait_ms))
+def make(slots=16, delay=0.0, **config):
+    registry = FakeRegistry({f"t{i}": 1 for i in range(30)} | {"A": 1, "B": 1})
+    engine = FakeEngine(registry, slots, delay)
+    cfg = SchedulerConfig(**{"max_batch_wait_ms": 200.0, "max_batch_size": slots, **config})
+    return engine, registry, Scheduler(engine, registry, cfg)
 
 
-def req(task, prompt=1) -> Request:
-    return Request([prompt], SamplingParams(max_new_tokens=2), task_id=task)
+def req(task, n=2, prompt=1, stream=False) -> Request:
+    r = Request([prompt], SamplingParams(max_new_tokens=n), task_id=task)
+    r.stream = stream
+    return r
 
 
-async def test_eight_tasks_run_as_one_batch_with_their_prefixes_pinned():
+@pytest.fixture
+async def running():
+    started = []
+
+    async def start(sched):
+        await sched.start()
+        started.append(sched)
+        return sched
+
+    yield start
+    for sched in started:
+        await sched.stop()
+
+
+async def test_eight_tasks_are_admitted_together_with_prefixes_pinned(running):
+    engine, registry, sched = make(slots=8)
+    await running(sched)
+    results = await asyncio.gather(*(sched.generate(req(f"t{i}", n=3)) for i in range(8)))
+    assert engine.admissions == [[f"t{i}" for i in range(8)]]
+    assert engine.pins_seen == [8, 8, 8] and registry.pinned() == 0
+    assert all(r.prefix_version == 1 and r.prefix is None and len(r.output_token_ids) == 3 for r in results)
+
+
+async def test_short_request_joins_a_running_batch_and_finishes_first(running):
+    engine, _, sched = make(delay=0.01, max_batch_wait_ms=0.0)
+    await running(sched)
+    long = asyncio.create_task(sched.generate(req("A", n=60)))
+    await asyncio.sleep(0.05)
+    short = await sched.generate(req("B", n=4))
+    assert not long.done() and short.finish_reason is FinishReason.LENGTH
+    await long
+    assert engine.admissions == [["A"], ["B"]]
+
+
+async def test_static_batching_makes_the_short_request_wait(running):
+    _engine, _, sched = make(delay=0.01, max_batch_wait_ms=0.0, continuous=False)
+    await running(sched)
+    long = asyncio.create_task(sched.generate(req("A", n=30)))
+    await asyncio.sleep(0.05)
+    await sched.generate(req("B", n=4))
+    assert long.done()  # B was only admitted after A's batch ended
+
+
+async def test_round_robin_admission_does_not_starve_a_quiet_task(running):
+    engine, _, sched = make(slots=2, delay=0.005, max_batch_wait_ms=0.0)
+    await running(sched)
+    flood = [asyncio.create_task(sched.generate(req("A", n=3))) for _ in range(20)]
+    await asyncio.sleep(0.02)
+    admitted_before = sum(len(b) for b in engine.admissions)
+    quiet = await sched.generate(req("B", n=3))
+    assert quiet.finished
+    order = [task for batch in engine.admissions for task in batch]
+    # B takes the next free slot (round-robin across tasks), not a place behind the ~17 queued A's.
+    assert order.index("B") <= admitted_before + 1
+    await asyncio.gather(*flood)
+
+
+async def test_token_budget_bounds_the_running_batch(running):
+    engine, _, sched = make(delay=0.005, max_batch_wait_ms=50.0, max_batch_tokens=20)
+    await running(sched)
+    # each request: 4 (prefix) + 1 (prompt) + 5 (new) = 10 tokens -> two fit at a time
+    await asyncio.gather(*(sched.generate(req(f"t{i}", n=5)) for i in range(5)))
+    assert max(len(b) for b in engine.admissions) <= 2
+    assert sched.running_tokens == 0
+    with pytest.raises(InvalidRequest, match=r"request needs 25 tokens .* max-batch-tokens is 20"):
+        sched.submit(req("t1", n=20))
+
+
+async def test_full_queue_is_429(running):
+    _engine, _, sched = make(slots=1, delay=0.05, max_batch_wait_ms=0.0, max_queue=2)
+    await running(sched)
+    first = asyncio.create_task(sched.generate(req("A", n=5)))
+    await asyncio.sleep(0.02)
+    queued = [asyncio.create_task(sched.generate(req("B", n=1))) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="queue is full"):
+        sched.submit(req("B"))
+    await asyncio.gather(first, *queued)
+
+
+async def test_one_bad_request_fails_alone(running):
     engine, registry, sched = make()
-    await sched.start()
-    try:
-        results = await asyncio.gather(*(sched.generate(req(f"t{i}", i)) for i in range(8)))
-    finally:
-        await sched.stop()
-    assert len(engine.batches) == 1 and len(engine.batches[0]) == 8
-    assert engine.pins_seen == [8]  # every row's prefix pinned while the batch ran
-    assert registry.pinned() == 0  # and released after
-    assert [r.output_token_ids for r in results] == [[i, 4] for i in range(8)]
-    assert all(r.prefix_version == 1 and r.prefix is None for r in results)
+    await running(sched)
+    registry.tasks["gone"] = 1
+    submitted = [
+        req("t1"),
+        req("gone"),
+        req("t2", prompt=666),
+        Request([7], SamplingParams(max_new_tokens=2)),
+    ]
+    del_task = registry.tasks.pop  # 'gone' disappears between submit and admission
+
+    async def submit_then_delete():
+        for r in submitted:
+            sched.submit(r)
+        del_task("gone")
+        finals = []
+        for r in submitted:
+            finals += [e async for e in sched.events(r) if e.kind != "token"]
+        return finals
+
+    finals = await submit_then_delete()
+    assert [e.kind for e in finals] == ["done", "error", "error", "done"]
+    assert isinstance(finals[1].error, PrefixNotFound) and isinstance(finals[2].error, InvalidRequest)
+    assert engine.admissions == [["t1", None]] and registry.pinned() == 0
+    with pytest.raises(PrefixNotFound):
+        sched.submit(req("nope"))
 
 
-async def test_overflow_goes_to_the_next_batch():
-    engine, _, sched = make(max_batch_size=4, wait_ms=100.0)
-    await sched.start()
-    try:
-        await asyncio.gather(*(sched.generate(req(f"t{i}")) for i in range(10)))
-    finally:
-        await sched.stop()
-    assert [len(b) for b in engine.batches] == [4, 4, 2]
+async def test_engine_failure_fails_its_rows_and_serving_goes_on(running):
+    engine, registry, sched = make(max_batch_wait_ms=0.0)
+    await running(sched)
+    engine.fail_next = True
+    with pytest.raises(RuntimeError, match="exploded"):
+        await sched.generate(req("t1"))
+    ok = await sched.generate(req("t2", n=3))
+    assert len(ok.output_token_ids) == 3 and registry.pinned() == 0 and sched.running_tokens == 0
 
 
-async def test_one_bad_request_fails_alone():
-    engine, registry, sched = make()
-    await sched.start()
-    try:
-        results = await asyncio.gather(
-            sched.generate(req("t1")),
-            sched.generate(req("missing")),
-            sched.generate(req("t2", prompt=666)),
-            sched.generate(Request([7], SamplingParams(max_new_tokens=2))),  # base model, no task
-            return_exceptions=True,
-        )
-    finally:
-        await sched.stop()
-    assert isinstance(results[1], PrefixNotFound) and "missing" in str(results[1])
-    assert isinstance(results[2], InvalidRequest)
-    assert results[0].output_token_ids == [1, 4] and results[3].output_token_ids == [7, 0]
-    assert len(engine.batches) == 1 and len(engine.batches[0]) == 2
+async def test_streaming_events_then_done(running):
+    _engine, _, sched = make(max_batch_wait_ms=0.0)
+    await running(sched)
+    r = req("t1", n=4, stream=True)
+    sched.submit(r)
+    events = [e async for e in sched.events(r)]
+    assert [e.kind for e in events] == ["token"] * 4 + ["done"]
+    assert [t for e in events[:-1] for t in e.token_ids] == [0, 1, 2, 3]
+    assert "".join(e.text for e in events[:-1]) == "xxxx"
+
+
+async def test_consumer_going_away_frees_the_row_within_a_step(running):
+    engine, registry, sched = make(delay=0.01, max_batch_wait_ms=0.0)
+    await running(sched)
+    r = req("t1", n=1000, stream=True)
+    sched.submit(r)
+
+    async def consume_two():
+        n = 0
+        async for _ in sched.events(r):
+            n += 1
+            if n == 2:
+                return  # the client disconnected
+
+    await consume_two()
+    steps_then = len(engine.pins_seen)
+    for _ in range(100):
+        if engine.aborted:
+            break
+        await asyncio.sleep(0.005)
+    assert engine.aborted == [r] and r.finish_reason is FinishReason.ABORT
+    assert len(engine.pins_seen) - steps_then <= 2 and registry.pinned() == 0
+
+
+async def test_request_timeout(running):
+    from server.errors import RequestTimeout
+
+    _engine, registry, sched = make(delay=0.01, max_batch_wait_ms=0.0, request_timeout_s=0.05)
+    await running(sched)
+    with pytest.raises(RequestTimeout, match=r"0\.05 s request timeout"):
+        await sched.generate(req("t1", n=1000))
+    for _ in range(100):
+        if registry.pinned() == 0:
+            break
+        await asyncio.sleep(0.005)
     assert registry.pinned() == 0
 
 
-async def test_engine_failure_fails_that_batch_and_serving_goes_on():
-    engine, registry, sched = make(wait_ms=50.0)
+async def test_drain_finishes_accepted_requests_and_refuses_new_ones():
+    _engine, _, sched = make(slots=1, delay=0.01, max_batch_wait_ms=0.0)
     await sched.start()
-    try:
-        engine.fail_next = True
-        with pytest.raises(RuntimeError, match="exploded"):
-            await sched.generate(req("t1"))
-        ok = await sched.generate(req("t2", 5))
-    finally:
-        await sched.stop()
-    assert ok.output_token_ids == [5, 4] and registry.pinned() == 0
-
-
-async def test_event_loop_stays_responsive_while_the_engine_runs():
-    _engine, _, sched = make(delay=0.3, wait_ms=0.0)
-    await sched.start()
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    t = asyncio.create_task(ticker())
-    try:
-        await sched.generate(req("t1"))
-    finally:
-        t.cancel()
-        await sched.stop()
-    assert ticks >= 5  # the loop ran while the (blocking) engine worked in its thread
-
-
-async def test_cancelled_waiting_request_leaves_the_queue():
-    engine, _, sched = make(delay=0.3, wait_ms=0.0, max_batch_size=1)
-    await sched.start()
-    try:
-        first = asyncio.create_task(sched.generate(req("t1")))
-        await asyncio.sleep(0.05)  # t1 is running now
-        second = asyncio.create_task(sched.generate(req("t2")))
-        await asyncio.sleep(0.01)
-        assert len(sched.waiting) == 1
-        second.cancel()
-        await asyncio.gather(second, return_exceptions=True)
-        assert len(sched.waiting) == 0
-        await first
-    finally:
-        await sched.stop()
-    assert len(engine.batches) == 1
-
-
-async def test_stop_fails_waiting_requests_and_refuses_new_ones():
-    _engine, _, sched = make(delay=0.3, wait_ms=0.0, max_batch_size=1)
-    await sched.start()
-    running = asyncio.create_task(sched.generate(req("t1")))
-    await asyncio.sleep(0.05)
-    waiting = asyncio.create_task(sched.generate(req("t2")))
-    await asyncio.sleep(0.01)
-    await sched.stop()
-    results = await asyncio.gather(running, waiting, return_exceptions=True)
-    assert isinstance(results[1], NotReady)
+    a = asyncio.create_task(sched.generate(req("A", n=10)))
+    b = asyncio.create_task(sched.generate(req("B", n=10)))  # queued behind A
+    await asyncio.sleep(0.02)
+    drain = asyncio.create_task(sched.drain(timeout=10))
+    await asyncio.sleep(0)
     with pytest.raises(NotReady):
-        await sched.generate(req("t3"))
+        sched.submit(req("t1"))
+    await drain
+    assert len((await a).output_token_ids) == 10 and len((await b).output_token_ids) == 10
+
+
+async def test_drain_timeout_aborts_with_an_explicit_error():
+    _engine, registry, sched = make(slots=1, delay=0.01, max_batch_wait_ms=0.0)
+    await sched.start()
+    a = asyncio.create_task(sched.generate(req("A", n=10_000)))
+    await asyncio.sleep(0.03)
+    await sched.drain(timeout=0.05)
+    with pytest.raises(NotReady, match="shut down before the request finished"):
+        await a
+    assert registry.pinned() == 0

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -24,11 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(prefix_dir, log, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    prefix_dir = tmp_path_factory.mktemp("prefixes")
-    log = open(prefix_dir.parent / "server.log", "w+")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -39,34 +37,39 @@ def server(tmp_path_factory):
             str(port),
             "--prefix-dir",
             str(prefix_dir),
-            "--max-batch-wait-ms",
-            "20",
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"server exited: {_tail(log)}"
-            try:
-                if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not ready in 180 s: {_tail(log)}")
-        yield base, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited: {_tail(log)}"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"server not ready in 180 s: {_tail(log)}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    prefix_dir = tmp_path_factory.mktemp("prefixes")
+    with open(prefix_dir.parent / "server.log", "w+") as log:
+        proc, base = start_server(prefix_dir, log, "--max-batch-wait-ms", "20")
+        try:
+            yield base, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _tail(log) -> str:
@@ -114,3 +117,46 @@ def test_upload_generate_swap_generate(server):
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_prefix"
         assert client.get("/prefixes/style").json()["version"] == 2
     assert proc.poll() is None
+
+
+def test_streaming_over_tcp(server):
+    base, _ = server
+    body = {"prompt": "Count from one to ten:", "max_new_tokens": 12, "ignore_eos": True}
+    with httpx.Client(base_url=base, timeout=120) as client:
+        plain = client.post("/generate", json=body).json()
+        events = []
+        with client.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    assert [e["token_id"] for e in events if e["type"] == "token"] == plain["token_ids"]
+    assert events[-1]["type"] == "done" and events[-1]["text"] == plain["text"]
+
+
+def test_sigterm_drains_running_requests_then_exits(tmp_path):
+    with open(tmp_path / "server.log", "w+") as log:
+        proc, base = start_server(tmp_path / "prefixes", log, "--shutdown-timeout-s", "120")
+        try:
+            result: dict = {}
+
+            def long_request():
+                body = {"prompt": "Tell me a long story.", "max_new_tokens": 48, "ignore_eos": True}
+                result["resp"] = httpx.post(base + "/generate", json=body, timeout=300)
+
+            worker = threading.Thread(target=long_request)
+            worker.start()
+            time.sleep(1.0)  # the request is running now
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            ready = httpx.get(base + "/ready", timeout=10)
+            assert ready.status_code == 503 and "shutting down" in ready.json()["error"]["message"]
+            refused = httpx.post(base + "/generate", json={"prompt": "hi"}, timeout=10)
+            assert refused.status_code == 503
+            worker.join(timeout=300)
+            assert result["resp"].status_code == 200, result["resp"].text
+            assert result["resp"].json()["usage"]["completion_tokens"] == 48
+            assert proc.wait(timeout=60) == 0, _tail(log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -35,6 +35,7 @@ class ServerState:
     components: Components | None = None
     scheduler: Scheduler | None = None
     load_error: str | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # for signal handlers
     background: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -49,7 +50,13 @@ def build_components(settings: Settings) -> Components:
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, cache_dir=settings.model_cache_dir
     )
-    engine = Engine(loaded.model, loaded.tokenizer, max_virtual_tokens=settings.max_virtual_tokens)
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        max_slots=settings.max_batch_size,
+        max_seq_len=settings.max_virtual_tokens + settings.max_prompt_tokens + settings.max_new_tokens,
+        max_virtual_tokens=settings.max_virtual_tokens,
+    )
     registry = PrefixRegistry.open(
         settings.prefix_dir,
         engine.fingerprint,
@@ -68,11 +75,15 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
     async def start_serving(components: Components) -> None:
         state.components = components
-        scheduler = Scheduler(
-            components.engine,
-            components.registry,
-            SchedulerConfig(settings.max_batch_size, settings.max_batch_wait_ms),
+        config = SchedulerConfig(
+            max_batch_wait_ms=settings.max_batch_wait_ms,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue=settings.max_queue,
+            continuous=settings.batching == "continuous",
+            request_timeout_s=settings.request_timeout_s,
         )
+        scheduler = Scheduler(components.engine, components.registry, config)
         await scheduler.start()
         state.scheduler = scheduler
         log.info("ready: model %s, %d prefixes", components.model_name, len(components.registry.list()))
@@ -86,15 +97,16 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         if components is not None:
             await start_serving(components)
         else:
             state.background.append(asyncio.create_task(load_in_background()))
         yield
+        if state.scheduler is not None:
+            await state.scheduler.drain(settings.shutdown_timeout_s)
         for task in state.background:
             task.cancel()
-        if state.scheduler is not None:
-            await state.scheduler.stop()
 
     app = FastAPI(
         title="prefix-server",

@@ -17,6 +17,7 @@ from server.errors import (
     PrefixFormatError,
     PrefixNotFound,
     PrefixServerError,
+    RequestTimeout,
     UnsupportedModel,
 )
 
@@ -29,6 +30,7 @@ STATUS_CODES: dict[type[PrefixServerError], int] = {
     PayloadTooLarge: 413,
     Overloaded: 429,
     NotReady: 503,
+    RequestTimeout: 504,
     UnsupportedModel: 500,
 }
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.responses import StreamingResponse
 
 from server.api.schemas import (
     TASK_ID_PATTERN,
@@ -20,7 +23,7 @@ from server.api.schemas import (
     Ready,
     Usage,
 )
-from server.errors import InvalidRequest, NotReady, PayloadTooLarge
+from server.errors import InvalidRequest, NotReady, PayloadTooLarge, PrefixServerError
 from server.request import Request as GenRequest
 from server.request import SamplingParams
 
@@ -35,7 +38,12 @@ def _state(request: Request):
     """The server state, or 503 while the model is still loading (or failed to load)."""
     state = request.app.state.server
     if not state.ready:
-        why = f"startup failed: {state.load_error}" if state.load_error else "the model is still loading"
+        if state.scheduler is not None:
+            why = "shutting down"
+        elif state.load_error:
+            why = f"startup failed: {state.load_error}"
+        else:
+            why = "the model is still loading"
         raise NotReady(f"not ready: {why}")
     return state
 
@@ -59,13 +67,36 @@ async def ready(request: Request) -> Ready:
     return Ready(status="ready", model=state.components.model_name)
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=ERRORS, tags=["generate"])
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        **ERRORS,
+        429: _ERR,
+        504: _ERR,
+        200: {
+            "description": "the reply; with `stream: true`, server-sent events instead (see StreamEvent)",
+            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
+        },
+    },
+    tags=["generate"],
+)
+async def generate(body: GenerateRequest, request: Request):
     """Generate text for one prompt, with the task's current prefix (or the base model)."""
     state = _state(request)
+    req = _build_request(body, state)
+    scheduler = state.scheduler
+    scheduler.submit(req)  # 404 / 422 / 429 here, before any byte of a stream is sent
+    if body.stream:
+        return StreamingResponse(_sse(scheduler, req), media_type="text/event-stream")
+    async for event in scheduler.events(req):
+        if event.kind == "error":
+            raise event.error
+    return _reply(req)
+
+
+def _build_request(body: GenerateRequest, state) -> GenRequest:
     settings, engine = state.settings, state.components.engine
-    if body.task_id is not None:
-        state.components.registry.get(body.task_id)  # 404 now, not after queueing
     if body.max_new_tokens > settings.max_new_tokens:
         raise InvalidRequest(
             f"max_new_tokens must be <= {settings.max_new_tokens}, got {body.max_new_tokens}"
@@ -86,7 +117,12 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         ignore_eos=body.ignore_eos,
     )
     req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=body.task_id, prompt=body.prompt)
-    await state.scheduler.generate(req)
+    req.stream = body.stream
+    engine.validate(req)  # prompt and length checks now (the prefix is checked again when admitted)
+    return req
+
+
+def _reply(req: GenRequest) -> GenerateResponse:
     return GenerateResponse(
         request_id=req.request_id,
         task_id=req.task_id,
@@ -94,8 +130,31 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         text=req.text,
         token_ids=req.output_token_ids,
         finish_reason=req.finish_reason.value,
-        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(req.output_token_ids)),
+        usage=Usage(prompt_tokens=req.num_prompt_tokens, completion_tokens=len(req.output_token_ids)),
     )
+
+
+def _sse_line(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(scheduler, req: GenRequest) -> AsyncIterator[str]:
+    """One `data:` event per generated token, then a final `done` (or `error`) event."""
+    try:
+        async for event in scheduler.events(req):
+            if event.kind == "token":
+                ids = event.token_ids or []
+                for i, token_id in enumerate(ids):
+                    text = event.text if i == len(ids) - 1 else ""
+                    yield _sse_line({"type": "token", "token_id": token_id, "text": text})
+            elif event.kind == "error":
+                err = event.error
+                code = err.code if isinstance(err, PrefixServerError) else "internal_error"
+                yield _sse_line({"type": "error", "error": {"code": code, "message": str(err)}})
+            else:
+                yield _sse_line({"type": "done", **_reply(req).model_dump()})
+    except PrefixServerError as e:  # e.g. the request timeout
+        yield _sse_line({"type": "error", "error": {"code": e.code, "message": str(e)}})
 
 
 async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:

@@ -10,6 +10,11 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 TaskId = Field(pattern=TASK_ID_PATTERN, min_length=1, max_length=64, description="1-64 of A-Za-z0-9._-")
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
 class _Strict(BaseModel):
     # Unknown fields are an error (a typo must not silently fall back to a default), and no lax coercion.
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -27,6 +32,7 @@ class GenerateRequest(_Strict):
         None, description="stop strings; the text ends before the first match"
     )
     ignore_eos: bool = False
+    stream: bool = Field(False, description="answer text/event-stream: a token event per token, then done")
 
 
 class Usage(BaseModel):
@@ -42,6 +48,17 @@ class GenerateResponse(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length", "abort", "error"]
     usage: Usage
+
+
+class StreamEvent(BaseModel):
+    """One server-sent event of a streamed /generate (`data: <this as JSON>`)."""
+
+    type: Literal["token", "done", "error"]
+    token_id: int | None = Field(None, description="token events")
+    text: str | None = Field(None, description="token events: the text delta; done: the whole text")
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorDetail | None = None
 
 
 class FromTextRequest(_Strict):
@@ -70,11 +87,6 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str
     model: str | None = None
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
 
 
 class ErrorResponse(BaseModel):

@@ -1,17 +1,17 @@
-"""The engine runs plans: prefill a batch of requests (each with its own prefix or none), then decode
-one token per row per step until every row has finished. It never decides *what* to run."""
+"""The engine runs plans: admit requests into free slots (a prefill with their own prefixes), and decode
+one token for every active row per step. It never decides *what* to run; the scheduler does."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.batch import BatchMetadata, build_prefill_inputs, build_prefix_cache
 from server.engine.sampling import make_generator, sample
+from server.engine.slots import SlotKV
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
 from server.request import FinishReason, Request, RequestStatus
@@ -19,27 +19,18 @@ from server.request import FinishReason, Request, RequestStatus
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class RunningBatch:
-    """Decode state of a batch; rows are removed as soon as they finish."""
-
-    requests: list[Request]
-    cache: DynamicCache
-    attention_mask: torch.Tensor  # [batch, cached_len + 1] (includes the column of the next input token)
-    next_positions: torch.Tensor  # [batch] position of the next input token
-    generators: list[torch.Generator | None]
-    num_steps: int = 0
-    finished: list[Request] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.requests)
-
-
 class Engine:
-    """One frozen base model; mixed-prefix batched generation with PEFT prefix semantics."""
+    """One frozen base model; a running batch of fixed slots, each row with its own prefix or none."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer, *, max_virtual_tokens: int = 256):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        *,
+        max_slots: int = 16,
+        max_seq_len: int | None = None,
+        max_virtual_tokens: int = 256,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -51,8 +42,24 @@ class Engine:
         self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
         text_config = self.config.get_text_config()
         self.max_context = getattr(text_config, "max_position_embeddings", None)
+        # With a 4D mask of our own, sliding windows are not applied: refuse rows longer than the window.
+        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+            window = getattr(text_config, "sliding_window", None)
+            self.max_context = min(self.max_context or window, window)
+        self.max_seq_len = max_seq_len or self.max_context or 4096
+        self.slots = SlotKV(self.fingerprint, max_slots, self.max_seq_len, self.dtype, self.device)
+        self.running: list[Request] = []  # running[i] lives in slot i
+        self._generators: list[torch.Generator | None] = []
 
-    # ---- validation (called at submit, before anything is queued) ----
+    @property
+    def max_slots(self) -> int:
+        return self.slots.max_slots
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.max_slots - len(self.running)
+
+    # ---- validation (at submit and again when a row is admitted) ----
     def validate(self, request: Request) -> None:
         """Raise InvalidRequest if the request cannot run on this model."""
         if request.num_prompt_tokens == 0:
@@ -64,16 +71,22 @@ class Engine:
         if request.prefix is not None:
             self.fingerprint.check(request.prefix.fingerprint)
         total = request.prefix_len + request.num_prompt_tokens + request.sampling.max_new_tokens
-        if self.max_context is not None and total > self.max_context:
+        limit = min(self.max_seq_len, self.max_context or self.max_seq_len)
+        if total > limit:
             raise InvalidRequest(
                 f"prefix ({request.prefix_len}) + prompt ({request.num_prompt_tokens}) + max_new_tokens "
-                f"({request.sampling.max_new_tokens}) = {total} tokens, model context is {self.max_context}"
+                f"({request.sampling.max_new_tokens}) = {total} tokens, model context is {limit}"
             )
 
     # ---- the two kinds of step ----
     @torch.inference_mode()
-    def prefill(self, requests: Sequence[Request]) -> RunningBatch:
-        """Run every row's prompt after its own prefix and sample each row's first token."""
+    def admit(self, requests: Sequence[Request]) -> list[Request]:
+        """Prefill `requests` (each after its own prefix), sample their first tokens, and give the
+        unfinished ones a slot. Returns the requests that finished already (e.g. max_new_tokens=1)."""
+        if len(requests) > self.num_free_slots:
+            raise ValueError(f"{len(requests)} requests for {self.num_free_slots} free slots")
+        if not requests:
+            return []
         meta = BatchMetadata.from_requests(requests)
         prefixes = [r.prefix.to(self.device, self.dtype) if r.prefix is not None else None for r in requests]
         cache = build_prefix_cache(prefixes, meta, self.fingerprint, self.config, self.dtype, self.device)
@@ -81,30 +94,61 @@ class Engine:
             [r.prompt_token_ids for r in requests], meta, self.pad_token_id, self.device
         )
         logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
-        for r in requests:
-            r.status = RequestStatus.RUNNING
-        batch = RunningBatch(
-            requests=list(requests),
-            cache=cache,
-            attention_mask=attention_mask,
-            next_positions=position_ids[:, -1] + 1,  # [batch]
-            generators=[make_generator(r.sampling, self.device) for r in requests],
-        )
-        self._postprocess(batch, logits)
-        return batch
+        generators = [make_generator(r.sampling, self.device) for r in requests]
+        tokens = sample(logits, [r.sampling for r in requests], generators)
+        finished = []
+        needed = max(r.prefix_len + r.num_prompt_tokens + r.sampling.max_new_tokens for r in requests)
+        self.slots.ensure_capacity(needed)
+        for row, (request, token, gen) in enumerate(zip(requests, tokens, generators, strict=True)):
+            request.status = RequestStatus.RUNNING
+            self._append_token(request, token)
+            if request.finished:
+                finished.append(request)
+                continue
+            slot = len(self.running)
+            columns = attention_mask[row].nonzero().squeeze(1)  # [P_i + T_i] the row's real columns
+            for layer, cache_layer in enumerate(cache.layers):
+                self.slots.write_row(
+                    slot, layer, cache_layer.keys[row][:, columns], cache_layer.values[row][:, columns]
+                )
+            self.running.append(request)
+            self._generators.append(gen)
+        self.slots.num_active = len(self.running)
+        return finished
 
     @torch.inference_mode()
-    def decode(self, batch: RunningBatch) -> None:
-        """One token for every unfinished row: one forward over the whole batch."""
+    def step(self) -> list[Request]:
+        """One token for every running row: one forward over the active slots. Returns rows that finished."""
+        if not self.running:
+            return []
         input_ids = torch.tensor(
-            [[r.output_token_ids[-1]] for r in batch.requests], dtype=torch.long, device=self.device
-        )  # [batch, 1]
-        ones = torch.ones((batch.size, 1), dtype=batch.attention_mask.dtype, device=self.device)
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)  # [batch, cached_len + 1]
-        position_ids = batch.next_positions[:, None]  # [batch, 1]
-        logits = self._forward(input_ids, batch.attention_mask, position_ids, batch.cache)
-        batch.next_positions = batch.next_positions + 1
-        self._postprocess(batch, logits)
+            [[r.output_token_ids[-1]] for r in self.running], dtype=torch.long, device=self.device
+        )  # [n, 1]
+        position_ids, mask, cache = self.slots.decode_view()  # [n, 1], [n, 1, 1, view_len]
+        logits = self._forward(input_ids, mask, position_ids, cache)  # [n, vocab]
+        self.slots.lengths[: len(self.running)] += 1
+        tokens = sample(logits, [r.sampling for r in self.running], self._generators)
+        for request, token in zip(self.running, tokens, strict=True):
+            self._append_token(request, token)
+        return self._remove([r for r in self.running if r.finished])
+
+    def abort(self, requests: Sequence[Request]) -> list[Request]:
+        """Take running requests out of their slots now (client gone, timeout, shutdown)."""
+        doomed = [r for r in requests if r in self.running]
+        for r in doomed:
+            r.finish(FinishReason.ABORT)
+        return self._remove(doomed)
+
+    def generate(self, requests: Sequence[Request]) -> list[Request]:
+        """Run requests to completion, admitting them as slots free up; returns them, finished."""
+        pending = list(requests)
+        while pending or self.running:
+            if pending and self.num_free_slots:
+                take = min(self.num_free_slots, len(pending))
+                self.admit(pending[:take])
+                pending = pending[take:]
+            self.step()
+        return list(requests)
 
     @torch.inference_mode()
     def encode_prefix(self, token_ids: Sequence[int]) -> PrefixKV:
@@ -122,15 +166,6 @@ class Engine:
         values = torch.stack([layer.values[0] for layer in cache.layers])
         return PrefixKV(keys=keys.contiguous(), values=values.contiguous(), fingerprint=self.fingerprint)
 
-    def generate(self, requests: Sequence[Request]) -> list[Request]:
-        """Run a static batch to completion; returns the same requests, finished."""
-        if not requests:
-            return []
-        batch = self.prefill(requests)
-        while batch.size:
-            self.decode(batch)
-        return list(requests)
-
     # ---- internals ----
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         out = self.model(
@@ -143,19 +178,20 @@ class Engine:
         )
         return out.logits[:, -1, :]  # [batch, vocab]
 
-    def _postprocess(self, batch: RunningBatch, logits: torch.Tensor) -> None:
-        """Sample, append, check stop conditions, and drop finished rows from the batch."""
-        tokens = sample(logits, [r.sampling for r in batch.requests], batch.generators)
-        keep = []
-        for row, (request, token) in enumerate(zip(batch.requests, tokens, strict=True)):
-            self._append_token(request, token)
-            if request.finished:
-                batch.finished.append(request)
-            else:
-                keep.append(row)
-        batch.num_steps += 1
-        if len(keep) < batch.size:
-            self._select_rows(batch, keep)
+    def _remove(self, done: list[Request]) -> list[Request]:
+        """Free the slots of `done`, moving the last active rows into the holes."""
+        for request in done:
+            slot = self.running.index(request)
+            last = len(self.running) - 1
+            if slot != last:
+                self.slots.move_row(last, slot)
+                self.running[slot] = self.running[last]
+                self._generators[slot] = self._generators[last]
+            self.running.pop()
+            self._generators.pop()
+            request.prefix = None  # the slot holds a copy; drop the reference
+        self.slots.num_active = len(self.running)
+        return done
 
     def _append_token(self, request: Request, token: int) -> None:
         request.output_token_ids.append(token)
@@ -173,16 +209,6 @@ class Engine:
         elif len(request.output_token_ids) >= params.max_new_tokens:
             request.finish(FinishReason.LENGTH)
 
-    def _select_rows(self, batch: RunningBatch, keep: list[int]) -> None:
-        batch.requests = [batch.requests[i] for i in keep]
-        batch.generators = [batch.generators[i] for i in keep]
-        if not keep:
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        batch.cache.batch_select_indices(index)
-        batch.attention_mask = batch.attention_mask[index]
-        batch.next_positions = batch.next_positions[index]
-
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -192,11 +218,8 @@ def _find_stop(text: str, stops: Sequence[str]) -> int | None:
 def _eos_token_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (
-        gen_eos,
-        model.config.get_text_config().eos_token_id,
-        getattr(tokenizer, "eos_token_id", None),
-    ):
+    config_eos = model.config.get_text_config().eos_token_id
+    for value in (gen_eos, config_eos, getattr(tokenizer, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):

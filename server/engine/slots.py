@@ -1,0 +1,128 @@
+"""The running batch's key/value memory: fixed slots, allocated once, each row left-aligned in its slot.
+
+Slot s holds one request: columns [0, P) its prefix, then its prompt, then what it generated, so the
+position id of the token at column c is c itself (PEFT's rule: real tokens start at position P).
+Active rows occupy slots [0, num_active); a finished row's slot is refilled by moving the last active
+row into it, so a decode step always runs over a contiguous view `[:num_active, :, :view_len]`.
+Shapes are fixed (slots, capacity) so the decode step can later be compiled with bucketed view lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from server.registry.format import ModelFingerprint
+
+
+class SlotKV:
+    """Per-layer K/V of `max_slots` rows, capacity grown in powers of two up to `max_capacity`."""
+
+    def __init__(
+        self, fp: ModelFingerprint, max_slots: int, max_capacity: int, dtype, device, capacity: int = 64
+    ):
+        self.fp, self.max_slots, self.max_capacity = fp, max_slots, max_capacity
+        self.dtype, self.device = dtype, torch.device(device)
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []  # per layer [max_slots, kv_heads, capacity, head_dim]
+        self.values: list[torch.Tensor] = []
+        self.lengths = torch.zeros(
+            max_slots, dtype=torch.long, device=self.device
+        )  # [max_slots] filled columns
+        self.num_active = 0
+        # Set before each decode step; read by the cache layers.
+        self.view_len = 0
+        self.rows = torch.arange(max_slots, device=self.device)  # [max_slots]
+        self.ensure_capacity(min(capacity, max_capacity))
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * sum(k.numel() * k.element_size() for k in self.keys)
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow every slot to hold `needed` columns (rare: capacity doubles)."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_capacity:
+            raise ValueError(f"a row needs {needed} cache columns, the maximum is {self.max_capacity}")
+        capacity = max(self.capacity, 64)
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(capacity, self.max_capacity)
+        shape = (self.max_slots, self.fp.kv_heads, capacity, self.fp.head_dim)
+        new_keys, new_values = [], []
+        for layer in range(self.fp.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.capacity:
+                k[:, :, : self.capacity] = self.keys[layer]
+                v[:, :, : self.capacity] = self.values[layer]
+            new_keys.append(k)
+            new_values.append(v)
+        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+
+    def write_row(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fill one slot of one layer. keys, values: [kv_heads, length, head_dim]."""
+        length = keys.shape[1]
+        self.keys[layer][slot, :, :length] = keys
+        self.values[layer][slot, :, :length] = values
+        self.lengths[slot] = length
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst` (used to keep active rows contiguous)."""
+        length = int(self.lengths[src])
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+        self.lengths[dst] = length
+
+    def decode_view(self) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
+        """Position ids [n, 1], an additive attention mask [n, 1, 1, view_len], and the cache for one step."""
+        n = self.num_active
+        positions = self.lengths[:n]  # [n] the new token's column == its position
+        self.view_len = int(positions.max()) + 1
+        columns = torch.arange(self.view_len, device=self.device)  # [view_len]
+        allowed = columns[None, :] <= positions[:, None]  # [n, view_len]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return positions[:, None].clone(), mask[:, None, None, :], SlotCache(self)
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's view of the slots: writes each row's new key at its own column."""
+
+    is_sliding = False
+
+    def __init__(self, slots: SlotKV, layer: int):
+        super().__init__()
+        self.slots, self.layer = slots, layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated by SlotKV
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states, value_states: [n, kv_heads, 1, head_dim] -> the rows' whole K/V [n, kv_heads, view_len, head_dim]."""
+        s = self.slots
+        n = s.num_active
+        rows, cols = s.rows[:n], s.lengths[:n]
+        k, v = s.keys[self.layer], s.values[self.layer]
+        k[rows, :, cols] = key_states[:, :, 0]
+        v[rows, :, cols] = value_states[:, :, 0]
+        return k[:n, :, : s.view_len], v[:n, :, : s.view_len]
+
+    def get_seq_length(self) -> int:
+        return max(self.slots.view_len - 1, 0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots.view_len, 0
+
+    def get_max_length(self) -> int:
+        return self.slots.capacity
+
+
+class SlotCache(Cache):
+    """A transformers Cache over SlotKV for one decode step (query length 1 per row)."""
+
+    def __init__(self, slots: SlotKV):
+        super().__init__(layers=[_SlotLayer(slots, i) for i in range(slots.fp.num_layers)])
