@@ -27,6 +27,8 @@ from server.registry.format import read_metadata
 logger = logging.getLogger(__name__)
 
 TASK_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, and not '.' or '..'"
+# Stored ids may carry a tenant namespace, "tenant~task" (tenant: 1-32 of A-Z a-z 0-9 _ -); see api/auth.py.
+_TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 SOURCES = ("native", "peft", "text")
 _TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _VERSION_FILE_RE = re.compile(r"v([1-9][0-9]*)\.(safetensors|json)")
@@ -35,8 +37,13 @@ _JSON_TYPES = {"str": str, "int": int, "float": (int, float)}  # field annotatio
 
 
 def is_task_id(name: object) -> bool:
-    """Whether `name` is a valid task id, hence a safe folder name ("." and ".." match the pattern)."""
-    return isinstance(name, str) and bool(_TASK_ID_RE.fullmatch(name)) and name not in (".", "..")
+    """Whether `name` is a valid (optionally tenant-namespaced) task id, hence a safe folder name."""
+    if not isinstance(name, str):
+        return False
+    tenant, sep, task = name.rpartition("~")
+    if sep and not _TENANT_RE.fullmatch(tenant):
+        return False
+    return bool(_TASK_ID_RE.fullmatch(task)) and task not in (".", "..")
 
 
 def validate_task_id(task_id: object) -> str:
