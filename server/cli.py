@@ -34,6 +34,12 @@ SERVE_FLAGS = {
     "max_prompt_tokens": (int, "longest prompt accepted"),
     "max_new_tokens": (int, "largest max_new_tokens accepted"),
     "log_level": (str, "debug | info | warning | error"),
+    "api_keys_file": (Path, "JSON file of API keys -> tenants (absent: open mode, no auth)"),
+    "tenant_max_prefixes": (int, "per-tenant quota: number of prefixes (0 = unlimited)"),
+    "tenant_max_prefix_bytes": (int, "per-tenant quota: bytes of stored prefixes (0 = unlimited)"),
+    "tenant_max_concurrent": (int, "per-tenant quota: concurrent requests (0 = unlimited)"),
+    "tenant_rate": (float, "per-tenant quota: requests per second, token bucket (0 = unlimited)"),
+    "tenant_burst": (int, "per-tenant quota: token bucket size (0 = max(1, rate))"),
 }
 
 

@@ -44,6 +44,13 @@ class Settings:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024
     log_level: str = "info"
+    # tenants (api/auth.py): no keys file = open mode
+    api_keys_file: Path | None = None
+    tenant_max_prefixes: int = 0  # 0 = unlimited
+    tenant_max_prefix_bytes: int = 0
+    tenant_max_concurrent: int = 0
+    tenant_rate: float = 0.0  # requests/s per tenant
+    tenant_burst: int = 0
 
     def __post_init__(self) -> None:
         positive = [
@@ -61,7 +68,16 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"setting {name} must be a positive integer, got {value!r}")
-        for name in ("max_batch_wait_ms", "request_timeout_s", "shutdown_timeout_s"):
+        for name in (
+            "max_batch_wait_ms",
+            "request_timeout_s",
+            "shutdown_timeout_s",
+            "tenant_max_prefixes",
+            "tenant_max_prefix_bytes",
+            "tenant_max_concurrent",
+            "tenant_rate",
+            "tenant_burst",
+        ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
         if self.batching not in ("continuous", "static"):
@@ -76,11 +92,11 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
+            if raw:  # unset or empty: the default
                 values[f.name] = _coerce(f, raw)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        for name in ("prefix_dir", "model_cache_dir"):
-            if name in values:
+        for name in ("prefix_dir", "model_cache_dir", "api_keys_file"):
+            if values.get(name) is not None:
                 values[name] = Path(values[name])
         return cls(**values)
 

@@ -43,3 +43,13 @@ class UnsupportedModel(PrefixServerError):
 
 class RequestTimeout(PrefixServerError):
     code = "timeout"
+
+
+class Unauthorized(PrefixServerError):
+    code = "unauthorized"
+
+
+class QuotaExceeded(PrefixServerError):
+    """A tenant over one of its quotas; the message names the quota."""
+
+    code = "quota_exceeded"

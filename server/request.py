@@ -66,7 +66,8 @@ class Request:
 
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    task_id: str | None = None
+    task_id: str | None = None  # the registry's (tenant-namespaced) id
+    tenant: str | None = None
     prefix: PrefixKV | None = None
     prefix_version: int | None = None
     prompt: str | None = None
@@ -84,6 +85,11 @@ class Request:
     sink: Any = None
     num_streamed_tokens: int = 0
     num_streamed_chars: int = 0
+
+    @property
+    def fairness_key(self) -> str:
+        """Admission round-robins across these: tenants when there are tenants, else tasks."""
+        return self.tenant or self.task_id or ""
 
     @property
     def prefix_len(self) -> int:

@@ -64,8 +64,8 @@ class Event:
 class Scheduler:
     def __init__(self, engine: EngineLike, registry: RegistryLike | None, config: SchedulerConfig):
         self.engine, self.registry, self.config = engine, registry, config
-        self.waiting: dict[str, collections.deque[Request]] = {}  # per task, in arrival order
-        self._rr: collections.deque[str] = collections.deque()  # round-robin order of tasks with waiters
+        self.waiting: dict[str, collections.deque[Request]] = {}  # per tenant (or task), arrival order
+        self._rr: collections.deque[str] = collections.deque()  # round-robin order of keys with waiters
         self._aborts: set[Request] = set()
         self.running_tokens = 0
         self.num_steps = 0
@@ -131,7 +131,7 @@ class Scheduler:
                 f"max-batch-tokens is {self.config.max_batch_tokens}"
             )
         request.sink = asyncio.Queue()
-        key = request.task_id or ""
+        key = request.fairness_key
         if key not in self.waiting:
             self.waiting[key] = collections.deque()
             self._rr.append(key)
@@ -169,7 +169,7 @@ class Scheduler:
 
     def abort(self, request: Request) -> None:
         """Drop a request: from the queue now, or from the running batch at the next step."""
-        queue = self.waiting.get(request.task_id or "")
+        queue = self.waiting.get(request.fairness_key)
         if request.status is RequestStatus.WAITING and queue is not None and request in queue:
             queue.remove(request)
             request.finish(FinishReason.ABORT)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
+from server.api.auth import KeyRing, Quotas, TenantLimits
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.routes import router
@@ -32,6 +33,8 @@ class Components:
 @dataclass
 class ServerState:
     settings: Settings
+    keyring: KeyRing
+    limits: TenantLimits
     components: Components | None = None
     scheduler: Scheduler | None = None
     load_error: str | None = None
@@ -71,7 +74,26 @@ def build_components(settings: Settings) -> Components:
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
     """An app serving `components`, or loading them from `settings` in the background at startup."""
     settings = settings or Settings.from_env()
-    state = ServerState(settings=settings, components=components)
+    quotas = Quotas(
+        max_prefixes=settings.tenant_max_prefixes,
+        max_prefix_bytes=settings.tenant_max_prefix_bytes,
+        max_concurrent=settings.tenant_max_concurrent,
+        rate=settings.tenant_rate,
+        burst=settings.tenant_burst,
+    )
+    keyring = KeyRing.load(settings.api_keys_file, quotas)
+    if keyring.open:
+        log.warning(
+            "\n%s\n  NO API KEYS CONFIGURED: the server is OPEN. Anyone who can reach it can upload,\n"
+            "  delete and use prefixes. Fine on localhost; set --api-keys-file anywhere else.\n%s",
+            "!" * 78,
+            "!" * 78,
+        )
+    else:
+        log.info("auth: %d keys, tenants %s", len(keyring.entries), sorted(keyring.quotas))
+    state = ServerState(
+        settings=settings, keyring=keyring, limits=TenantLimits(keyring), components=components
+    )
 
     async def start_serving(components: Components) -> None:
         state.components = components

@@ -17,7 +17,9 @@ from server.errors import (
     PrefixFormatError,
     PrefixNotFound,
     PrefixServerError,
+    QuotaExceeded,
     RequestTimeout,
+    Unauthorized,
     UnsupportedModel,
 )
 
@@ -30,6 +32,8 @@ STATUS_CODES: dict[type[PrefixServerError], int] = {
     PayloadTooLarge: 413,
     Overloaded: 429,
     NotReady: 503,
+    Unauthorized: 401,
+    QuotaExceeded: 429,
     RequestTimeout: 504,
     UnsupportedModel: 500,
 }
@@ -62,6 +66,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if status >= 500:
             log.error("server error: %s", exc)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
+        if status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return error_response(status, exc.code, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)

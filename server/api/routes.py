@@ -1,4 +1,5 @@
-"""HTTP routes: validate, hand to the scheduler or the registry, shape the reply. Never runs the model."""
+"""HTTP routes: authenticate, validate, hand to the scheduler or the registry, shape the reply.
+Never runs the model. Task ids are translated between the caller's names and stored ids (auth.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
+from server.api.auth import Caller, get_caller
 from server.api.schemas import (
     TASK_ID_PATTERN,
     ErrorResponse,
@@ -23,19 +25,28 @@ from server.api.schemas import (
     Ready,
     Usage,
 )
-from server.errors import InvalidRequest, NotReady, PayloadTooLarge, PrefixServerError
+from server.errors import InvalidRequest, NotReady, PayloadTooLarge, PrefixFormatError, PrefixServerError
 from server.request import Request as GenRequest
 from server.request import SamplingParams
 
 router = APIRouter()
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 _ERR = {"model": ErrorResponse}
-ERRORS = {400: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}
-UPLOAD_ERRORS = {**ERRORS, 413: _ERR}
+ERRORS = {400: _ERR, 401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}
+UPLOAD_ERRORS = {**ERRORS, 413: _ERR, 429: _ERR}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _looks_like_pickle(data: bytes, filename: str) -> bool:
+    """torch.save's zip, or a raw pickle (PROTO opcode). A safetensors file has its JSON header at byte 8."""
+    if filename.endswith(PICKLE_SUFFIXES) or data.startswith(b"PK\x03\x04"):
+        return True
+    return len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[8:9] != b"{"
 
 
 def _state(request: Request):
-    """The server state, or 503 while the model is still loading (or failed to load)."""
+    """The server state, or 503 while the model is loading (or failed to load) or shutting down."""
     state = request.app.state.server
     if not state.ready:
         if state.scheduler is not None:
@@ -52,6 +63,10 @@ def _check_task_id(task_id: str) -> str:
     if not re.fullmatch(TASK_ID_PATTERN, task_id):
         raise InvalidRequest(f"task_id must be 1-64 of A-Za-z0-9._-, got {task_id[:80]!r}")
     return task_id
+
+
+def _info(record, caller: Caller) -> PrefixInfo:
+    return PrefixInfo(**{**record.to_dict(), "task_id": caller.visible_id(record.task_id)})
 
 
 @router.get("/health", response_model=Health, tags=["ops"])
@@ -81,21 +96,28 @@ async def ready(request: Request) -> Ready:
     },
     tags=["generate"],
 )
-async def generate(body: GenerateRequest, request: Request):
+async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
     """Generate text for one prompt, with the task's current prefix (or the base model)."""
     state = _state(request)
-    req = _build_request(body, state)
-    scheduler = state.scheduler
-    scheduler.submit(req)  # 404 / 422 / 429 here, before any byte of a stream is sent
+    req = _build_request(body, state, caller)
+    state.limits.begin_request(caller)  # rate and concurrency quotas
+    try:
+        state.scheduler.submit(req)  # 404 / 422 / 429 here, before any byte of a stream is sent
+    except BaseException:
+        state.limits.end_request(caller)
+        raise
     if body.stream:
-        return StreamingResponse(_sse(scheduler, req), media_type="text/event-stream")
-    async for event in scheduler.events(req):
-        if event.kind == "error":
-            raise event.error
-    return _reply(req)
+        return StreamingResponse(_sse(state, req, caller), media_type="text/event-stream")
+    try:
+        async for event in state.scheduler.events(req):
+            if event.kind == "error":
+                raise event.error
+    finally:
+        state.limits.end_request(caller)
+    return _reply(req, caller)
 
 
-def _build_request(body: GenerateRequest, state) -> GenRequest:
+def _build_request(body: GenerateRequest, state, caller: Caller) -> GenRequest:
     settings, engine = state.settings, state.components.engine
     if body.max_new_tokens > settings.max_new_tokens:
         raise InvalidRequest(
@@ -116,16 +138,17 @@ def _build_request(body: GenerateRequest, state) -> GenRequest:
         stop=stop,
         ignore_eos=body.ignore_eos,
     )
-    req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=body.task_id, prompt=body.prompt)
-    req.stream = body.stream
+    task_id = caller.stored_id(body.task_id) if body.task_id is not None else None
+    req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=task_id, prompt=body.prompt)
+    req.tenant, req.stream = caller.tenant, body.stream
     engine.validate(req)  # prompt and length checks now (the prefix is checked again when admitted)
     return req
 
 
-def _reply(req: GenRequest) -> GenerateResponse:
+def _reply(req: GenRequest, caller: Caller) -> GenerateResponse:
     return GenerateResponse(
         request_id=req.request_id,
-        task_id=req.task_id,
+        task_id=caller.visible_id(req.task_id) if req.task_id is not None else None,
         prefix_version=req.prefix_version,
         text=req.text,
         token_ids=req.output_token_ids,
@@ -138,10 +161,10 @@ def _sse_line(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _sse(scheduler, req: GenRequest) -> AsyncIterator[str]:
+async def _sse(state, req: GenRequest, caller: Caller) -> AsyncIterator[str]:
     """One `data:` event per generated token, then a final `done` (or `error`) event."""
     try:
-        async for event in scheduler.events(req):
+        async for event in state.scheduler.events(req):
             if event.kind == "token":
                 ids = event.token_ids or []
                 for i, token_id in enumerate(ids):
@@ -152,9 +175,11 @@ async def _sse(scheduler, req: GenRequest) -> AsyncIterator[str]:
                 code = err.code if isinstance(err, PrefixServerError) else "internal_error"
                 yield _sse_line({"type": "error", "error": {"code": code, "message": str(err)}})
             else:
-                yield _sse_line({"type": "done", **_reply(req).model_dump()})
+                yield _sse_line({"type": "done", **_reply(req, caller).model_dump()})
     except PrefixServerError as e:  # e.g. the request timeout
         yield _sse_line({"type": "error", "error": {"code": e.code, "message": str(e)}})
+    finally:
+        state.limits.end_request(caller)
 
 
 async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
@@ -164,53 +189,78 @@ async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
     return data
 
 
+def _store(state, caller: Caller, stored_id: str, new_bytes: int, put):
+    """Quota check and write as one step per tenant (runs in a worker thread)."""
+    registry = state.components.registry
+    with state.limits.prefix_lock(caller):
+        state.limits.check_prefix_quota(caller, registry.list(), stored_id, new_bytes)
+        return put()
+
+
 @router.post(
     "/prefixes", response_model=PrefixInfo, status_code=201, responses=UPLOAD_ERRORS, tags=["prefixes"]
 )
 async def upload_prefix(
     request: Request,
+    caller: CallerDep,
     task_id: Annotated[str, Form(description="1-64 of A-Za-z0-9._-")],
     file: Annotated[UploadFile, File(description="a native prefix file or a PEFT adapter_model.safetensors")],
     config: Annotated[UploadFile | None, File(description="optional PEFT adapter_config.json")] = None,
 ) -> PrefixInfo:
     """Add a task, or a new version of it (hot swap: new requests use it at once)."""
     state = _state(request)
-    _check_task_id(task_id)
+    stored_id = caller.stored_id(_check_task_id(task_id))
     data = await _read_limited(file, state.settings.max_upload_bytes, "file")
+    if _looks_like_pickle(data, file.filename or ""):
+        raise PrefixFormatError(
+            "only safetensors prefix files are accepted; this looks like a pickle (.bin/.pt) and was not read"
+        )
     config_bytes = await _read_limited(config, 1 << 20, "config") if config is not None else None
     registry = state.components.registry
-    record = await asyncio.to_thread(registry.upload, task_id, data, config_bytes)
-    return PrefixInfo(**record.to_dict())
+    record = await asyncio.to_thread(
+        _store, state, caller, stored_id, len(data), lambda: registry.upload(stored_id, data, config_bytes)
+    )
+    return _info(record, caller)
 
 
 @router.post(
-    "/prefixes/from-text", response_model=PrefixInfo, status_code=201, responses=ERRORS, tags=["prefixes"]
+    "/prefixes/from-text",
+    response_model=PrefixInfo,
+    status_code=201,
+    responses={**ERRORS, 429: _ERR},
+    tags=["prefixes"],
 )
-async def prefix_from_text(body: FromTextRequest, request: Request) -> PrefixInfo:
+async def prefix_from_text(body: FromTextRequest, request: Request, caller: CallerDep) -> PrefixInfo:
     """Make a task's prefix from an instruction text: its K/V under the base model (no training)."""
     state = _state(request)
+    stored_id = caller.stored_id(body.task_id)
     engine, registry = state.components.engine, state.components.registry
     token_ids = engine.tokenizer(body.text)["input_ids"]
     prefix = await state.scheduler.run_exclusive(lambda: engine.encode_prefix(token_ids))
-    record = await asyncio.to_thread(registry.add, body.task_id, prefix, "text")
-    return PrefixInfo(**record.to_dict())
+    record = await asyncio.to_thread(
+        _store, state, caller, stored_id, prefix.nbytes, lambda: registry.add(stored_id, prefix, "text")
+    )
+    return _info(record, caller)
 
 
-@router.get("/prefixes", response_model=PrefixList, responses={503: _ERR}, tags=["prefixes"])
-async def list_prefixes(request: Request) -> PrefixList:
+@router.get("/prefixes", response_model=PrefixList, responses={401: _ERR, 503: _ERR}, tags=["prefixes"])
+async def list_prefixes(request: Request, caller: CallerDep) -> PrefixList:
+    """The latest version of every task the caller owns."""
     state = _state(request)
-    return PrefixList(prefixes=[PrefixInfo(**r.to_dict()) for r in state.components.registry.list()])
+    records = [r for r in state.components.registry.list() if caller.owns(r.task_id)]
+    return PrefixList(prefixes=[_info(r, caller) for r in records])
 
 
 @router.get("/prefixes/{task_id}", response_model=PrefixInfo, responses=ERRORS, tags=["prefixes"])
-async def get_prefix(task_id: str, request: Request) -> PrefixInfo:
+async def get_prefix(task_id: str, request: Request, caller: CallerDep) -> PrefixInfo:
     state = _state(request)
-    return PrefixInfo(**state.components.registry.get(_check_task_id(task_id)).to_dict())
+    return _info(state.components.registry.get(caller.stored_id(_check_task_id(task_id))), caller)
 
 
 @router.delete("/prefixes/{task_id}", status_code=204, responses=ERRORS, tags=["prefixes"])
-async def delete_prefix(task_id: str, request: Request) -> Response:
+async def delete_prefix(task_id: str, request: Request, caller: CallerDep) -> Response:
     """Delete a task: running requests finish on their version; new ones get 404."""
     state = _state(request)
-    await asyncio.to_thread(state.components.registry.delete, _check_task_id(task_id))
+    stored_id = caller.stored_id(_check_task_id(task_id))
+    await asyncio.to_thread(state.components.registry.delete, stored_id)
     return Response(status_code=204)

@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TASK_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
-TaskId = Field(pattern=TASK_ID_PATTERN, min_length=1, max_length=64, description="1-64 of A-Za-z0-9._-")
+# A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
+TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
+TaskId = Field(pattern=TASK_ID_PATTERN, min_length=1, max_length=97, description="1-64 of A-Za-z0-9._-")
 
 
 class ErrorDetail(BaseModel):

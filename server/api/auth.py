@@ -1,0 +1,220 @@
+"""API keys -> tenants, task-id namespacing, and per-tenant quotas.
+
+Keys file: {"admin": ["KEY", ...], "tenants": {"acme": ["KEY", "sha256:HEX", ...]},
+            "quotas": {"acme": {"max_prefixes": 10, ...}}}  ("quotas" optional; defaults come from flags).
+A key may be written as "sha256:" + the hex digest of the key, so the file need not hold secrets.
+Every key is kept as a digest and compared in constant time.
+
+A tenant's task "summarize" is stored as "acme~summarize"; a tenant never sees the namespace, and
+another tenant's tasks are invisible to it (404, never 403). An admin addresses stored ids directly
+("acme~summarize"; a bare id is the shared namespace that open mode uses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from server.errors import InvalidRequest, QuotaExceeded, Unauthorized
+
+log = logging.getLogger(__name__)
+
+TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+SEP = "~"
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per-tenant limits; 0 means unlimited."""
+
+    max_prefixes: int = 0
+    max_prefix_bytes: int = 0
+    max_concurrent: int = 0
+    rate: float = 0.0  # requests per second (token bucket refill)
+    burst: int = 0  # bucket size; 0 = max(1, rate)
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str | None  # None: admin or open mode
+    admin: bool
+
+    def stored_id(self, task_id: str) -> str:
+        """The registry id of a task id as this caller names it."""
+        if SEP in task_id and not self.admin:
+            raise InvalidRequest(f"task_id must be 1-64 of A-Za-z0-9._- (no '{SEP}'), got {task_id[:80]!r}")
+        return task_id if self.tenant is None else f"{self.tenant}{SEP}{task_id}"
+
+    def visible_id(self, stored_id: str) -> str:
+        return stored_id if self.tenant is None else stored_id.removeprefix(f"{self.tenant}{SEP}")
+
+    def owns(self, stored_id: str) -> bool:
+        if self.tenant is None:
+            return self.admin or SEP not in stored_id  # open mode sees only the shared namespace
+        return stored_id.startswith(f"{self.tenant}{SEP}")
+
+
+OPEN = Caller(tenant=None, admin=False)
+ADMIN = Caller(tenant=None, admin=True)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass
+class KeyRing:
+    """Digests of every configured key -> who it is."""
+
+    entries: list[tuple[bytes, Caller]] = field(default_factory=list)
+    quotas: dict[str, Quotas] = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return not self.entries
+
+    @classmethod
+    def load(cls, path: Path | None, default_quotas: Quotas) -> KeyRing:
+        if path is None:
+            return cls()
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidRequest(f"api keys file {path}: cannot read JSON: {e}") from e
+        if not isinstance(doc, dict) or not set(doc) <= {"admin", "tenants", "quotas"}:
+            raise InvalidRequest(f'api keys file {path}: expected {{"admin": [...], "tenants": {{...}}}}')
+        ring = cls()
+        for key in _key_list(doc.get("admin", []), "admin"):
+            ring.entries.append((_parse_key(key, "admin"), ADMIN))
+        tenants = doc.get("tenants", {})
+        if not isinstance(tenants, dict):
+            raise InvalidRequest("api keys file: 'tenants' must map tenant names to lists of keys")
+        for tenant, keys in tenants.items():
+            if not TENANT_RE.fullmatch(tenant):
+                raise InvalidRequest(
+                    f"api keys file: tenant name must be 1-32 of A-Za-z0-9_-, got {tenant!r}"
+                )
+            for key in _key_list(keys, tenant):
+                ring.entries.append((_parse_key(key, tenant), Caller(tenant=tenant, admin=False)))
+        for tenant in tenants:
+            overrides = doc.get("quotas", {}).get(tenant, {})
+            try:
+                ring.quotas[tenant] = Quotas(**{**default_quotas.__dict__, **overrides})
+            except TypeError as e:
+                raise InvalidRequest(f"api keys file: quotas for {tenant!r}: {e}") from e
+        if not ring.entries:
+            raise InvalidRequest(f"api keys file {path} holds no keys")
+        return ring
+
+    def lookup(self, key: str) -> Caller | None:
+        """Constant time in the key: every entry is compared, and with hmac.compare_digest."""
+        digest = _digest(key)
+        found = None
+        for entry_digest, caller in self.entries:
+            if hmac.compare_digest(digest, entry_digest) and found is None:
+                found = caller
+        return found
+
+
+def _key_list(keys: object, who: str) -> list[str]:
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise InvalidRequest(f"api keys file: keys of {who!r} must be a list of non-empty strings")
+    return keys
+
+
+def _parse_key(key: str, who: str) -> bytes:
+    if key.startswith("sha256:"):
+        hexdigest = key.removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
+            raise InvalidRequest(f"api keys file: a sha256 key of {who!r} must be 64 hex digits")
+        return bytes.fromhex(hexdigest)
+    return _digest(key)
+
+
+def authenticate(ring: KeyRing, authorization: str | None) -> Caller:
+    """The caller for an Authorization header; 401 if keys are configured and it is missing or wrong."""
+    if ring.open:
+        return OPEN
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("missing API key: expected the header 'Authorization: Bearer <key>'")
+    caller = ring.lookup(key.strip())
+    if caller is None:
+        raise Unauthorized("invalid API key")
+    return caller
+
+
+async def get_caller(request: Request) -> Caller:
+    """FastAPI dependency: who is calling."""
+    return authenticate(request.app.state.server.keyring, request.headers.get("authorization"))
+
+
+class TenantLimits:
+    """Concurrent-request counters and token buckets per tenant (thread-safe)."""
+
+    def __init__(self, ring: KeyRing):
+        self.ring = ring
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill time)
+        self._prefix_locks: dict[str | None, threading.Lock] = {}
+
+    def prefix_lock(self, caller: Caller) -> threading.Lock:
+        """Serializes one tenant's quota check + upload, so two uploads cannot both pass the check."""
+        with self._lock:
+            return self._prefix_locks.setdefault(caller.tenant, threading.Lock())
+
+    def quotas(self, caller: Caller) -> Quotas | None:
+        return self.ring.quotas.get(caller.tenant) if caller.tenant else None
+
+    def begin_request(self, caller: Caller) -> None:
+        """Count a request against the rate and concurrency quotas (QuotaExceeded -> 429)."""
+        q = self.quotas(caller)
+        if q is None:
+            return
+        with self._lock:
+            if q.rate > 0:
+                burst = q.burst or max(1.0, q.rate)
+                tokens, last = self._buckets.get(caller.tenant, (burst, time.monotonic()))
+                now = time.monotonic()
+                tokens = min(burst, tokens + (now - last) * q.rate)
+                if tokens < 1:
+                    raise QuotaExceeded(
+                        f"quota: request rate of tenant {caller.tenant!r} is {q.rate:g}/s (burst {burst:g})"
+                    )
+                self._buckets[caller.tenant] = (tokens - 1, now)
+            running = self._in_flight.get(caller.tenant, 0)
+            if q.max_concurrent and running >= q.max_concurrent:
+                raise QuotaExceeded(
+                    f"quota: tenant {caller.tenant!r} already has {running} concurrent requests (max {q.max_concurrent})"
+                )
+            self._in_flight[caller.tenant] = running + 1
+
+    def end_request(self, caller: Caller) -> None:
+        if self.quotas(caller) is None:
+            return
+        with self._lock:
+            self._in_flight[caller.tenant] -= 1
+
+    def check_prefix_quota(self, caller: Caller, records: list, stored_id: str, new_bytes: int) -> None:
+        """Before storing a prefix: the tenant's prefix count and bytes, the replaced version not counted."""
+        q = self.quotas(caller)
+        if q is None:
+            return
+        others = [r for r in records if caller.owns(r.task_id) and r.task_id != stored_id]
+        if q.max_prefixes and len(others) + 1 > q.max_prefixes:
+            raise QuotaExceeded(f"quota: tenant {caller.tenant!r} may keep {q.max_prefixes} prefixes")
+        used = sum(r.bytes for r in others)
+        if q.max_prefix_bytes and used + new_bytes > q.max_prefix_bytes:
+            raise QuotaExceeded(
+                f"quota: tenant {caller.tenant!r} prefix bytes would be {used + new_bytes}, max {q.max_prefix_bytes}"
+            )

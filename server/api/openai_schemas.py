@@ -1,0 +1,152 @@
+"""Request bodies of the OpenAI-compatible routes (`openai.py`), as OpenAI defines them.
+
+Fields these routes act on are declared; any other field lands in `model_extra` and is sorted by
+`refused_extras`: harmless ones (`user`, a penalty of 0, ...) are ignored, features the server lacks
+(`logprobs`, `tools`, ...) are refused as unsupported, and names OpenAI does not define as unknown.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Fields that change nothing at these values (compared by type and value: `0` is not `False`).
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "user": (),  # any value: a client-side label
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (),  # any value: without tools it has nothing to act on
+    "response_format": (None, {"type": "text"}),
+}
+COMPLETION_FIELDS = {
+    *("user", "best_of", "echo", "logprobs", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
+}
+CHAT_FIELDS = set(NEUTRAL_VALUES) - {"best_of", "echo", "suffix"}
+
+
+def refused_extras(extra: dict[str, Any], known: set[str]) -> tuple[str, str, str] | None:
+    """The first extra field to refuse, as (param, code, message); None if every one is harmless."""
+    for name, value in extra.items():
+        if name not in known:
+            return name, "unknown_parameter", f"unrecognized request argument: {name}"
+        neutral = NEUTRAL_VALUES[name]
+        if neutral and not any(type(value) is type(v) and value == v for v in neutral):
+            return name, "unsupported_parameter", f"{name}={value!r:.60} is not supported by this server"
+    return None
+
+
+class _OpenAIBody(BaseModel):
+    # strict: no coercion ("5" is not 5); extra: sorted by refused_extras, never silently dropped
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: there is nothing to obfuscate
+
+
+class SamplingFields(_OpenAIBody):
+    model: str = Field(min_length=1, description="a task id, or the base model's name for no prefix")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = Field(None, ge=0, lt=2**63)  # choice i uses seed + i
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extensions (as vLLM accepts them): the same knobs /generate has.
+    top_k: int = Field(0, ge=0, description="0 = off")
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, value: object) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return value
+        raise ValueError(f"expected a string or a list of strings, got {_shown(value)}")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of such lists"
+    )
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: object) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value:
+            if all(isinstance(p, str) for p in value) or all(type(t) is int for t in value):
+                return value
+            if all(isinstance(p, list) and all(type(t) is int for t in p) for p in value):
+                return value
+        raise ValueError(
+            "expected a string, a non-empty list of strings, a list of token ids, or a list of "
+            f"token id lists; got {_shown(value)}"
+        )
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = Field(description="a string, or a list of text parts {type: text, text}")
+    name: str | None = None
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, value: object) -> str:
+        """Text parts are joined with newlines, as vLLM does; other part types are refused."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"expected a string or a list of text parts, got {_shown(value)}")
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"only text content parts are supported, got {kind!r:.40}")
+            if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+                raise ValueError(f"a text part is {{type: 'text', text: <string>}}, got {_shown(part)}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error, server_error")
+    param: str | None = Field(description="the request field at fault, if one is")
+    code: str | None = Field(description="e.g. model_not_found, unknown_parameter, unsupported_parameter")
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorInfo

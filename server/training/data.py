@@ -1,0 +1,128 @@
+"""Training data: JSONL lines {"prompt": ..., "completion": ...}, tokenized as the server tokenizes prompts.
+
+The completion's tokens (then EOS) follow the prompt's tokens; the loss covers only the completion.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.errors import PrefixServerError
+
+IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, padding)
+
+
+class TrainingDataError(PrefixServerError):
+    """A data file the user can fix: unreadable, not JSONL, missing fields, empty."""
+
+    code = "invalid_training_data"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """token_ids = prompt ids + completion ids + EOS; the first num_prompt_tokens carry no loss."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [batch, seq] right-padded
+    attention_mask: torch.Tensor  # [batch, seq] 1 on real tokens
+    labels: torch.Tensor  # [batch, seq] token id on completion tokens, IGNORE_INDEX elsewhere
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    """Examples from a JSONL file; TrainingDataError naming the first bad line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainingDataError(f"cannot read training data {path}: {e}") from e
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise TrainingDataError(f"{path}:{number}: not valid JSON ({e})") from e
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
+            raise TrainingDataError(f'{path}:{number}: expected {{"prompt": str, "completion": str}}')
+        if not isinstance(row.get("completion"), str) or not row["completion"].strip():
+            raise TrainingDataError(f"{path}:{number}: completion must be a non-empty string")
+        examples.append(Example(row["prompt"], row["completion"]))
+    if not examples:
+        raise TrainingDataError(f"{path}: no examples (expected one JSON object per line)")
+    return examples
+
+
+def split_examples(
+    examples: Sequence[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): a seeded shuffle, then the last ceil(fraction * n) examples are held out."""
+    if not 0 < eval_fraction < 1:
+        raise TrainingDataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    num_eval = max(1, round(eval_fraction * len(examples)))
+    if num_eval >= len(examples):
+        raise TrainingDataError(
+            f"{len(examples)} examples leave none for training after holding out {num_eval}"
+        )
+    shuffled = [examples[i] for i in order]
+    return shuffled[:-num_eval], shuffled[-num_eval:]
+
+
+def format_prompt(prompt: str, tokenizer, chat_template: bool) -> str:
+    """The prompt as a client must send it: raw, or wrapped as one user turn of the chat template."""
+    if not chat_template:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainingDataError("--chat-template given, but the model's tokenizer has no chat template")
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(prompt: str, tokenizer, chat_template: bool) -> list[int]:
+    """Token ids of a prompt exactly as /generate makes them: tokenizer(prompt) with its defaults."""
+    return list(tokenizer(format_prompt(prompt, tokenizer, chat_template))["input_ids"])
+
+
+def encode(examples: Sequence[Example], tokenizer, chat_template: bool, eos_id: int) -> list[EncodedExample]:
+    """Tokenize prompt and completion separately (as at serving time) and end the completion with EOS."""
+    encoded = []
+    for ex in examples:
+        prompt = prompt_token_ids(ex.prompt, tokenizer, chat_template)
+        completion = list(tokenizer(ex.completion, add_special_tokens=False)["input_ids"])
+        encoded.append(EncodedExample(prompt + completion + [eos_id], len(prompt)))
+    return encoded
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
+    """Right-pad a batch: padding only follows the real tokens, so their positions are unchanged."""
+    seq = max(len(e.token_ids) for e in examples)
+    input_ids = torch.full((len(examples), seq), pad_id, dtype=torch.long)  # [batch, seq]
+    attention_mask = torch.zeros((len(examples), seq), dtype=torch.long)  # [batch, seq]
+    labels = torch.full((len(examples), seq), IGNORE_INDEX, dtype=torch.long)  # [batch, seq]
+    for row, e in enumerate(examples):
+        n = len(e.token_ids)
+        input_ids[row, :n] = torch.tensor(e.token_ids)
+        attention_mask[row, :n] = 1
+        labels[row, e.num_prompt_tokens : n] = input_ids[row, e.num_prompt_tokens : n]
+    return Batch(input_ids, attention_mask, labels)
+
+
+def answer(text: str) -> str:
+    """What exact match compares: the first line of the stripped text, stripped."""
+    return text.strip().split("\n", 1)[0].strip()
