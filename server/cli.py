@@ -34,6 +34,7 @@ SERVE_FLAGS = {
     "max_prompt_tokens": (int, "longest prompt accepted"),
     "max_new_tokens": (int, "largest max_new_tokens accepted"),
     "log_level": (str, "debug | info | warning | error"),
+    "log_format": (str, "json (one JSON object per line) | text"),
     "api_keys_file": (Path, "JSON file of API keys -> tenants (absent: open mode, no auth)"),
     "tenant_max_prefixes": (int, "per-tenant quota: number of prefixes (0 = unlimited)"),
     "tenant_max_prefix_bytes": (int, "per-tenant quota: bytes of stored prefixes (0 = unlimited)"),
@@ -63,6 +64,50 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=["native", "peft"], required=True)
     convert.add_argument("--model", default="default", help="base model (needed to read a PEFT adapter)")
     convert.add_argument("--config", type=Path, help="PEFT adapter_config.json (default: beside the input)")
+
+    train = sub.add_parser(
+        "train",
+        help="train a prefix (PEFT prefix tuning, base model frozen) on JSONL prompt/completion pairs",
+        description='Data: one JSON object per line, {"prompt": str, "completion": str}; the completion '
+        "follows the prompt's tokens and only it carries loss. Scores: exact match of the first line of "
+        "greedy output on held-out examples, before (base model) and after (the trained prefix, served "
+        "by the engine).",
+    )
+    train.add_argument("--data", type=Path, required=True, help="training examples (JSONL)")
+    train.add_argument("--task", required=True, help="task id (written into the prefix's metadata)")
+    train.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length (default 16)")
+    held_out = train.add_mutually_exclusive_group()
+    held_out.add_argument("--eval-data", type=Path, help="held-out examples (JSONL); default: split --data")
+    held_out.add_argument(
+        "--eval-fraction", type=float, default=0.1, help="share of --data held out (default 0.1)"
+    )
+    train.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    train.add_argument("--max-steps", type=int, help="stop after this many steps (default: all epochs)")
+    train.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and the split")
+    train.add_argument(
+        "--prefix-projection", action="store_true", help="train through PEFT's reparametrizing MLP"
+    )
+    train.add_argument("--encoder-hidden-size", type=int, help="that MLP's width (default: hidden size)")
+    train.add_argument(
+        "--init",
+        choices=["examples", "random"],
+        help="start from the K/V of the first training examples' text (default), or PEFT's random init "
+        "(the default with --prefix-projection)",
+    )
+    train.add_argument("--init-text", help="start from the K/V of this text instead")
+    train.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap prompts as a user turn of the model's chat template (clients must send them so too)",
+    )
+    train.add_argument("--output", type=Path, help="native prefix file (default <task>.safetensors)")
+    train.add_argument("--peft-output", type=Path, help="also save a PEFT adapter folder here")
+    train.add_argument("--model", help="base model, as for serve (default: 'default')")
+    train.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16 | auto")
+    train.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    train.add_argument("--model-cache-dir", type=Path, help="where converted GGUF models are kept")
     return parser
 
 
@@ -70,14 +115,20 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.logs import configure_logging
 
     settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger(__name__).info("settings: %s", dataclasses.asdict(settings))
+    configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger(__name__).info("settings", extra={"settings": dataclasses.asdict(settings)})
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # keep our (JSON) handlers
+        access_log=False,  # the request-id middleware logs every request
+    )
     _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
 
 
@@ -143,10 +194,64 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote native prefix to {args.output} ({prefix.num_virtual_tokens} virtual tokens)")
 
 
+def train(args: argparse.Namespace) -> None:
+    import time
+
+    from server.engine.model import load_model
+    from server.errors import InvalidRequest
+    from server.registry.store import validate_task_id
+    from server.training.data import read_jsonl, split_examples
+    from server.training.export import summarize, write_outputs
+    from server.training.trainer import TrainConfig, train_prefix
+
+    started = time.perf_counter()
+    validate_task_id(args.task)
+    output = args.output or Path(f"{args.task}.safetensors")
+    if output.suffix != ".safetensors":
+        raise InvalidRequest(
+            f"--output must end in .safetensors (a .json summary goes beside it), got {output}"
+        )
+    config = TrainConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        prefix_projection=args.prefix_projection,
+        encoder_hidden_size=args.encoder_hidden_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        chat_template=args.chat_template,
+        init="text" if args.init_text else args.init,
+        init_text=args.init_text,
+    )
+    examples = read_jsonl(args.data)
+    if args.eval_data is not None:
+        train_set, held_out = examples, read_jsonl(args.eval_data)
+    else:
+        train_set, held_out = split_examples(examples, args.eval_fraction, args.seed)
+    overrides = {"model": args.model, "device": args.device, "model_cache_dir": args.model_cache_dir}
+    settings = Settings.from_env(overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    loaded = load_model(
+        settings.model, dtype=args.dtype, device=settings.device, cache_dir=settings.model_cache_dir
+    )
+    print(
+        f"task {args.task!r}: {len(train_set)} training and {len(held_out)} held-out examples, {loaded.name}"
+    )
+    result = train_prefix(loaded.model, loaded.tokenizer, train_set, held_out, config)
+    summary = summarize(
+        result, config, task_id=args.task, base_model=loaded.name, num_train=len(train_set), held_out=held_out
+    )
+    summary["command_seconds"] = round(time.perf_counter() - started, 1)  # with model load and evals
+    for path in write_outputs(result, summary, output, args.peft_output):
+        print(f"wrote {path}")
+    print(f"serve it: curl -F task_id={args.task} -F file=@{output} http://HOST:PORT/prefixes")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"serve": serve, "convert": convert}[args.command](args)
+        {"serve": serve, "convert": convert, "train": train}[args.command](args)
     except PrefixServerError as e:
         print(f"prefix-server: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

@@ -44,6 +44,7 @@ class Settings:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024
     log_level: str = "info"
+    log_format: str = "json"  # json lines, or "text"
     # tenants (api/auth.py): no keys file = open mode
     api_keys_file: Path | None = None
     tenant_max_prefixes: int = 0  # 0 = unlimited
@@ -80,6 +81,8 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.log_format not in ("json", "text"):
+            raise InvalidRequest(f"setting log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.batching not in ("continuous", "static"):
             raise InvalidRequest(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,10 @@ class Request:
     sink: Any = None
     num_streamed_tokens: int = 0
     num_streamed_chars: int = 0
+    # time.monotonic() stamps, for latency metrics
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     @property
     def fairness_key(self) -> str:
@@ -106,6 +111,7 @@ class Request:
     def finish(self, reason: FinishReason) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
+        self.finish_time = time.monotonic()
 
     def take_delta(self) -> tuple[list[int], str]:
         """New token ids and text since the last call, for streaming.

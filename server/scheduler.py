@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ class Scheduler:
                 f"max-batch-tokens is {self.config.max_batch_tokens}"
             )
         request.sink = asyncio.Queue()
+        request.arrival_time = time.monotonic()
         key = request.fairness_key
         if key not in self.waiting:
             self.waiting[key] = collections.deque()
@@ -300,7 +302,10 @@ class Scheduler:
         return list(doomed)
 
     def _postprocess(self, finished: list[Request]) -> None:
+        now = time.monotonic()
         for request in [*self.engine.running, *finished]:
+            if request.first_token_time is None and request.output_token_ids:
+                request.first_token_time = now
             if request.stream and request.error is None:
                 tokens, text = request.take_delta()
                 if tokens or text:

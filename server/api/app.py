@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from server.api.auth import KeyRing, Quotas, TenantLimits
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
+from server.api.logs import RequestIdMiddleware
+from server.api.metrics import Metrics
 from server.api.routes import router
 from server.config import Settings
 from server.engine.engine import Engine
@@ -39,6 +41,7 @@ class ServerState:
     scheduler: Scheduler | None = None
     load_error: str | None = None
     loop: asyncio.AbstractEventLoop | None = None  # for signal handlers
+    metrics: Metrics | None = None
     background: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -137,8 +140,10 @@ def create_app(settings: Settings | None = None, components: Components | None =
         lifespan=lifespan,
     )
     app.state.server = state
+    state.metrics = Metrics(state)
     # Bodies are limited while they stream in (413 before a large upload is read into memory).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + (1 << 20))  # + form and config
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     install_error_handlers(app)
     app.include_router(router)
     return app

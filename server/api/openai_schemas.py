@@ -1,4 +1,4 @@
-"""Request bodies of the OpenAI-compatible routes (`openai.py`), as OpenAI defines them.
+"""Request bodies and the error body of the OpenAI-compatible routes (`openai.py`), as OpenAI has them.
 
 Fields these routes act on are declared; any other field lands in `model_extra` and is sorted by
 `refused_extras`: harmless ones (`user`, a penalty of 0, ...) are ignored, features the server lacks
@@ -141,7 +141,9 @@ def _shown(value: object) -> str:
 
 class ErrorInfo(BaseModel):
     message: str
-    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error, server_error")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, rate_limit_error, server_error"
+    )
     param: str | None = Field(description="the request field at fault, if one is")
     code: str | None = Field(description="e.g. model_not_found, unknown_parameter, unsupported_parameter")
 

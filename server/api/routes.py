@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Caller, get_caller
@@ -23,19 +23,50 @@ from server.api.schemas import (
     PrefixInfo,
     PrefixList,
     Ready,
+    StreamEvent,
     Usage,
 )
-from server.errors import InvalidRequest, NotReady, PayloadTooLarge, PrefixFormatError, PrefixServerError
+from server.errors import (
+    InvalidRequest,
+    NotReady,
+    PayloadTooLarge,
+    PrefixFormatError,
+    PrefixServerError,
+    Unauthorized,
+)
 from server.request import Request as GenRequest
 from server.request import SamplingParams
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 CallerDep = Annotated[Caller, Depends(get_caller)]
+# The pattern is in the OpenAPI schema too, so a client can tell a valid task id from the schema alone.
+TaskIdForm = Annotated[str, Form(pattern=TASK_ID_PATTERN, description="1-64 of A-Za-z0-9._-")]
+TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="1-64 of A-Za-z0-9._-")]
 
 _ERR = {"model": ErrorResponse}
 ERRORS = {400: _ERR, 401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}
 UPLOAD_ERRORS = {**ERRORS, 413: _ERR, 429: _ERR}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# One server-sent event, as OpenAPI 3.2 describes a text/event-stream item: its `data` is a StreamEvent
+# as JSON. Inline: no route returns StreamEvent as its model, so FastAPI would not put it in the
+# components and a $ref to it would dangle. Its own refs (Usage, ErrorDetail) are components through
+# GenerateResponse and ErrorResponse.
+_STREAM_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                k: v
+                for k, v in StreamEvent.model_json_schema(ref_template="#/components/schemas/{model}").items()
+                if k != "$defs"
+            },
+        }
+    },
+}
 
 
 def _looks_like_pickle(data: bytes, filename: str) -> bool:
@@ -59,12 +90,6 @@ def _state(request: Request):
     return state
 
 
-def _check_task_id(task_id: str) -> str:
-    if not re.fullmatch(TASK_ID_PATTERN, task_id):
-        raise InvalidRequest(f"task_id must be 1-64 of A-Za-z0-9._-, got {task_id[:80]!r}")
-    return task_id
-
-
 def _info(record, caller: Caller) -> PrefixInfo:
     return PrefixInfo(**{**record.to_dict(), "task_id": caller.visible_id(record.task_id)})
 
@@ -73,6 +98,16 @@ def _info(record, caller: Caller) -> PrefixInfo:
 async def health() -> Health:
     """The process is alive (it may still be loading the model)."""
     return Health(status="ok")
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response, responses={401: _ERR})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics. With API keys configured, an admin key is required (labels name tasks)."""
+    state = request.app.state.server
+    if not state.keyring.open and not (await get_caller(request)).admin:
+        raise Unauthorized("metrics need an admin key")
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/ready", response_model=Ready, responses={503: _ERR}, tags=["ops"])
@@ -91,7 +126,7 @@ async def ready(request: Request) -> Ready:
         504: _ERR,
         200: {
             "description": "the reply; with `stream: true`, server-sent events instead (see StreamEvent)",
-            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
+            "content": {"text/event-stream": {"schema": _STREAM_EVENT_SCHEMA}},
         },
     },
     tags=["generate"],
@@ -100,11 +135,13 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
     """Generate text for one prompt, with the task's current prefix (or the base model)."""
     state = _state(request)
     req = _build_request(body, state, caller)
+    req.request_id = request.state.request_id  # the reply, the X-Request-ID header and the logs agree
     state.limits.begin_request(caller)  # rate and concurrency quotas
     try:
         state.scheduler.submit(req)  # 404 / 422 / 429 here, before any byte of a stream is sent
-    except BaseException:
-        state.limits.end_request(caller)
+    except BaseException as e:
+        req.error = e
+        _finished(state, req, caller)
         raise
     if body.stream:
         return StreamingResponse(_sse(state, req, caller), media_type="text/event-stream")
@@ -113,8 +150,33 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
             if event.kind == "error":
                 raise event.error
     finally:
-        state.limits.end_request(caller)
+        _finished(state, req, caller)
     return _reply(req, caller)
+
+
+def _finished(state, req: GenRequest, caller: Caller) -> None:
+    """Every generate request ends here once: quotas given back, metrics and a log line recorded."""
+    state.limits.end_request(caller)
+    status = "ok" if req.error is None else "error"
+    if isinstance(req.error, PrefixServerError):
+        status = req.error.code
+    elif req.finish_reason is not None and req.finish_reason.value == "abort":
+        status = "aborted"
+    task = req.task_id or "__base__"
+    state.metrics.observe(req, task, status)
+    log.info(
+        "generate",
+        extra={
+            "request_id": req.request_id,
+            "tenant": req.tenant,
+            "task": task,
+            "prefix_version": req.prefix_version,
+            "status": status,
+            "prompt_tokens": req.num_prompt_tokens,
+            "completion_tokens": len(req.output_token_ids),
+            "finish_reason": req.finish_reason.value if req.finish_reason else None,
+        },
+    )
 
 
 def _build_request(body: GenerateRequest, state, caller: Caller) -> GenRequest:
@@ -177,13 +239,14 @@ async def _sse(state, req: GenRequest, caller: Caller) -> AsyncIterator[str]:
             else:
                 yield _sse_line({"type": "done", **_reply(req, caller).model_dump()})
     except PrefixServerError as e:  # e.g. the request timeout
+        req.error = req.error or e
         yield _sse_line({"type": "error", "error": {"code": e.code, "message": str(e)}})
     finally:
-        state.limits.end_request(caller)
+        _finished(state, req, caller)
 
 
-async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
-    data = await upload.read(limit + 1)
+async def _read_limited(upload: UploadFile | str, limit: int, what: str) -> bytes:
+    data = upload.encode() if isinstance(upload, str) else await upload.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
     return data
@@ -203,13 +266,14 @@ def _store(state, caller: Caller, stored_id: str, new_bytes: int, put):
 async def upload_prefix(
     request: Request,
     caller: CallerDep,
-    task_id: Annotated[str, Form(description="1-64 of A-Za-z0-9._-")],
+    task_id: TaskIdForm,
     file: Annotated[UploadFile, File(description="a native prefix file or a PEFT adapter_model.safetensors")],
-    config: Annotated[UploadFile | None, File(description="optional PEFT adapter_config.json")] = None,
+    # A file part, or a text part: `curl -F 'config=<adapter_config.json'` sends the JSON without a filename.
+    config: Annotated[UploadFile | str | None, File(description="optional PEFT adapter_config.json")] = None,
 ) -> PrefixInfo:
     """Add a task, or a new version of it (hot swap: new requests use it at once)."""
     state = _state(request)
-    stored_id = caller.stored_id(_check_task_id(task_id))
+    stored_id = caller.stored_id(task_id)
     data = await _read_limited(file, state.settings.max_upload_bytes, "file")
     if _looks_like_pickle(data, file.filename or ""):
         raise PrefixFormatError(
@@ -252,15 +316,15 @@ async def list_prefixes(request: Request, caller: CallerDep) -> PrefixList:
 
 
 @router.get("/prefixes/{task_id}", response_model=PrefixInfo, responses=ERRORS, tags=["prefixes"])
-async def get_prefix(task_id: str, request: Request, caller: CallerDep) -> PrefixInfo:
+async def get_prefix(task_id: TaskIdPath, request: Request, caller: CallerDep) -> PrefixInfo:
     state = _state(request)
-    return _info(state.components.registry.get(caller.stored_id(_check_task_id(task_id))), caller)
+    return _info(state.components.registry.get(caller.stored_id(task_id)), caller)
 
 
 @router.delete("/prefixes/{task_id}", status_code=204, responses=ERRORS, tags=["prefixes"])
-async def delete_prefix(task_id: str, request: Request, caller: CallerDep) -> Response:
+async def delete_prefix(task_id: TaskIdPath, request: Request, caller: CallerDep) -> Response:
     """Delete a task: running requests finish on their version; new ones get 404."""
     state = _state(request)
-    stored_id = caller.stored_id(_check_task_id(task_id))
+    stored_id = caller.stored_id(task_id)
     await asyncio.to_thread(state.components.registry.delete, stored_id)
     return Response(status_code=204)

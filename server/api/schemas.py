@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
+StopString = Annotated[str, Field(min_length=1)]  # an empty one would match everywhere
 TaskId = Field(pattern=TASK_ID_PATTERN, min_length=1, max_length=97, description="1-64 of A-Za-z0-9._-")
 
 
@@ -29,7 +30,7 @@ class GenerateRequest(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] | str | None = Field(
+    stop: list[StopString] | StopString | None = Field(
         None, description="stop strings; the text ends before the first match"
     )
     ignore_eos: bool = False

@@ -179,7 +179,7 @@ class PrefixStore:
             if not (is_task_id(folder.name) and folder.is_dir()):
                 warnings.append(f"ignored {folder}: not a folder named by a valid task id")
                 continue
-            record, max_version[folder.name] = self._recover_task(folder, warnings)
+            record, max_version[folder.name], _ = self._recover_task(folder, warnings)
             if record is not None:
                 latest[folder.name] = record
         with self._lock:
@@ -188,13 +188,41 @@ class PrefixStore:
             logger.warning("prefix store: %s", line)
         return warnings
 
-    def _recover_task(self, folder: Path, warnings: list[str]) -> tuple[PrefixRecord | None, int]:
-        """(latest valid committed record or None, highest version ever issued) for one task folder."""
+    def refresh(self, task_id: str, *, cleanup: bool = False) -> list[str]:
+        """Re-read one task from disk, for a root that other processes write too (server/distributed).
+
+        Touches no file unless `cleanup` (the caller then holds the task's cross-process lock), and never
+        moves a task back to an older version: versions only grow, so an older one means this scan raced
+        a newer commit. Returns the warnings (logged only with `cleanup`: otherwise they are live writes).
+        """
+        validate_task_id(task_id)
+        folder = self.tasks_dir / task_id
+        if not folder.is_dir():
+            return []
+        warnings: list[str] = []
+        record, max_version, deleted_through = self._recover_task(folder, warnings, cleanup=cleanup)
+        with self._lock:
+            current = self._latest.get(task_id)
+            if record is not None and (current is None or record.version > current.version):
+                self._latest[task_id] = record
+            elif current is not None and deleted_through >= current.version:
+                del self._latest[task_id]
+            self._max_version[task_id] = max(self._max_version.get(task_id, 0), max_version)
+        for line in warnings if cleanup else ():
+            logger.warning("prefix store: %s", line)
+        return warnings
+
+    def _recover_task(
+        self, folder: Path, warnings: list[str], cleanup: bool = True
+    ) -> tuple[PrefixRecord | None, int, int]:
+        """(latest valid committed record or None, highest version ever issued, highest deleted version)
+        for one task folder; `cleanup` removes temp files and versions that can never be served."""
         kinds: dict[int, set[str]] = {}
         for path in sorted(folder.iterdir()):
             if path.name.startswith(".") and path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # an interrupted atomic write; its target was never replaced
-                warnings.append(f"removed leftover temp file {path}")
+                if cleanup:
+                    path.unlink(missing_ok=True)  # an interrupted atomic write; its target was never replaced
+                    warnings.append(f"removed leftover temp file {path}")
             elif m := _VERSION_FILE_RE.fullmatch(path.name):
                 kinds.setdefault(int(m[1]), set()).add(m[2])
             elif path.name != _TOMBSTONE:
@@ -208,8 +236,9 @@ class PrefixStore:
             warnings.append(f"skipped {folder / f'v{version}'}.*: {problem}")
         # Finish an interrupted delete or post-commit cleanup; newer broken files stay for inspection.
         keep_above = record.version if record is not None else deleted_through
-        _unlink_versions(folder, [v for v in kinds if v < keep_above or v <= deleted_through])
-        return record, max(deleted_through, *kinds, 0)
+        if cleanup:
+            _unlink_versions(folder, [v for v in kinds if v < keep_above or v <= deleted_through])
+        return record, max(deleted_through, *kinds, 0), deleted_through
 
     def _task_lock(self, task_id: str) -> threading.Lock:
         with self._lock:

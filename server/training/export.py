@@ -44,6 +44,7 @@ def summarize(
         "first_loss": round(result.losses[0], 4),
         "final_loss": round(statistics.fmean(tail), 4),  # mean of the last 10 steps
         "train_seconds": round(result.train_seconds, 1),
+        "eval_seconds": round(result.eval_seconds, 1),
         "samples": [
             {"prompt": ex.prompt, "expected": answer(ex.completion), "before": before, "after": after}
             for ex, before, after in zip(
@@ -53,7 +54,9 @@ def summarize(
     }
 
 
-def write_outputs(result: TrainResult, summary: dict, output: Path, peft_output: Path | None = None) -> list[Path]:
+def write_outputs(
+    result: TrainResult, summary: dict, output: Path, peft_output: Path | None = None
+) -> list[Path]:
     """Native prefix at `output` (summary scores in its metadata), summary at output.with_suffix('.json'),
     and PEFT's save_pretrained folder at `peft_output` if given. Returns the paths written."""
     keys = ("task_id", "base_model", "num_train", "num_eval", "eval_before", "eval_after", "chat_template")

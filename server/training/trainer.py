@@ -99,7 +99,8 @@ class TrainResult:
     before: EvalResult  # base model, no prefix
     after: EvalResult  # the trained prefix through the Engine
     losses: list[float] = field(default_factory=list)  # one per optimizer step
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the optimizer loop
+    eval_seconds: float = 0.0  # both held-out evaluations
 
 
 def evaluate(
@@ -202,7 +203,9 @@ def train_prefix(
     if not train or not held_out:
         raise InvalidRequest(f"need training and held-out examples, got {len(train)} and {len(held_out)}")
     engine = Engine(model, tokenizer, max_virtual_tokens=max(256, config.num_virtual_tokens))
+    started = time.perf_counter()
     before = evaluate(engine, held_out, None, config)
+    eval_seconds = time.perf_counter() - started
     log(f"held-out exact match before training (base model): {before.score:.1%} of {len(held_out)}")
 
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(engine.eos_token_ids)
@@ -235,9 +238,11 @@ def train_prefix(
     train_seconds = time.perf_counter() - started
 
     prefix = trained_prefix(peft_model, engine.fingerprint)
+    started = time.perf_counter()
     after = evaluate(engine, held_out, prefix, config)
+    eval_seconds += time.perf_counter() - started
     log(f"held-out exact match after training: {after.score:.1%} (before: {before.score:.1%})")
-    return TrainResult(prefix, peft_model, before, after, losses, train_seconds)
+    return TrainResult(prefix, peft_model, before, after, losses, train_seconds, eval_seconds)
 
 
 @contextlib.contextmanager

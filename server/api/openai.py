@@ -1,0 +1,429 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+`model` selects the prefix, as vLLM, LoRAX and SGLang select an adapter: a task id, or the base model's
+name for none. A request walks the same path as /generate (a Request per choice -> scheduler.submit ->
+scheduler.events), so choices of any task batch with everything else. Errors on these routes come in
+OpenAI's shape, {"error": {message, type, param, code}}; the app-wide handlers are not involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from server.api import routes
+from server.api.auth import Caller, get_caller
+from server.api.errors import status_for
+from server.api.openai_schemas import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ErrorBody,
+    SamplingFields,
+    refused_extras,
+)
+from server.api.schemas import TASK_ID_PATTERN
+from server.errors import InvalidRequest, PrefixNotFound, PrefixServerError
+from server.registry.store import PrefixRecord
+from server.request import FinishReason, SamplingParams
+from server.request import Request as GenRequest
+from server.scheduler import Event
+
+if TYPE_CHECKING:
+    from server.api.app import ServerState
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+_ERR = {"model": ErrorBody}
+ERRORS = {s: _ERR for s in (400, 401, 404, 413, 429, 500, 503, 504)}
+STARTED = int(time.time())  # the base model's `created`
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+class OpenAIError(Exception):
+    """An error as OpenAI reports it: a status, a message, the parameter at fault and a code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ---- who calls, and which tasks they see (api/auth.py: API keys -> tenants, namespaced task ids) ----
+async def _server(request: Request) -> tuple[ServerState, Caller]:
+    """(the server state, the caller): 401 without a valid key when keys are set, then 503 while loading."""
+    caller = await get_caller(request)
+    return routes._state(request), caller
+
+
+def _visible_tasks(state, caller: Caller) -> list[tuple[str, PrefixRecord]]:
+    """(the caller's name for it, record) of every task the caller may use."""
+    records = state.components.registry.list()
+    return [(caller.visible_id(r.task_id), r) for r in records if caller.owns(r.task_id)]
+
+
+def _find_task(state, caller: Caller, model: str) -> PrefixRecord | None:
+    """The task `model` names, or None for the base model; 404 model_not_found otherwise (another
+    tenant's task too: it is invisible, as on every other route)."""
+    if model == state.components.model_name:
+        return None
+    try:
+        if not re.fullmatch(TASK_ID_PATTERN, model):
+            raise PrefixNotFound(model)
+        return state.components.registry.get(caller.stored_id(model))
+    except (PrefixNotFound, InvalidRequest):
+        raise OpenAIError(
+            404, f"the model {model!r:.80} does not exist", param="model", code="model_not_found"
+        ) from None
+
+
+# ---- routes ----
+@router.get("/models", responses=ERRORS)
+async def list_models(request: Request):
+    """The base model (no prefix) and every task, each usable as `model`."""
+    try:
+        state, caller = await _server(request)
+        cards = [_model_card(state.components.model_name, STARTED)]
+        cards += [_model_card(name, record.created_at) for name, record in _visible_tasks(state, caller)]
+        return {"object": "list", "data": cards}
+    except Exception as e:
+        return error_response(e)
+
+
+@router.get("/models/{model}", responses=ERRORS)
+async def get_model(model: str, request: Request):
+    try:
+        state, caller = await _server(request)
+        record = _find_task(state, caller, model)
+        return _model_card(model, STARTED if record is None else record.created_at)
+    except Exception as e:
+        return error_response(e)
+
+
+@router.post("/completions", responses=ERRORS)
+async def completions(request: Request):
+    """Complete prompts with a task's prefix (`model` = task id) or the base model; SSE with `stream`."""
+    try:
+        state, caller = await _server(request)
+        body = await _parse(request, CompletionRequest, COMPLETION_FIELDS)
+        record = _find_task(state, caller, body.model)
+        prompts = _completion_prompts(body.prompt, state.components.engine.tokenizer)
+        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        return await _run(state, caller, body, record, prompts, max_tokens, "max_tokens", chat=False)
+    except Exception as e:
+        return error_response(e)
+
+
+@router.post("/chat/completions", responses=ERRORS)
+async def chat_completions(request: Request):
+    """Answer a conversation, formatted with the model's chat template; SSE with `stream`."""
+    try:
+        state, caller = await _server(request)
+        body = await _parse(request, ChatCompletionRequest, CHAT_FIELDS)
+        record = _find_task(state, caller, body.model)
+        prompt_ids = _chat_prompt_ids(state.components.engine.tokenizer, body.messages)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # as much as the context leaves, up to the server's limit
+            prefix_len = 0 if record is None else record.num_virtual_tokens
+            room = _context_limit(state) - prefix_len - len(prompt_ids)
+            max_tokens = max(1, min(state.settings.max_new_tokens, room))  # room < 1: validate says why
+        return await _run(state, caller, body, record, [prompt_ids], max_tokens, param, chat=True)
+    except Exception as e:
+        return error_response(e)
+
+
+# ---- request side ----
+async def _parse(request: Request, model: type[SamplingFields], known: set[str]) -> SamplingFields:
+    try:
+        raw = await request.json()
+    except ValueError as e:
+        raise OpenAIError(400, "request body is not valid JSON", code="malformed_json") from e
+    body = model.model_validate(raw)
+    refused = refused_extras(body.model_extra or {}, known)
+    if refused is not None:
+        param, code, message = refused
+        raise OpenAIError(400, message, param=param, code=code)
+    return body
+
+
+def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt: strings are tokenized as /generate does, token id lists kept."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer(p)["input_ids"] for p in prompt]
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return [list(p) for p in prompt]
+
+
+def _chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(
+            400,
+            "this model's tokenizer has no chat template; use /v1/completions with a formatted prompt",
+            param="messages",
+            code="no_chat_template",
+        )
+    conversation = [
+        {
+            "role": "system" if m.role == "developer" else m.role,  # newer OpenAI name, older templates
+            "content": m.content,
+            **({"name": m.name} if m.name is not None else {}),
+        }
+        for m in messages
+    ]
+    try:
+        encoded = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    except Exception as e:  # the template is code from the model's files: jinja's raise_exception, ...
+        raise OpenAIError(400, f"the chat template refused the messages: {e}", param="messages") from e
+    return list(encoded["input_ids"])
+
+
+def _context_limit(state) -> int:
+    engine = state.components.engine
+    limit = min(engine.max_seq_len, engine.max_context or engine.max_seq_len)
+    return min(limit, state.scheduler.config.max_batch_tokens)
+
+
+def _make_requests(
+    state, caller: Caller, body: SamplingFields, record, prompts: list[list[int]], max_tokens: int, param: str
+) -> list[GenRequest]:
+    """One Request per choice: prompt-major, then n; choice j of a prompt samples with seed + j."""
+    settings, engine = state.settings, state.components.engine
+    if max_tokens > settings.max_new_tokens:
+        raise OpenAIError(400, f"{param} must be <= {settings.max_new_tokens}, got {max_tokens}", param)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    task_id = None if record is None else record.task_id  # the stored (tenant-namespaced) id
+    requests = []
+    for prompt_ids in prompts:
+        if len(prompt_ids) > settings.max_prompt_tokens:
+            raise OpenAIError(
+                400, f"prompt has {len(prompt_ids)} tokens, the limit is {settings.max_prompt_tokens}"
+            )
+        for j in range(body.n):
+            sampling = SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=None if body.seed is None else (body.seed + j) % 2**63,
+                stop=stop,
+                ignore_eos=body.ignore_eos,
+            )
+            req = GenRequest(prompt_token_ids=list(prompt_ids), sampling=sampling, task_id=task_id)
+            req.tenant, req.stream = caller.tenant, body.stream
+            engine.validate(req)
+            requests.append(req)
+    return requests
+
+
+async def _run(state, caller: Caller, body, record, prompts, max_tokens: int, param: str, *, chat: bool):
+    """Submit every choice (all or none), then answer: one reply, or SSE chunks as tokens come."""
+    requests = _make_requests(state, caller, body, record, prompts, max_tokens, param)
+    scheduler, limits = state.scheduler, state.limits
+    limits.begin_request(caller)  # the tenant's rate and concurrency quotas: one HTTP request, n choices
+    submitted = []
+    try:
+        for req in requests:
+            scheduler.submit(req)  # 404 / 400 / 429 here, before any byte of a stream is sent
+            submitted.append(req)
+    except BaseException:
+        for req in submitted:
+            scheduler.abort(req)
+        limits.end_request(caller)
+        raise
+    reply = Reply(body.model, chat, requests, num_prompt_tokens=sum(len(p) for p in prompts))
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        stream = reply.stream(scheduler, include_usage, on_end=lambda: limits.end_request(caller))
+        return StreamingResponse(stream, media_type="text/event-stream")
+    try:
+        async with contextlib.aclosing(_merged_events(scheduler, requests)) as events:
+            async for _, event in events:
+                if event.kind == "error":
+                    raise event.error
+    finally:
+        limits.end_request(caller)
+    return reply.full()
+
+
+async def _merged_events(scheduler, requests: list[GenRequest]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several requests as they come, tagged with the request's index, until each has
+    ended; on exit (done, error, client gone) whatever still runs is aborted."""
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(index: int, req: GenRequest) -> None:
+        try:
+            async for event in scheduler.events(req):
+                queue.put_nowait((index, event))
+        except Exception as e:  # the request timeout
+            queue.put_nowait((index, Event("error", error=e)))
+
+    pumps = [asyncio.create_task(pump(i, req)) for i, req in enumerate(requests)]
+    try:
+        num_open = len(requests)
+        while num_open:
+            index, event = await queue.get()
+            num_open -= event.kind != "token"
+            yield index, event
+    finally:
+        for task in pumps:
+            task.cancel()
+        for req in requests:
+            if not req.finished:
+                scheduler.abort(req)
+
+
+# ---- reply side ----
+class Reply:
+    """The OpenAI objects for a set of choices: one reply, or its SSE chunks."""
+
+    def __init__(self, model: str, chat: bool, requests: list[GenRequest], num_prompt_tokens: int):
+        self.model, self.chat, self.requests = model, chat, requests
+        self.num_prompt_tokens = num_prompt_tokens
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def usage(self) -> dict:
+        completion = sum(len(r.output_token_ids) for r in self.requests)
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.num_prompt_tokens + completion,
+        }
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def full(self) -> dict:
+        choices = []
+        for index, req in enumerate(self.requests):
+            choice: dict = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": req.text}
+            else:
+                choice["text"] = req.text
+            choices.append({**choice, "logprobs": None, "finish_reason": _finish_reason(req)})
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(kind), "choices": choices, "usage": self.usage()}
+
+    def _chunk(self, index: int, text: str | None, finish_reason: str | None, usage: bool) -> str:
+        choice: dict = {"index": index}
+        if self.chat:  # the first chunk (text None) carries the role, the last ("") an empty delta
+            if text is None:
+                choice["delta"] = {"role": "assistant", "content": ""}
+            else:
+                choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text or ""
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        chunk = {
+            **self._head("chat.completion.chunk" if self.chat else "text_completion"),
+            "choices": [choice],
+        }
+        return _sse({**chunk, "usage": None} if usage else chunk)
+
+    async def stream(self, scheduler, include_usage: bool, on_end: Callable[[], None]) -> AsyncIterator[str]:
+        """Role chunks (chat), a chunk per text delta, a finish_reason chunk per choice, the usage chunk
+        when asked for, then `data: [DONE]`. An error after the first byte is an `error` event."""
+        try:
+            if self.chat:
+                for index in range(len(self.requests)):
+                    yield self._chunk(index, None, None, include_usage)
+            async with contextlib.aclosing(_merged_events(scheduler, self.requests)) as events:
+                async for index, event in events:
+                    if event.kind == "token" and event.text:
+                        yield self._chunk(index, event.text, None, include_usage)
+                    elif event.kind == "done":
+                        reason = _finish_reason(self.requests[index])
+                        yield self._chunk(index, "", reason, include_usage)
+                    elif event.kind == "error":
+                        raise event.error
+            if include_usage:
+                kind = "chat.completion.chunk" if self.chat else "text_completion"
+                yield _sse({**self._head(kind), "choices": [], "usage": self.usage()})
+        except Exception as e:
+            yield _sse(_as_openai(e).body())
+        finally:
+            on_end()
+        yield "data: [DONE]\n\n"
+
+
+def _finish_reason(req: GenRequest) -> str:
+    return "length" if req.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _model_card(name: str, created: float) -> dict:
+    return {"id": name, "object": "model", "created": int(created), "owned_by": "prefix-server"}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ---- errors ----
+def _as_openai(e: Exception) -> OpenAIError:
+    """Any error of these routes as OpenAI reports it (422 is 400 in OpenAI's API)."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, ValidationError):
+        return _from_validation(e)
+    if isinstance(e, PrefixNotFound):  # deleted between lookup and submit
+        return OpenAIError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, PrefixServerError):
+        status = status_for(e)
+        return OpenAIError(400 if status == 422 else status, str(e), code=e.code)
+    if isinstance(e, HTTPException):
+        return OpenAIError(e.status_code, str(e.detail), code="http_error")
+    log.error("unhandled error", exc_info=e)
+    return OpenAIError(500, "internal server error", code="internal_error")
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """The JSON reply for an error of these routes; Retry-After on 429 and 503, as /generate does."""
+    err = _as_openai(e)
+    if err.status >= 500:
+        log.error("server error: %s", err.message)
+    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+    if err.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _from_validation(e: ValidationError) -> OpenAIError:
+    """A 400 naming each field at fault (param: the first), what it expects, and what arrived."""
+    parts, params = [], []
+    for err in e.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        got = err.get("input")
+        shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            parts.append(f"{where}: required")
+        else:
+            parts.append(f"{where or 'body'}: {message} (got {shown:.80})")
+        params.append(where or None)
+    return OpenAIError(400, "; ".join(parts), param=params[0], code="invalid_request")
