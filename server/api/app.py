@@ -14,6 +14,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
 from server.api.logs import RequestIdMiddleware
 from server.api.metrics import Metrics
+from server.api.openai import router as openai_router
 from server.api.routes import router
 from server.config import Settings
 from server.engine.engine import Engine
@@ -146,4 +147,5 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)  # /v1/models, /v1/completions, /v1/chat/completions
     return app

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -69,27 +70,38 @@ class OpenAIError(Exception):
 
 
 # ---- who calls, and which tasks they see (api/auth.py: API keys -> tenants, namespaced task ids) ----
-async def _server(request: Request) -> tuple[ServerState, Caller]:
-    """(the server state, the caller): 401 without a valid key when keys are set, then 503 while loading."""
+@dataclass(frozen=True)
+class Call:
+    """Who asks: the server state, the authenticated caller, and the id its log lines carry."""
+
+    state: ServerState
+    caller: Caller
+    request_id: str  # X-Request-ID
+
+
+async def _call(request: Request) -> Call:
+    """Who calls: 401 without a valid key when keys are set, then 503 while the model loads."""
     caller = await get_caller(request)
-    return routes._state(request), caller
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex[:16]
+    return Call(routes._state(request), caller, request_id)
 
 
-def _visible_tasks(state, caller: Caller) -> list[tuple[str, PrefixRecord]]:
+def _visible_tasks(call: Call) -> list[tuple[str, PrefixRecord]]:
     """(the caller's name for it, record) of every task the caller may use."""
-    records = state.components.registry.list()
+    caller = call.caller
+    records = call.state.components.registry.list()
     return [(caller.visible_id(r.task_id), r) for r in records if caller.owns(r.task_id)]
 
 
-def _find_task(state, caller: Caller, model: str) -> PrefixRecord | None:
+def _find_task(call: Call, model: str) -> PrefixRecord | None:
     """The task `model` names, or None for the base model; 404 model_not_found otherwise (another
     tenant's task too: it is invisible, as on every other route)."""
-    if model == state.components.model_name:
+    if model == call.state.components.model_name:
         return None
     try:
         if not re.fullmatch(TASK_ID_PATTERN, model):
             raise PrefixNotFound(model)
-        return state.components.registry.get(caller.stored_id(model))
+        return call.state.components.registry.get(call.caller.stored_id(model))
     except (PrefixNotFound, InvalidRequest):
         raise OpenAIError(
             404, f"the model {model!r:.80} does not exist", param="model", code="model_not_found"
@@ -101,9 +113,9 @@ def _find_task(state, caller: Caller, model: str) -> PrefixRecord | None:
 async def list_models(request: Request):
     """The base model (no prefix) and every task, each usable as `model`."""
     try:
-        state, caller = await _server(request)
-        cards = [_model_card(state.components.model_name, STARTED)]
-        cards += [_model_card(name, record.created_at) for name, record in _visible_tasks(state, caller)]
+        call = await _call(request)
+        cards = [_model_card(call.state.components.model_name, STARTED)]
+        cards += [_model_card(name, record.created_at) for name, record in _visible_tasks(call)]
         return {"object": "list", "data": cards}
     except Exception as e:
         return error_response(e)
@@ -111,9 +123,9 @@ async def list_models(request: Request):
 
 @router.get("/models/{model}", responses=ERRORS)
 async def get_model(model: str, request: Request):
+    """One model: the base model or one of the caller's tasks."""
     try:
-        state, caller = await _server(request)
-        record = _find_task(state, caller, model)
+        record = _find_task(await _call(request), model)
         return _model_card(model, STARTED if record is None else record.created_at)
     except Exception as e:
         return error_response(e)
@@ -123,12 +135,12 @@ async def get_model(model: str, request: Request):
 async def completions(request: Request):
     """Complete prompts with a task's prefix (`model` = task id) or the base model; SSE with `stream`."""
     try:
-        state, caller = await _server(request)
+        call = await _call(request)
         body = await _parse(request, CompletionRequest, COMPLETION_FIELDS)
-        record = _find_task(state, caller, body.model)
-        prompts = _completion_prompts(body.prompt, state.components.engine.tokenizer)
+        record = _find_task(call, body.model)
+        prompts = _completion_prompts(body.prompt, call.state.components.engine.tokenizer)
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
-        return await _run(state, caller, body, record, prompts, max_tokens, "max_tokens", chat=False)
+        return await _run(call, body, record, prompts, max_tokens, "max_tokens", chat=False)
     except Exception as e:
         return error_response(e)
 
@@ -137,9 +149,10 @@ async def completions(request: Request):
 async def chat_completions(request: Request):
     """Answer a conversation, formatted with the model's chat template; SSE with `stream`."""
     try:
-        state, caller = await _server(request)
+        call = await _call(request)
+        state = call.state
         body = await _parse(request, ChatCompletionRequest, CHAT_FIELDS)
-        record = _find_task(state, caller, body.model)
+        record = _find_task(call, body.model)
         prompt_ids = _chat_prompt_ids(state.components.engine.tokenizer, body.messages)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -147,7 +160,7 @@ async def chat_completions(request: Request):
             prefix_len = 0 if record is None else record.num_virtual_tokens
             room = _context_limit(state) - prefix_len - len(prompt_ids)
             max_tokens = max(1, min(state.settings.max_new_tokens, room))  # room < 1: validate says why
-        return await _run(state, caller, body, record, [prompt_ids], max_tokens, param, chat=True)
+        return await _run(call, body, record, [prompt_ids], max_tokens, param, chat=True)
     except Exception as e:
         return error_response(e)
 
@@ -209,10 +222,10 @@ def _context_limit(state) -> int:
 
 
 def _make_requests(
-    state, caller: Caller, body: SamplingFields, record, prompts: list[list[int]], max_tokens: int, param: str
+    call: Call, body: SamplingFields, record, prompts: list[list[int]], max_tokens: int, param: str
 ) -> list[GenRequest]:
     """One Request per choice: prompt-major, then n; choice j of a prompt samples with seed + j."""
-    settings, engine = state.settings, state.components.engine
+    settings, engine = call.state.settings, call.state.components.engine
     if max_tokens > settings.max_new_tokens:
         raise OpenAIError(400, f"{param} must be <= {settings.max_new_tokens}, got {max_tokens}", param)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -234,39 +247,50 @@ def _make_requests(
                 ignore_eos=body.ignore_eos,
             )
             req = GenRequest(prompt_token_ids=list(prompt_ids), sampling=sampling, task_id=task_id)
-            req.tenant, req.stream = caller.tenant, body.stream
+            req.tenant, req.stream = call.caller.tenant, body.stream
+            req.request_id = f"{call.request_id}-{len(requests)}"  # X-Request-ID, then the choice
             engine.validate(req)
             requests.append(req)
     return requests
 
 
-async def _run(state, caller: Caller, body, record, prompts, max_tokens: int, param: str, *, chat: bool):
-    """Submit every choice (all or none), then answer: one reply, or SSE chunks as tokens come."""
-    requests = _make_requests(state, caller, body, record, prompts, max_tokens, param)
+async def _run(call: Call, body, record, prompts, max_tokens: int, param: str, *, chat: bool):
+    """Submit every choice (all or none), then answer: one reply, or SSE chunks as tokens come.
+
+    Each choice is a request to the scheduler, to the tenant's quotas and to the metrics, as n calls of
+    /generate would be."""
+    requests = _make_requests(call, body, record, prompts, max_tokens, param)
+    state, caller = call.state, call.caller
     scheduler, limits = state.scheduler, state.limits
-    limits.begin_request(caller)  # the tenant's rate and concurrency quotas: one HTTP request, n choices
-    submitted = []
+    begun = []
     try:
         for req in requests:
+            limits.begin_request(caller)  # the tenant's rate and concurrency quotas
+            begun.append(req)
             scheduler.submit(req)  # 404 / 400 / 429 here, before any byte of a stream is sent
-            submitted.append(req)
     except BaseException:
-        for req in submitted:
+        for req in begun:
             scheduler.abort(req)
-        limits.end_request(caller)
+            limits.end_request(caller)
         raise
+
+    def finished() -> None:
+        for req in requests:
+            routes._finished(state, req, caller)  # quotas given back, metrics, a log line
+
     reply = Reply(body.model, chat, requests, num_prompt_tokens=sum(len(p) for p in prompts))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        stream = reply.stream(scheduler, include_usage, on_end=lambda: limits.end_request(caller))
-        return StreamingResponse(stream, media_type="text/event-stream")
+        return StreamingResponse(
+            reply.stream(scheduler, include_usage, finished), media_type="text/event-stream"
+        )
     try:
         async with contextlib.aclosing(_merged_events(scheduler, requests)) as events:
             async for _, event in events:
                 if event.kind == "error":
                     raise event.error
     finally:
-        limits.end_request(caller)
+        finished()
     return reply.full()
 
 

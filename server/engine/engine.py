@@ -132,6 +132,7 @@ class Engine:
             self._append_token(request, token)
         return self._remove([r for r in self.running if r.finished])
 
+    @torch.inference_mode()  # moving rows writes to slot tensors made under inference mode
     def abort(self, requests: Sequence[Request]) -> list[Request]:
         """Take running requests out of their slots now (client gone, timeout, shutdown)."""
         doomed = [r for r in requests if r in self.running]
