@@ -63,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PrefixServerError)
     async def _domain(_: Request, exc: PrefixServerError) -> JSONResponse:
         status = status_for(exc)
-        if status >= 500:
+        if status == 500:  # 503 (loading, draining) and 504 (timeout) are expected states, not faults
             log.error("server error: %s", exc)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         if status == 401:
