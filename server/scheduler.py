@@ -266,6 +266,16 @@ class Scheduler:
             except PrefixServerError as e:  # fails this request only, never the batch
                 self._fail(request, e)
                 finished.append(request)
+            except Exception as e:  # e.g. an unreadable stored file (OSError): still this request only
+                log.exception("loading the prefix of task %r failed", request.task_id)
+                self._fail(
+                    request,
+                    PrefixServerError(
+                        f"the prefix of task {request.task_id!r} could not be loaded ({type(e).__name__}); "
+                        "see the server log"
+                    ),
+                )
+                finished.append(request)
         finished += self.engine.admit(runnable)
         if self.engine.running:
             self.batch_sizes.append(len(self.engine.running))

@@ -6,6 +6,8 @@ import torch
 
 from server.request import SamplingParams
 
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """A per-request generator, so a seeded request samples the same tokens whatever shares its batch."""
@@ -29,6 +31,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already cover top_p; the first token always stays.
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop_sorted[0] = False  # also when top_p is below float32's range (it compares as 0)
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -43,7 +46,14 @@ def sample(
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)  # [vocab]
+        # Top logit shifted to 0, and a temperature of at least float32's smallest normal number: a tiny
+        # temperature then gives -inf (probability 0), never inf - inf = NaN in the softmax.
+        scaled = (logits[row] - logits[row].max()) / max(p.temperature, _MIN_TEMPERATURE)  # [vocab]
+        row_logits = filter_logits(scaled, p.top_k, p.top_p)  # [vocab]
         probs = torch.softmax(row_logits, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # NaN logits (e.g. a prefix of huge values overflowed attention): this row gets the greedy
+            # token, as a greedy row does; multinomial would raise and fail every row of the batch.
+            continue
         tokens[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     return tokens

@@ -62,8 +62,10 @@ class ModelFingerprint:
                 f"prefix metadata lacks {', '.join(missing)}; expected all of {', '.join(names)}"
             )
         for name in names[1:]:
-            if not (isinstance(md[name], str) and md[name].isdecimal() and int(md[name]) > 0):
-                raise PrefixFormatError(f"prefix metadata {name}={md[name]!r}, expected a positive integer")
+            # At most 18 digits: int() refuses strings of over 4300 digits with a ValueError of its own.
+            value = md[name]
+            if not (isinstance(value, str) and value.isdecimal() and len(value) <= 18 and int(value) > 0):
+                raise PrefixFormatError(f"prefix metadata {name}={value!r:.40}, expected a positive integer")
         return cls(str(md["architecture"]), *(int(md[n]) for n in names[1:]))
 
     def check(self, other: ModelFingerprint) -> None:
@@ -132,7 +134,7 @@ def _parse_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
         )
     try:
         header = json.loads(data[8 : 8 + size])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise PrefixFormatError("not a safetensors file: header is not valid JSON") from None
     if not isinstance(header, dict):
         raise PrefixFormatError(
@@ -186,7 +188,7 @@ def _check_adapter_config(raw: bytes, fp: ModelFingerprint, num_virtual_tokens: 
     """Validate PEFT's adapter_config.json against the model and the prompt_embeddings row count."""
     try:
         cfg = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise PrefixFormatError("adapter_config.json is not valid JSON") from None
     if not isinstance(cfg, dict):
         raise PrefixFormatError(f"adapter_config.json is a JSON {type(cfg).__name__}, expected an object")
