@@ -3,12 +3,12 @@
 #   1. static vs continuous batching at the same offered load, outputs mixed 4..128 tokens
 #   2. a capacity sweep, then sustained load at 80% of capacity for 2 minutes
 #   3. overload at 3x capacity with a bounded queue (429s, the server stays up)
-# Usage: loadtest/batching_suite.sh   (env: RATE=1.0 for step 1, PORT, OUT=loadtest/results)
+# Usage: loadtest/batching_suite.sh   (env: RATE=2.0 for step 1, PORT, OUT=loadtest/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-loadtest/results}
-RATE=${RATE:-1.0}
+RATE=${RATE:-2.0}
 PORT=${PORT:-8123}
 URL="http://127.0.0.1:$PORT"
 COMMON=(--tasks 8 --zipf 1.1 --prompt-len uniform:16:64 --output-len uniform:4:128 --stream --seed 7 --no-progress)
@@ -30,10 +30,10 @@ trap '[ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null || true' EXIT
 
 echo "== 1. static vs continuous at $RATE req/s"
 start_server --batching static
-"$PY" -m loadtest --url "$URL" --rates "$RATE" --duration 60 "${COMMON[@]}" --label static --out "$OUT/static"
+"$PY" -m loadtest --url "$URL" --rates "$RATE" --duration 30 "${COMMON[@]}" --label static --out "$OUT/static"
 stop_server
 start_server --batching continuous
-"$PY" -m loadtest --url "$URL" --rates "$RATE" --duration 60 "${COMMON[@]}" --label continuous --out "$OUT/continuous"
+"$PY" -m loadtest --url "$URL" --rates "$RATE" --duration 30 "${COMMON[@]}" --label continuous --out "$OUT/continuous"
 "$PY" -m loadtest --compare "$OUT/static.json" "$OUT/continuous.json"
 
 echo "== 2. capacity sweep, then 80% of it for 2 minutes"
