@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format bench clean
+.PHONY: install serve test test-fast lint format bench clean examples
 
 install: $(STAMP)
 
@@ -46,6 +46,18 @@ format: install
 
 bench: install
 	$(BIN)/python loadtest/bench_engine.py
+
+# Re-generate the example tasks' data, re-train their prefixes on the default model (minutes on a
+# 2-core CPU), and print the before/after table of prefixes/examples/README.md.
+examples: install
+	$(BIN)/python prefixes/examples/make_data.py
+	$(BIN)/prefix-server train --task sentiment --data prefixes/examples/sentiment/train.jsonl \
+		--eval-data prefixes/examples/sentiment/eval.jsonl --num-virtual-tokens 16 --epochs 1 --lr 1e-2 \
+		--batch-size 8 --seed 0 --output prefixes/examples/sentiment/prefix.safetensors
+	$(BIN)/prefix-server train --task booking --data prefixes/examples/booking/train.jsonl \
+		--eval-data prefixes/examples/booking/eval.jsonl --num-virtual-tokens 16 --epochs 1 --lr 1e-2 \
+		--batch-size 8 --seed 0 --output prefixes/examples/booking/prefix.safetensors
+	$(BIN)/python prefixes/examples/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

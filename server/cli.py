@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--prefix-projection", action="store_true", help="train through PEFT's reparametrizing MLP"
     )
-    train.add_argument("--encoder-hidden-size", type=int, help="that MLP's width (default: hidden size)")
+    train.add_argument("--encoder-hidden-size", type=int, help="that MLP's width (default: PEFT's)")
     train.add_argument(
         "--init",
         choices=["examples", "random"],

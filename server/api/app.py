@@ -72,6 +72,9 @@ def build_components(settings: Settings) -> Components:
         device=engine.device,
         max_virtual_tokens=settings.max_virtual_tokens,
     )
+    from server.training.examples import register_examples
+
+    register_examples(registry)  # the shipped example tasks, unless those task ids exist or existed
     return Components(engine=engine, registry=registry, model_name=loaded.name)
 
 

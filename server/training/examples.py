@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from server.config import REPO_ROOT
 from server.errors import PrefixServerError
 from server.registry.registry import PrefixRegistry
 from server.registry.store import is_task_id
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent.parent / "prefixes" / "examples"
+EXAMPLES_DIR = REPO_ROOT / "prefixes" / "examples"
 PREFIX_FILE = "prefix.safetensors"
 
 

@@ -1,18 +1,15 @@
 """Prefix tuning with PEFT on the frozen base model; held-out evaluation through the serving Engine.
 
-Training runs `PeftModel.forward` (correct under transformers 5). Evaluation does not use
-`PeftModel.generate` (it ignores the prefix under transformers 5): the trained prefix is exported the
-way PEFT saves it, read back with `load_prefix`, and decoded greedily by the project's own Engine, so
-the score measured is the score of the prefix the server will serve.
+Training runs `PeftModel.forward` (correct under transformers 5). The trained prefix is exported the
+way PEFT saves it and read back with the server's own `load_prefix`; the "after" score is that
+prefix decoded by the Engine, so it is the score of what the server will serve.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,16 +20,9 @@ from transformers import PreTrainedModel
 from server.engine.engine import Engine
 from server.errors import InvalidRequest, PrefixServerError
 from server.registry.format import ModelFingerprint, PrefixKV, load_prefix, to_peft
-from server.request import Request, SamplingParams
-from server.training.data import (
-    IGNORE_INDEX,
-    Batch,
-    Example,
-    answer,
-    collate,
-    encode,
-    prompt_token_ids,
-)
+from server.training.data import IGNORE_INDEX, Batch, Example, collate, encode
+from server.training.evaluate import EvalResult, evaluate
+from server.training.progress import Progress, quiet_deprecations
 
 try:
     from peft import PeftModel, PrefixTuningConfig, get_peft_model
@@ -49,7 +39,7 @@ class TrainConfig:
 
     num_virtual_tokens: int = 16
     prefix_projection: bool = False  # train through PEFT's reparametrizing MLP
-    encoder_hidden_size: int | None = None  # that MLP's width (default: the model's hidden size)
+    encoder_hidden_size: int | None = None  # that MLP's width (default: PEFT's, kv_heads * head_dim)
     epochs: int = 3
     lr: float = 1e-2
     batch_size: int = 8
@@ -87,12 +77,6 @@ class TrainConfig:
 
 
 @dataclass
-class EvalResult:
-    score: float  # exact match of the first line, in [0, 1]
-    outputs: list[str]  # generated text per held-out example
-
-
-@dataclass
 class TrainResult:
     prefix: PrefixKV  # what the server serves: keys, values [num_layers, kv_heads, P, head_dim]
     peft_model: PeftModel  # for save_pretrained (the PEFT export)
@@ -103,28 +87,7 @@ class TrainResult:
     eval_seconds: float = 0.0  # both held-out evaluations
 
 
-def evaluate(
-    engine: Engine, examples: Sequence[Example], prefix: PrefixKV | None, config: TrainConfig
-) -> EvalResult:
-    """Greedy generation for every example (batched, with or without a prefix); exact first-line match."""
-    tokenizer = engine.tokenizer
-    longest = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples)
-    sampling = SamplingParams(max_new_tokens=longest + 2)  # room to see it not stop
-    outputs: list[str] = []
-    for start in range(0, len(examples), config.eval_batch_size):
-        chunk = examples[start : start + config.eval_batch_size]
-        requests = [
-            Request(prompt_token_ids(ex.prompt, tokenizer, config.chat_template), sampling, prefix=prefix)
-            for ex in chunk
-        ]
-        for request in requests:
-            engine.validate(request)
-        outputs += [r.text for r in engine.generate(requests)]
-    hits = sum(answer(out) == answer(ex.completion) for out, ex in zip(outputs, examples, strict=True))
-    return EvalResult(hits / len(examples), outputs)
-
-
-def init_text(train: Sequence[Example], config: TrainConfig) -> str | None:
+def initial_text(train: Sequence[Example], config: TrainConfig) -> str | None:
     """The text whose K/V starts the prefix (None: PEFT's random initialization)."""
     if config.init == "examples":
         return "".join(ex.prompt + ex.completion + "\n" for ex in train[:8])
@@ -203,15 +166,16 @@ def train_prefix(
     if not train or not held_out:
         raise InvalidRequest(f"need training and held-out examples, got {len(train)} and {len(held_out)}")
     engine = Engine(model, tokenizer, max_virtual_tokens=max(256, config.num_virtual_tokens))
+    eval_kwargs = {"chat_template": config.chat_template, "batch_size": config.eval_batch_size}
     started = time.perf_counter()
-    before = evaluate(engine, held_out, None, config)
+    before = evaluate(engine, held_out, None, **eval_kwargs)
     eval_seconds = time.perf_counter() - started
     log(f"held-out exact match before training (base model): {before.score:.1%} of {len(held_out)}")
 
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(engine.eos_token_ids)
     encoded = encode(train, tokenizer, config.chat_template, eos_id)
-    with _quiet_deprecations():
-        peft_model = make_peft_model(engine, config, init_text(train, config))
+    with quiet_deprecations():
+        peft_model = make_peft_model(engine, config, initial_text(train, config))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     plan = step_plan(len(encoded), config)
@@ -225,7 +189,7 @@ def train_prefix(
     )
     losses: list[float] = []
     started = time.perf_counter()
-    with _Progress(len(plan), progress, log) as bar, _quiet_deprecations():
+    with Progress(len(plan), progress, log) as bar, quiet_deprecations():
         for indices in plan:
             loss = completion_loss(peft_model, collate([encoded[i] for i in indices], engine.pad_token_id))
             loss.backward()
@@ -239,45 +203,7 @@ def train_prefix(
 
     prefix = trained_prefix(peft_model, engine.fingerprint)
     started = time.perf_counter()
-    after = evaluate(engine, held_out, prefix, config)
+    after = evaluate(engine, held_out, prefix, **eval_kwargs)
     eval_seconds += time.perf_counter() - started
     log(f"held-out exact match after training: {after.score:.1%} (before: {before.score:.1%})")
     return TrainResult(prefix, peft_model, before, after, losses, train_seconds, eval_seconds)
-
-
-@contextlib.contextmanager
-def _quiet_deprecations():
-    """PEFT 0.21 still passes `past_key_values` (transformers 5 says `cache`): warned once per step."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing", category=FutureWarning)
-        yield
-
-
-class _Progress:
-    """tqdm with the running loss when available and wanted, else a line every ~10% of the steps."""
-
-    def __init__(self, total: int, enabled: bool, log: Callable[[str], None]) -> None:
-        self.total, self.enabled, self.log, self.step, self.bar = total, enabled, log, 0, None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="prefix tuning", unit="step")
-            except ImportError:
-                pass
-
-    def update(self, loss: float) -> None:
-        self.step += 1
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self.bar.update(1)
-        elif self.enabled and (self.step % max(1, self.total // 10) == 0 or self.step == self.total):
-            self.log(f"step {self.step}/{self.total} loss {loss:.4f}")
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -1,0 +1,248 @@
+"""Prefix training: data handling, PEFT prefix tuning on a tiny model, exports, CLI, example registration."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import byte_tokenizer, make_tiny_model, peft_greedy
+from peft import PeftModel
+
+from server.cli import main
+from server.engine.engine import Engine
+from server.errors import InvalidRequest
+from server.registry.format import ModelFingerprint, PrefixKV, load_prefix, read_metadata, save_native
+from server.registry.registry import PrefixRegistry
+from server.request import Request, SamplingParams
+from server.training.data import (
+    IGNORE_INDEX,
+    EncodedExample,
+    Example,
+    TrainingDataError,
+    answer,
+    collate,
+    prompt_token_ids,
+    read_jsonl,
+    split_examples,
+)
+from server.training.examples import register_examples
+from server.training.trainer import TrainConfig, step_plan, train_prefix
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "prefixes" / "examples"
+
+
+def synthetic(n: int, seed: int) -> list[Example]:
+    """Random letter strings -> the fixed answer "ok": learnable by a prefix on any base model."""
+    rng = random.Random(seed)
+    words = ("".join(rng.choices("abcdefghij", k=rng.randint(3, 6))) for _ in range(n))
+    return [Example(f"{w}=", " ok") for w in words]
+
+
+def write_jsonl(path: Path, examples: list[Example]) -> Path:
+    path.write_text(
+        "".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in examples)
+    )
+    return path
+
+
+# ---- data ----
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ('["a", "b"]', "expected"),
+        ('{"prompt": "a"}', "completion must be a non-empty string"),
+        ('{"prompt": "a", "completion": "  "}', "completion must be a non-empty string"),
+        ('{"completion": "b"}', "expected"),
+    ],
+)
+def test_read_jsonl_names_the_bad_line(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "x", "completion": "y"}\n\n' + line + "\n")
+    with pytest.raises(TrainingDataError, match=rf"d\.jsonl:3: .*{message}"):
+        read_jsonl(path)
+
+
+def test_read_jsonl_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(TrainingDataError, match="no examples"):
+        read_jsonl(tmp_path / "e.jsonl")
+
+
+def test_collate_puts_loss_on_completion_only():
+    batch = collate([EncodedExample([5, 6, 7, 8, 0], 3), EncodedExample([5, 9, 0], 2)], pad_id=1)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 0], [5, 9, 0, 1, 1]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    x = IGNORE_INDEX
+    assert batch.labels.tolist() == [[x, x, x, 8, 0], [x, x, 0, x, x]]
+
+
+def test_split_and_step_plan_are_seeded():
+    examples = synthetic(20, 0)
+    train, held_out = split_examples(examples, 0.25, seed=3)
+    assert (len(train), len(held_out)) == (15, 5) and set(train).isdisjoint(held_out)
+    assert split_examples(examples, 0.25, seed=3) == (train, held_out)
+    plan = step_plan(10, TrainConfig(epochs=2, batch_size=4, seed=1))
+    assert [len(s) for s in plan] == [4, 4, 2, 4, 4, 2] and sorted(
+        i for step in plan[:3] for i in step
+    ) == list(range(10))
+    assert plan == step_plan(10, TrainConfig(epochs=2, batch_size=4, seed=1))
+    assert len(step_plan(10, TrainConfig(epochs=5, batch_size=4, max_steps=7))) == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_virtual_tokens": 0}, {"lr": 0.0}, {"init": "zeros"}, {"init": "text"}, {"init_text": "hi"}],
+)
+def test_train_config_rejects(kwargs):
+    with pytest.raises(InvalidRequest):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_init_default_follows_projection():
+    assert TrainConfig().init == "examples" and TrainConfig(prefix_projection=True).init == "random"
+    with pytest.raises(InvalidRequest, match="prefix_projection"):
+        TrainConfig(prefix_projection=True, init="examples")
+
+
+def test_chat_template_wraps_the_prompt_as_a_user_turn():
+    tokenizer = byte_tokenizer()
+    with pytest.raises(TrainingDataError, match="no chat template"):
+        prompt_token_ids("hi", tokenizer, chat_template=True)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}: {{ m.content }}]{% endfor %}>"
+    assert prompt_token_ids("hi", tokenizer, chat_template=True) == tokenizer("[user: hi]>")["input_ids"]
+    assert prompt_token_ids("hi", tokenizer, chat_template=False) == tokenizer("hi")["input_ids"]
+
+
+def test_answer_is_first_stripped_line():
+    assert answer("  negative\nmore text") == "negative" == answer(" negative")
+    assert answer("\n\n positive ") == "positive"
+
+
+# ---- training on a tiny random model ----
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(num_virtual_tokens=8, epochs=4, batch_size=8, lr=1e-1),
+        TrainConfig(num_virtual_tokens=8, epochs=4, batch_size=8, lr=1e-1, init="random"),
+        TrainConfig(num_virtual_tokens=8, epochs=4, batch_size=8, lr=1e-2, prefix_projection=True),
+    ],
+    ids=["init-examples", "init-random", "projection"],
+)
+def test_training_learns_and_serves_what_peft_computes(config):
+    model, tokenizer = make_tiny_model("llama-gqa"), byte_tokenizer()
+    train, held_out = synthetic(96, seed=1), synthetic(16, seed=2)
+    result = train_prefix(model, tokenizer, train, held_out, config, progress=False, log=lambda _: None)
+
+    assert len(result.losses) == 48
+    assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
+    assert result.before.score <= 0.1 and result.after.score >= 0.9
+    assert all(p.requires_grad is False for p in model.parameters())  # the base stayed frozen
+    # The engine, fed the exported prefix, decodes what PEFT's own forward computes with its prefix.
+    prompt = tokenizer(held_out[0].prompt)["input_ids"]
+    [request] = Engine(model, tokenizer).generate(
+        [Request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), prefix=result.prefix)]
+    )
+    assert request.output_token_ids == peft_greedy(result.peft_model, prompt, 4)
+
+
+@pytest.mark.parametrize("flags", [[], ["--prefix-projection", "--lr", "1e-2"]], ids=["direct", "projection"])
+def test_cli_train_writes_native_summary_and_peft(tmp_path, capsys, flags):
+    model, tokenizer = make_tiny_model("llama-gqa"), byte_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic(64, seed=1))
+    held = write_jsonl(tmp_path / "eval.jsonl", synthetic(12, seed=2))
+    out = tmp_path / "out" / "demo.safetensors"
+    argv = ["train", "--data", str(data), "--eval-data", str(held), "--task", "demo"]
+    argv += ["--num-virtual-tokens", "8", "--epochs", "5", "--lr", "1e-1", "--model", str(tmp_path / "model")]
+    main([*argv, *flags, "--output", str(out), "--peft-output", str(tmp_path / "peft")])
+    assert "held-out exact match after training" in capsys.readouterr().out
+
+    fp = ModelFingerprint.from_config(model.config)
+    native = load_prefix(out.read_bytes(), fp)
+    metadata = read_metadata(out.read_bytes())
+    assert metadata["task_id"] == "demo" and (metadata["num_train"], metadata["num_eval"]) == ("64", "12")
+    assert float(metadata["eval_before"]) <= 0.1 and float(metadata["eval_after"]) >= 0.9
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["eval_after"] == float(metadata["eval_after"]) and summary["num_steps"] == 40
+
+    peft_dir = tmp_path / "peft"
+    adapter = (peft_dir / "adapter_model.safetensors").read_bytes()
+    from_peft = load_prefix(adapter, fp, adapter_config=(peft_dir / "adapter_config.json").read_bytes())
+    peft_model = PeftModel.from_pretrained(make_tiny_model("llama-gqa"), peft_dir)
+    # Loaded for inference, PEFT feeds this table as the prefix (the MLP's output, if one was trained).
+    embeddings = peft_model.prompt_encoder["default"].embedding.weight.detach()  # [P, L*2*kv*D]
+    kv = embeddings.view(8, fp.num_layers * 2, fp.kv_heads, fp.head_dim)  # [P, L*2, kv, D]
+    kv = kv.permute(1, 2, 0, 3)  # [L*2, kv, P, D]
+    for prefix in (native, from_peft):
+        torch.testing.assert_close(prefix.keys, kv[0::2], rtol=0, atol=0)
+        torch.testing.assert_close(prefix.values, kv[1::2], rtol=0, atol=0)
+    # And PEFT, running its own export, decodes what the engine decodes with the native file.
+    prompt = byte_tokenizer()("abcd=")["input_ids"]
+    sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    [request] = Engine(model, tokenizer).generate([Request(prompt, sampling, prefix=native)])
+    assert request.output_token_ids == peft_greedy(peft_model, prompt, 4)
+
+
+def test_cli_train_rejects_bad_task_id(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic(4, seed=1))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--task", "no/slash"])
+    assert "task_id must be" in capsys.readouterr().err
+
+
+# ---- registration of the shipped examples ----
+def test_register_examples_never_overwrites_or_resurrects(tmp_path):
+    fp = ModelFingerprint("llama", 2, 2, 16)
+    registry = PrefixRegistry.open(
+        tmp_path / "store", fp, cache_bytes=1 << 20, dtype=torch.float32, device="cpu"
+    )
+
+    def prefix_bytes(seed: int, fingerprint: ModelFingerprint = fp) -> bytes:
+        gen = torch.Generator().manual_seed(seed)
+        shape = (fingerprint.num_layers, fingerprint.kv_heads, 4, fingerprint.head_dim)
+        keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        return save_native(PrefixKV(keys, values, fingerprint))
+
+    examples = tmp_path / "examples"
+    for task, seed in (("new", 1), ("taken", 2), ("gone", 3)):
+        (examples / task).mkdir(parents=True)
+        (examples / task / "prefix.safetensors").write_bytes(prefix_bytes(seed))
+    (examples / "other-model").mkdir()
+    (examples / "other-model" / "prefix.safetensors").write_bytes(
+        prefix_bytes(4, ModelFingerprint("llama", 3, 2, 16))
+    )
+    users = registry.upload("taken", prefix_bytes(9))
+    registry.upload("gone", prefix_bytes(3))
+    registry.delete("gone")
+
+    assert register_examples(registry, examples) == ["new"]
+    assert registry.get("taken") == users  # the user's version, untouched
+    assert [r.task_id for r in registry.list()] == ["new", "taken"]
+    assert register_examples(registry, examples) == []  # idempotent across restarts
+
+
+# ---- the shipped examples on the real default model ----
+@pytest.mark.slow
+def test_shipped_examples_change_the_default_model():
+    from server.config import Settings
+    from server.engine.model import load_model
+
+    loaded = load_model("default", dtype="float32", cache_dir=Settings().model_cache_dir)
+    engine = Engine(loaded.model, loaded.tokenizer)
+    folders = sorted(p.parent for p in EXAMPLES.glob("*/prefix.safetensors"))
+    assert len(folders) >= 2
+    for folder in folders:
+        example = read_jsonl(folder / "eval.jsonl")[0]
+        summary = json.loads((folder / "prefix.json").read_text())
+        prefix = load_prefix((folder / "prefix.safetensors").read_bytes(), engine.fingerprint)
+        prompt = prompt_token_ids(example.prompt, loaded.tokenizer, summary["chat_template"])
+        sampling = SamplingParams(max_new_tokens=len(loaded.tokenizer(example.completion)["input_ids"]) + 2)
+        base, tuned = engine.generate([Request(prompt, sampling), Request(prompt, sampling, prefix=prefix)])
+        assert answer(tuned.text) == answer(example.completion), folder.name
+        assert answer(base.text) != answer(tuned.text), folder.name
+        assert summary["eval_after"] >= 0.9 and summary["eval_before"] <= 0.5, folder.name
