@@ -75,16 +75,15 @@ async def send(client: httpx.AsyncClient, body: dict) -> int:
     return resp.json()["usage"]["completion_tokens"]
 
 
-async def http_run(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, int]:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        start = time.perf_counter()
-        if concurrent:
-            tokens = sum(await asyncio.gather(*(send(client, b) for b in bodies)))
-        else:
-            tokens = 0
-            for b in bodies:
-                tokens += await send(client, b)
-        return time.perf_counter() - start, tokens
+async def http_run(client: httpx.AsyncClient, bodies: list[dict], concurrent: bool) -> tuple[float, int]:
+    start = time.perf_counter()
+    if concurrent:
+        tokens = sum(await asyncio.gather(*(send(client, b) for b in bodies)))
+    else:
+        tokens = 0
+        for b in bodies:
+            tokens += await send(client, b)
+    return time.perf_counter() - start, tokens
 
 
 def main() -> None:
@@ -122,17 +121,25 @@ def main() -> None:
             engine.generate(reqs)
             return time.perf_counter() - start, sum(len(r.output_token_ids) for r in reqs)
 
-        scenarios = {
-            "h8_http_concurrent": lambda: asyncio.run(http_run(url, bodies, concurrent=True)),
-            "h1_http_one_by_one": lambda: asyncio.run(http_run(url, bodies, concurrent=False)),
-            "e8_engine_direct": engine_run,
-        }
-        scenarios["h8_http_concurrent"]()  # warm-up
-        samples: dict[str, list[float]] = {k: [] for k in scenarios}
-        for _ in range(args.repeats):
-            for name, run in scenarios.items():
-                seconds, tokens = run()
-                samples[name].append(tokens / seconds)
+        async def measure() -> dict[str, list[float]]:
+            # One client for the whole run: its connections stay open, as a real client's would.
+            limits = httpx.Limits(max_keepalive_connections=args.batch, max_connections=args.batch)
+            async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+                scenarios = {
+                    "h8_http_concurrent": lambda: http_run(client, bodies, concurrent=True),
+                    "h1_http_one_by_one": lambda: http_run(client, bodies, concurrent=False),
+                }
+                await scenarios["h8_http_concurrent"]()  # warm-up (and opens the connections)
+                samples: dict[str, list[float]] = {k: [] for k in [*scenarios, "e8_engine_direct"]}
+                for _ in range(args.repeats):  # interleaved so drift hits every scenario alike
+                    for name, run in scenarios.items():
+                        seconds, tokens = await run()
+                        samples[name].append(tokens / seconds)
+                    seconds, tokens = engine_run()  # blocks the loop: nothing else is running
+                    samples["e8_engine_direct"].append(tokens / seconds)
+                return samples
+
+        samples = asyncio.run(measure())
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
