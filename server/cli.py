@@ -1,4 +1,4 @@
-"""`prefix-server serve | convert`: argparse in, Settings out; nothing else reads the command line."""
+"""`prefix-server serve | convert | train`: argparse in, Settings out; nothing else reads the command line."""
 
 from __future__ import annotations
 
