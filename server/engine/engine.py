@@ -197,18 +197,21 @@ class Engine:
     def _append_token(self, request: Request, token: int) -> None:
         request.output_token_ids.append(token)
         params = request.sampling
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-        if params.stop:
+        # Detokenizing is O(output) per token: do it every step only when stop strings or a stream
+        # need the text as it grows, otherwise once when the request finishes.
+        if params.stop or request.stream:
+            request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
             cut = _find_stop(request.text, params.stop)
             if cut is not None:
                 request.text = request.text[:cut]
                 request.finish(FinishReason.STOP)
                 return
-        if is_eos:
+        if token in self.eos_token_ids and not params.ignore_eos:
             request.finish(FinishReason.STOP)
         elif len(request.output_token_ids) >= params.max_new_tokens:
             request.finish(FinishReason.LENGTH)
+        if request.finished and not (params.stop or request.stream):
+            request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
