@@ -5,8 +5,13 @@ Prints tokens/s of
   (b) the same batch with no prefixes,
   (c) the same N requests one at a time (each with its prefix),
 and the ratios a/b (target >= 0.95) and a/c (target >= 4 for N = 8). Baselines run in the same process.
+With --compile (the default) the engine uses the compiled decode step, and the eager step's (a) and (c)
+run too, interleaved, on a second engine over the same weights: the compiled/eager ratios, and the lone
+request's milliseconds per token.
 
-    python loadtest/bench_engine.py                      # default model, float32 on CPU
+    python loadtest/bench_engine.py                      # default model, float32 on CPU, compiled
+    python loadtest/bench_engine.py --no-compile         # eager only
+    python loadtest/bench_engine.py --dtype bfloat16
     python loadtest/bench_engine.py --device cuda --dtype bfloat16
 """
 
@@ -23,16 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadtest.workload import TEXT
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import load_model
 from server.request import Request, SamplingParams
-
-TEXT = (
-    "Prefix tuning keeps the base model frozen and learns a few virtual tokens of keys and values for every "
-    "layer. A server that holds one base model can then serve many tasks at once, each request bringing its "
-    "own prefix, and batch requests of different tasks together in one forward pass per decoding step."
-)
 
 
 def fixed_len_ids(tokenizer, text: str, length: int, offset: int) -> list[int]:
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -70,6 +71,8 @@ def main() -> None:
         args.model, dtype=args.dtype, device=args.device, cache_dir=Settings().model_cache_dir
     )
     engine = Engine(loaded.model, loaded.tokenizer)
+    eager = Engine(loaded.model, loaded.tokenizer)  # same weights, never compiled
+    compile_s = engine.compile() if args.compile else None
     tok = loaded.tokenizer
     prefixes = [
         engine.encode_prefix(fixed_len_ids(tok, TEXT, args.prefix_len, 3 * i)) for i in range(args.batch)
@@ -84,15 +87,19 @@ def main() -> None:
         ]
 
     scenarios = {
-        "a_mixed_prefixes": lambda: [requests(True)],
-        "b_no_prefixes": lambda: [requests(False)],
-        "c_one_at_a_time": lambda: [[r] for r in requests(True)],
+        "a_mixed_prefixes": (engine, lambda: [requests(True)]),
+        "b_no_prefixes": (engine, lambda: [requests(False)]),
+        "c_one_at_a_time": (engine, lambda: [[r] for r in requests(True)]),
     }
-    run(engine, scenarios["a_mixed_prefixes"]())  # warm-up
+    if args.compile:
+        scenarios["a_eager"] = (eager, scenarios["a_mixed_prefixes"][1])
+        scenarios["c_eager"] = (eager, scenarios["c_one_at_a_time"][1])
+    for e in {id(e): e for e, _ in scenarios.values()}.values():
+        run(e, [requests(True)])  # warm-up
     samples: dict[str, list[float]] = {k: [] for k in scenarios}
     for _ in range(args.repeats):  # interleaved so drift hits every scenario alike
-        for name, make in scenarios.items():
-            seconds, tokens = run(engine, make())
+        for name, (e, make) in scenarios.items():
+            seconds, tokens = run(e, make())
             samples[name].append(tokens / seconds)
     tps = {k: statistics.median(v) for k, v in samples.items()}
     result = {
@@ -107,7 +114,13 @@ def main() -> None:
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
         "a_over_b": round(tps["a_mixed_prefixes"] / tps["b_no_prefixes"], 3),
         "a_over_c": round(tps["a_mixed_prefixes"] / tps["c_one_at_a_time"], 2),
+        "compiled": args.compile,
+        "ms_per_token_alone": round(1000 / tps["c_one_at_a_time"], 1),
     }
+    if args.compile:
+        result["compile_s"] = round(compile_s, 1)
+        result["compiled_over_eager_batch"] = round(tps["a_mixed_prefixes"] / tps["a_eager"], 2)
+        result["compiled_over_eager_alone"] = round(tps["c_one_at_a_time"] / tps["c_eager"], 2)
     print(
         f"{loaded.name} on {result['device']} ({result['dtype']}), {args.batch} requests, "
         f"{args.prefix_len}-token prefixes, {args.prompt_len}-token prompts, {args.new_tokens} new tokens"
@@ -116,6 +129,12 @@ def main() -> None:
     for k, v in tps.items():
         print(f"| {k} | {v:.1f} |")
     print(f"a/b = {result['a_over_b']:.3f} (target >= 0.95)   a/c = {result['a_over_c']:.2f} (target >= 4)")
+    print(f"lone request: {result['ms_per_token_alone']} ms/token (prefill included)")
+    if args.compile:
+        print(
+            f"compiled/eager: batch {result['compiled_over_eager_batch']:.2f}, "
+            f"alone {result['compiled_over_eager_alone']:.2f}; compiling took {result['compile_s']} s"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

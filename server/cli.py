@@ -18,8 +18,25 @@ SERVE_FLAGS = {
     "host": (str, "bind address (default 127.0.0.1)"),
     "port": (int, "port (default 8000)"),
     "prefix_dir": (Path, "prefix store folder (default: the repo's prefixes/)"),
+    "prefix_store": (
+        str,
+        "s3://bucket[/key/prefix]: keep prefixes in an S3-compatible object store shared by every server "
+        "instead of --prefix-dir (pip install '.[s3]'; endpoint and credentials from AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ... as boto3 reads them)",
+    ),
+    "prefix_store_ttl_s": (
+        float,
+        "S3 store: seconds a server trusts what it knows of a task before checking the bucket; a new "
+        "version reaches every server within this (default 1.0)",
+    ),
     "dtype": (str, "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)"),
     "device": (str, "auto | cpu | cuda | cuda:N"),
+    "compile": (
+        str,
+        "auto | wait | off: compile the decode step with torch.compile (Llama, Mistral, Qwen2/3 models). "
+        "auto (default): serve at once on the eager step and switch when compiled (minutes on a small "
+        "CPU; cached for later starts); wait: compile before /ready; off: always eager",
+    ),
     "model_cache_dir": (Path, "where converted GGUF models are kept"),
     "prefix_cache_bytes": (int, "in-memory prefix cache budget in bytes (LRU beyond it)"),
     "max_virtual_tokens": (int, "largest prefix accepted, in virtual tokens"),
@@ -118,6 +135,10 @@ def serve(args: argparse.Namespace) -> None:
     from server.api.logs import configure_logging
 
     settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
+    if settings.prefix_store:  # an unreachable bucket fails here, naming its URL, not in the model load
+        from server.registry.s3_store import S3PrefixStore
+
+        S3PrefixStore.from_url(settings.prefix_store)
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("settings", extra={"settings": dataclasses.asdict(settings)})
     app = create_app(settings)

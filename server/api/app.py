@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -57,6 +59,8 @@ def build_components(settings: Settings) -> Components:
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, cache_dir=settings.model_cache_dir
     )
+    # torch.compile's artifacts beside the converted models, so a restart reuses them (see --compile).
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.model_cache_dir / "inductor"))
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
@@ -65,12 +69,13 @@ def build_components(settings: Settings) -> Components:
         max_virtual_tokens=settings.max_virtual_tokens,
     )
     registry = PrefixRegistry.open(
-        settings.prefix_dir,
+        settings.prefix_store or settings.prefix_dir,  # an s3:// URL, else the folder
         engine.fingerprint,
         cache_bytes=settings.prefix_cache_bytes,
         dtype=engine.dtype,
         device=engine.device,
         max_virtual_tokens=settings.max_virtual_tokens,
+        store_ttl_s=settings.prefix_store_ttl_s,
     )
     from server.training.examples import register_examples
 
@@ -119,7 +124,12 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
     async def load_in_background() -> None:
         try:
-            await start_serving(await asyncio.to_thread(build_components, settings))
+            components = await asyncio.to_thread(build_components, settings)
+            if settings.compile == "wait":
+                await asyncio.to_thread(components.engine.try_compile)
+            await start_serving(components)
+            if settings.compile == "auto":  # serves on the eager step meanwhile; switches when done
+                threading.Thread(target=components.engine.try_compile, name="compile", daemon=True).start()
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"
             log.exception("startup failed")

@@ -42,6 +42,7 @@ class Metrics:
         batch = Gauge("prefix_server_running_batch_size", "Rows in the running batch", registry=r)
         batch.set_function(lambda: state.scheduler.num_running if state.scheduler else 0)
         r.register(_PrefixCacheCollector(state))
+        r.register(_EngineCollector(state))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -92,3 +93,25 @@ class _PrefixCacheCollector:
         )
         load.add_metric([], stats.get("load_seconds_total", 0.0))
         yield load
+
+
+class _EngineCollector:
+    """The engine worker's counters, read at scrape time: steps, busy seconds, compiled step in use."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        scheduler, components = self.state.scheduler, self.state.components
+        steps = CounterMetricFamily("prefix_server_engine_steps", "Engine steps (admissions + one decode)")
+        steps.add_metric([], scheduler.num_steps if scheduler else 0)
+        yield steps
+        busy = CounterMetricFamily("prefix_server_engine_busy_seconds", "Seconds the engine worker ran steps")
+        busy.add_metric([], scheduler.engine_seconds if scheduler else 0.0)
+        yield busy
+        decoder = getattr(components.engine, "decoder", None) if components is not None else None
+        compiled = GaugeMetricFamily(
+            "prefix_server_compiled_decode", "1 when decode steps run the compiled step (--compile)"
+        )
+        compiled.add_metric([], 1 if decoder is not None and decoder.ready else 0)
+        yield compiled

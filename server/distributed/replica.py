@@ -58,9 +58,12 @@ class HeldTask:
 
 
 def build_shared_components(settings: Settings):
-    """`build_components`, but the registry's store is a SharedPrefixStore over `settings.prefix_dir`."""
+    """`build_components`, but the registry's store is one every replica shares: the S3-compatible
+    object store of `settings.prefix_store` if set, else a SharedPrefixStore over `settings.prefix_dir`."""
     from server.api.app import build_components
 
+    if settings.prefix_store:  # the S3 store is made for this: its recovery never removes a live upload
+        return build_components(settings)
     # build_components opens a PrefixStore, whose recovery also deletes leftovers (temp files of
     # unfinished writes): in a folder other replicas write to right now, that could be a live upload.
     # So the components are built over an empty folder, and the registry gets the shared store, whose

@@ -10,6 +10,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.batch import BatchMetadata, build_prefill_inputs, build_prefix_cache
+from server.engine.compiled import CompiledDecode, bucket_for
+from server.engine.compiled import supports as compiled_supports
 from server.engine.sampling import make_generator, sample
 from server.engine.slots import SlotKV
 from server.errors import InvalidRequest
@@ -50,6 +52,32 @@ class Engine:
         self.slots = SlotKV(self.fingerprint, max_slots, self.max_seq_len, self.dtype, self.device)
         self.running: list[Request] = []  # running[i] lives in slot i
         self._generators: list[torch.Generator | None] = []
+        self.decoder: CompiledDecode | None = None  # set by compile(); used once warmed up
+
+    def compile(self, on_new_shape: str = "eager") -> float:
+        """Compile the decode step for every batch bucket (minutes on a small CPU, on scratch tensors: it
+        may run in another thread while this engine serves); later steps use it. Returns the seconds
+        taken; ValueError if the model is not covered. on_new_shape: "eager" or "fail" (tests)."""
+        reason = compiled_supports(self.model)
+        if reason is not None:
+            raise ValueError(f"compiled decode does not cover this model: {reason}")
+        decoder = CompiledDecode(self.model, self.max_slots, on_new_shape=on_new_shape)
+        seconds = decoder.warm_up(self.slots.keys)
+        self.decoder = decoder
+        return seconds
+
+    def try_compile(self) -> bool:
+        """`compile`, logging instead of raising: the engine stays eager if it cannot compile."""
+        try:
+            seconds = self.compile()
+        except ValueError as e:
+            log.info("decode step stays eager: %s", e)
+            return False
+        except Exception:
+            log.exception("compiling the decode step failed; it stays eager")
+            return False
+        log.info("decode step compiled for batch sizes %s in %.0f s", self.decoder.buckets, seconds)
+        return True
 
     @property
     def max_slots(self) -> int:
@@ -121,16 +149,30 @@ class Engine:
         """One token for every running row: one forward over the active slots. Returns rows that finished."""
         if not self.running:
             return []
-        input_ids = torch.tensor(
-            [[r.output_token_ids[-1]] for r in self.running], dtype=torch.long, device=self.device
-        )  # [n, 1]
-        position_ids, mask, cache = self.slots.decode_view()  # [n, 1], [n, 1, 1, view_len]
-        logits = self._forward(input_ids, mask, position_ids, cache)  # [n, vocab]
-        self.slots.lengths[: len(self.running)] += 1
-        tokens = sample(logits, [r.sampling for r in self.running], self._generators)
+        tokens = sample(self.decode_logits(), [r.sampling for r in self.running], self._generators)
         for request, token in zip(self.running, tokens, strict=True):
             self._append_token(request, token)
         return self._remove([r for r in self.running if r.finished])
+
+    @torch.inference_mode()
+    def decode_logits(self) -> torch.Tensor:
+        """The forward of a decode step: the running rows' last tokens in, their K/V written to the slots,
+        next-token logits [n, vocab] out. Compiled once warmed up (padded to a bucket), else eager."""
+        n = len(self.running)
+        decoder = self.decoder if self.decoder is not None and self.decoder.ready else None
+        rows = bucket_for(n, decoder.buckets) if decoder is not None else n  # padded up to a compiled bucket
+        tokens = [r.output_token_ids[-1] for r in self.running] + [self.pad_token_id] * (rows - n)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [rows, 1]
+        if decoder is not None:
+            position_ids, mask = self.slots.step_inputs(rows)  # [rows, 1], [rows, 1, 1, past + 1]
+            logits, keys, values = decoder(input_ids, position_ids, mask, self.slots.keys, self.slots.values)
+            self.slots.append(keys, values)  # [rows, layers, kv_heads, head_dim]
+            logits = logits[:n]
+        else:
+            position_ids, mask, cache = self.slots.decode_view()  # [n, 1], [n, 1, 1, view_len]
+            logits = self._forward(input_ids, mask, position_ids, cache)  # [n, vocab]
+        self.slots.lengths[:n] += 1
+        return logits
 
     @torch.inference_mode()  # moving rows writes to slot tensors made under inference mode
     def abort(self, requests: Sequence[Request]) -> list[Request]:
@@ -190,6 +232,7 @@ class Engine:
                 self._generators[slot] = self._generators[last]
             self.running.pop()
             self._generators.pop()
+            self.slots.free_row(last)
             request.prefix = None  # the slot holds a copy; drop the reference
         self.slots.num_active = len(self.running)
         return done

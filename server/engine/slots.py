@@ -24,8 +24,8 @@ class SlotKV:
         self.fp, self.max_slots, self.max_capacity = fp, max_slots, max_capacity
         self.dtype, self.device = dtype, torch.device(device)
         self.capacity = 0
-        self.keys: list[torch.Tensor] = []  # per layer [max_slots, kv_heads, capacity, head_dim]
-        self.values: list[torch.Tensor] = []
+        self.keys = torch.empty(0)  # [layers, max_slots, kv_heads, capacity, head_dim]
+        self.values = torch.empty(0)
         self.lengths = torch.zeros(
             max_slots, dtype=torch.long, device=self.device
         )  # [max_slots] filled columns
@@ -37,8 +37,9 @@ class SlotKV:
 
     @property
     def nbytes(self) -> int:
-        return 2 * sum(k.numel() * k.element_size() for k in self.keys)
+        return 2 * self.keys.numel() * self.keys.element_size()
 
+    @torch.inference_mode()  # always inference tensors: the compiled step's guards expect one kind
     def ensure_capacity(self, needed: int) -> None:
         """Grow every slot to hold `needed` columns (rare: capacity doubles)."""
         if needed <= self.capacity:
@@ -49,17 +50,13 @@ class SlotKV:
         while capacity < needed:
             capacity *= 2
         capacity = min(capacity, self.max_capacity)
-        shape = (self.max_slots, self.fp.kv_heads, capacity, self.fp.head_dim)
-        new_keys, new_values = [], []
-        for layer in range(self.fp.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if self.capacity:
-                k[:, :, : self.capacity] = self.keys[layer]
-                v[:, :, : self.capacity] = self.values[layer]
-            new_keys.append(k)
-            new_values.append(v)
-        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+        shape = (self.fp.num_layers, self.max_slots, self.fp.kv_heads, capacity, self.fp.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.capacity:
+            keys[:, :, :, : self.capacity] = self.keys
+            values[:, :, :, : self.capacity] = self.values
+        self.keys, self.values, self.capacity = keys, values, capacity
 
     def write_row(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fill one slot of one layer. keys, values: [kv_heads, length, head_dim]."""
@@ -71,14 +68,20 @@ class SlotKV:
     def move_row(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` (used to keep active rows contiguous)."""
         length = int(self.lengths[src])
-        for k, v in zip(self.keys, self.values, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
+        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
         self.lengths[dst] = length
 
-    def decode_view(self) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
-        """Position ids [n, 1], an additive attention mask [n, 1, 1, view_len], and the cache for one step."""
-        n = self.num_active
+    def free_row(self, slot: int) -> None:
+        """Mark a slot free (length 0: a padded decode row then reads and writes its column 0 only)."""
+        self.lengths[slot] = 0
+
+    def decode_view(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
+        """Position ids [n, 1], an additive attention mask [n, 1, 1, view_len], and the cache for one step.
+
+        `rows` (default: the active rows) may exceed them to pad a batch: a free slot has length 0, so its
+        row sees column 0 only and writes there, which the next admission overwrites."""
+        n = self.num_active if rows is None else rows
         positions = self.lengths[:n]  # [n] the new token's column == its position
         self.view_len = int(positions.max()) + 1
         columns = torch.arange(self.view_len, device=self.device)  # [view_len]
@@ -86,6 +89,24 @@ class SlotKV:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return positions[:, None].clone(), mask[:, None, None, :], SlotCache(self)
+
+    def step_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the compiled step, which attends over the slots' first `past` columns plus the new token
+        (put last) and writes nothing: position ids [rows, 1] and an additive mask [rows, 1, 1, past + 1].
+        Rows past the active ones pad the batch (free slots: length 0, they see only their new token)."""
+        positions = self.lengths[:rows]  # [rows]
+        past = int(positions.max())
+        columns = torch.arange(past + 1, device=self.device)  # [past + 1]
+        allowed = (columns[None, :] < positions[:, None]) | (columns[None, :] == past)  # [rows, past + 1]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return positions[:, None].clone(), mask[:, None, None, :]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write each row's new K/V at its own column. keys, values: [rows, layers, kv_heads, head_dim]."""
+        rows = keys.shape[0]
+        self.keys[:, self.rows[:rows], :, self.lengths[:rows]] = keys
+        self.values[:, self.rows[:rows], :, self.lengths[:rows]] = values
 
 
 class _SlotLayer(CacheLayerMixin):

@@ -53,16 +53,23 @@ class PrefixRegistry:
     @classmethod
     def open(
         cls,
-        root: Path,
+        root: Path | str,
         fingerprint: ModelFingerprint,
         *,
         cache_bytes: int,
         dtype: torch.dtype,
         device: torch.device,
         max_virtual_tokens: int = 256,
+        store_ttl_s: float = 1.0,
     ) -> PrefixRegistry:
-        """A registry over the store at `root`, its index recovered from disk."""
-        store = PrefixStore(root)
+        """A registry over the store at `root`, its index recovered: a folder, or an S3-compatible
+        object store for a string s3://bucket[/key/prefix] (see s3_store.py; `store_ttl_s` is its TTL)."""
+        if isinstance(root, str) and root.startswith("s3://"):
+            from server.registry.s3_store import S3PrefixStore
+
+            store = S3PrefixStore.from_url(root, ttl_s=store_ttl_s)
+        else:
+            store = PrefixStore(Path(root))
         warnings = store.recover()
         registry = cls(
             store,
@@ -73,6 +80,8 @@ class PrefixRegistry:
             max_virtual_tokens=max_virtual_tokens,
         )
         registry.recovery_warnings = warnings
+        if hasattr(store, "on_change"):  # other servers write to it too: drop what they superseded
+            store.on_change = registry.cache.drop
         return registry
 
     def upload(self, task_id: str, data: bytes, adapter_config: bytes | None = None) -> PrefixRecord:

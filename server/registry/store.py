@@ -157,6 +157,10 @@ class PrefixStore:
             _unlink_versions(folder, _versions_on_disk(folder))
         return record
 
+    def known(self, task_id: str) -> bool:
+        """Whether the task has, or ever had, anything stored (a version, a tombstone, a half upload)."""
+        return (self.tasks_dir / validate_task_id(task_id)).exists()
+
     def read(self, record: PrefixRecord) -> bytes:
         """The file of `record`, checked against its sha256; FileNotFoundError once superseded or deleted."""
         validate_task_id(record.task_id)
@@ -252,11 +256,23 @@ def _check_version(folder: Path, version: int, kinds: set[str]) -> tuple[PrefixR
     if "safetensors" not in kinds:
         return None, f"v{version}.json has no v{version}.safetensors"
     try:
-        record = PrefixRecord.from_dict(json.loads((folder / f"v{version}.json").read_bytes()))
+        metadata = (folder / f"v{version}.json").read_bytes()
         data = (folder / f"v{version}.safetensors").read_bytes()
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except OSError as e:
         return None, f"unreadable ({e})"
-    if (record.task_id, record.version) != (folder.name, version):
+    return check_version_bytes(folder.name, version, metadata, data)
+
+
+def check_version_bytes(
+    task_id: str, version: int, metadata: bytes, data: bytes
+) -> tuple[PrefixRecord | None, str]:
+    """(record, "") if a version's v<N>.json bytes and .safetensors bytes are whole and agree, else
+    (None, what is wrong). Shared with the object store (s3_store.py)."""
+    try:
+        record = PrefixRecord.from_dict(json.loads(metadata))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"unreadable ({e})"
+    if (record.task_id, record.version) != (task_id, version):
         return None, f"metadata names {record.task_id!r} v{record.version}"
     digest = hashlib.sha256(data).hexdigest()
     if (len(data), digest) != (record.bytes, record.sha256):

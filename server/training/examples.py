@@ -31,7 +31,7 @@ def register_examples(registry: PrefixRegistry, examples_dir: Path = EXAMPLES_DI
         if not is_task_id(task_id):
             log.warning("example %s skipped: folder name is not a valid task id", path)
             continue
-        if (registry.store.tasks_dir / task_id).exists():  # a task, a deleted one, or a half upload
+        if registry.store.known(task_id):  # a task, a deleted one, or a half upload
             continue
         try:
             registry.upload(task_id, path.read_bytes())

@@ -1,0 +1,154 @@
+"""The compiled decode step (torch.compile over the slot cache) gives the eager engine's tokens, PEFT's
+reference tokens, and never recompiles as rows join and leave or the slots grow.
+
+Compiling costs ~10 s per batch bucket even for a 2-layer model, so each family's engine compiles once
+(3 buckets: 4 slots) and is shared by the tests of this module; it runs with on_new_shape="fail", so a
+shape the warm-up did not foresee raises instead of silently running eagerly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import make_tiny_model, peft_greedy, peft_prefix_model
+from test_engine import make_requests, random_prefix
+from torch._dynamo.utils import counters
+
+from server.engine.compiled import batch_buckets, bucket_for, supports
+from server.engine.engine import Engine
+from server.registry.format import load_prefix
+
+pytestmark = pytest.mark.slow
+FAMILIES = ["llama-gqa", "qwen2"]  # GQA without and with q/k/v biases
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def compiled(request, tokenizer):
+    model = make_tiny_model(request.param)
+    engine = Engine(model, tokenizer, max_slots=4)
+    engine.compile(on_new_shape="fail")
+    return request.param, engine
+
+
+def run_with_joins(engine, prefixes, prompt_lens, new_tokens, joins_at, **sampling):
+    reqs = make_requests(prefixes, prompt_lens, new_tokens, **sampling)
+    pending = list(zip(reqs, joins_at, strict=True))
+    step = 0
+    while pending or engine.running:
+        joining = [r for r, at in pending if at <= step][: engine.num_free_slots]
+        pending = [(r, at) for r, at in pending if r not in joining]
+        engine.admit(joining)
+        engine.step()
+        step += 1
+    return reqs
+
+
+def test_buckets():
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(1) == [1]
+    assert [bucket_for(n, [1, 2, 4, 6]) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+
+
+def test_compiled_equals_eager_as_rows_join_and_leave(compiled, tokenizer):
+    _, engine = compiled
+    eager = Engine(engine.model, tokenizer, max_slots=4)
+    fp = engine.fingerprint
+    # 6 requests through 4 slots: the batch goes 2 -> 3 (padded to 4) -> 4 -> 1, rows up to 110 columns
+    # (the slots grow from 64 to 128 columns: a new capacity must not recompile either).
+    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 9, 2), random_prefix(fp, 5, 3), None, None]
+    prompt_lens, new_tokens = [6, 14, 2, 40, 21, 5], [20, 5, 12, 60, 9, 30]
+    joins_at = [0, 0, 3, 4, 10, 11]
+    graphs = counters["stats"]["unique_graphs"]
+    got = run_with_joins(engine, prefixes, prompt_lens, new_tokens, joins_at)
+    want = run_with_joins(eager, prefixes, prompt_lens, new_tokens, joins_at)
+    assert [r.output_token_ids for r in got] == [r.output_token_ids for r in want]
+    assert all(len(r.output_token_ids) == n for r, n in zip(got, new_tokens, strict=True))
+    assert engine.slots.capacity == 128
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled after the warm-up
+
+
+def test_compiled_logits_are_close_to_eager(compiled, tokenizer):
+    _, engine = compiled
+    eager = Engine(engine.model, tokenizer, max_slots=4)
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 4, 7), None, random_prefix(fp, 11, 8)]
+    for e in (engine, eager):
+        e.admit(make_requests(prefixes, [5, 9, 3], [8, 8, 8]))
+    got, want = engine.decode_logits(), eager.decode_logits()  # [3, vocab] each; one step each
+    assert got.shape == want.shape == (3, engine.model.config.vocab_size)
+    assert (got - want).abs().max().item() < 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    engine.abort(list(engine.running))
+
+
+def test_compiled_seeded_sampling_equals_eager(compiled, tokenizer):
+    _, engine = compiled
+    eager = Engine(engine.model, tokenizer, max_slots=4)
+    fp = engine.fingerprint
+    args = ([random_prefix(fp, 6, 4), None, random_prefix(fp, 2, 5)], [4, 7, 12], [10, 10, 10], [0, 1, 2])
+    sampling = dict(temperature=0.8, top_p=0.9, seed=1234)
+    got = run_with_joins(engine, *args, **sampling)
+    want = run_with_joins(eager, *args, **sampling)
+    assert [r.output_token_ids for r in got] == [r.output_token_ids for r in want]
+
+
+def test_compiled_equals_peft_reference(compiled, tokenizer, tmp_path):
+    family, engine = compiled
+    rows = []
+    for seed, num_virtual_tokens in ((21, 4), (22, 7)):
+        peft_model, weights, config = peft_prefix_model(
+            make_tiny_model(family), num_virtual_tokens, seed, tmp_path
+        )
+        rows.append((peft_model, load_prefix(weights, engine.fingerprint, adapter_config=config)))
+    reqs = make_requests([p for _, p in rows], [8, 3], [10, 10])
+    engine.generate(reqs)
+    for (peft_model, _), r in zip(rows, reqs, strict=True):
+        assert r.output_token_ids == peft_greedy(peft_model, r.prompt_token_ids, 10)
+
+
+def test_models_outside_the_compiled_loop_stay_eager(tokenizer):
+    gpt2 = make_tiny_model("gpt2")
+    assert "gpt2" in supports(gpt2)
+    engine = Engine(gpt2, tokenizer)
+    with pytest.raises(ValueError, match="does not cover this model"):
+        engine.compile()
+    assert engine.try_compile() is False and engine.decoder is None
+    reqs = engine.generate(make_requests([None], [5], [3]))  # still serves, eagerly
+    assert len(reqs[0].output_token_ids) == 3
+
+
+async def test_server_compiles_before_ready_with_compile_wait(tmp_path, tokenizer):
+    """`--compile wait` through the real start-up path (model loaded from a folder): /ready comes after
+    the compile, and the compiled server's tokens equal an eager server's."""
+    import httpx
+
+    from server.api.app import create_app
+    from server.config import Settings
+
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama-gqa").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    body = {"prompt": "hello prefixes", "max_new_tokens": 12, "ignore_eos": True}
+    replies = {}
+    for mode in ("wait", "off"):
+        settings = Settings(
+            model=str(model_dir), compile=mode, max_batch_size=2, prefix_dir=tmp_path / f"prefixes-{mode}"
+        )
+        app = create_app(settings)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+        ):
+            for _ in range(600):
+                if (await client.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            engine = app.state.server.components.engine
+            assert (engine.decoder is not None and engine.decoder.ready) is (mode == "wait")
+            resp = await client.post("/generate", json=body)
+            assert resp.status_code == 200, resp.text
+            replies[mode] = resp.json()["token_ids"]
+    assert replies["wait"] == replies["off"] and len(replies["wait"]) == 12
