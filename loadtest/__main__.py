@@ -3,6 +3,7 @@
     python -m loadtest --url http://127.0.0.1:8000 --rates 1,2,4,8 --duration 60 --stream
     python -m loadtest --url http://127.0.0.1:8000 --rates 4 --label continuous --out loadtest/results/cont
     python -m loadtest --compare loadtest/results/static.json loadtest/results/cont.json
+    python -m loadtest --url http://127.0.0.1:8000 --peer http://127.0.0.1:8080 --json versus.json
 
 It creates tasks lt-0..lt-{N-1} through POST /prefixes/from-text (unless --no-create), then for each
 rate sends requests at exponential inter-arrival times by the wall clock, never waiting for replies.
@@ -14,6 +15,11 @@ Length distributions (--prompt-len in words, about one token each; --output-len 
   uniform:LO:HI               integers LO..HI inclusive
   lognormal:MEAN:SIGMA[:MIN:MAX]  mean MEAN, log-space sigma SIGMA, rounded, clipped to MIN..MAX (MIN 1)
   choice:A,B,...              one of the values, equally likely
+
+With --peer URL it runs a comparison instead of the sweep (loadtest/versus.py): the same --requests
+prompts to this server (request i -> task PREFIX-i, 16-token prefixes) and to an OpenAI-compatible peer
+(--peer-model, default its first model), both through POST /v1/completions, greedy, ignore_eos; one
+at a time and all at once, alternating, --repeats times; prints median tokens/s and ours/peer.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import httpx
 from loadtest.loadgen import LoadConfig, LoadgenError, make_client, run_load
 from loadtest.plot import plot_result
 from loadtest.stats import compare_table, format_table, format_windows
+from loadtest.versus import VersusConfig, format_versus, run_versus
 from loadtest.workload import parse_dist
 
 
@@ -87,7 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print A vs B, B/A ratios"
     )
+    vs = ap.add_argument_group("comparison with a peer (--peer: instead of the sweep)")
+    vs.add_argument("--peer", metavar="URL", help="an OpenAI-compatible server to compare with")
+    vs.add_argument("--peer-model", help="the peer's `model` (default: the first id of its /v1/models)")
+    vs.add_argument(
+        "--model-tasks", type=int, help="tasks on our server, request i -> task i %% N; 0 = base model (8)"
+    )
+    vs.add_argument("--requests", type=int, help="requests per run, the N of N concurrent (8)")
+    vs.add_argument("--prompt-tokens", type=int, help="tokens per prompt (30)")
+    vs.add_argument("--new-tokens", type=int, help="max_tokens, with ignore_eos (32)")
+    vs.add_argument("--prefix-tokens", type=int, help="tokens of each task's prefix text (16)")
+    vs.add_argument("--repeats", type=int, help="runs of each kind, after one warm-up (3)")
+    vs.add_argument(
+        "--tokenizer", help="tokenizer.json (or folder) for the texts; 'words' = word list (default model's)"
+    )
+    vs.add_argument("--ready-timeout", type=float, help="seconds to wait while a server answers 503 (60)")
+    vs.add_argument("--json", type=Path, metavar="OUT", help="write the comparison's figures here")
     return ap
+
+
+VERSUS_ONLY = (
+    "peer_model",
+    "model_tasks",
+    "requests",
+    "prompt_tokens",
+    "new_tokens",
+    "prefix_tokens",
+    "repeats",
+    "tokenizer",
+    "ready_timeout",
+    "json",
+)
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
@@ -138,6 +175,11 @@ def main(argv: list[str] | None = None, transport: httpx.AsyncBaseTransport | No
         return compare(args.compare)
     if not args.url:
         ap.error("--url is required (or --compare A.json B.json)")
+    if args.peer:
+        return versus(args, ap, transport)
+    stray = [name for name in VERSUS_ONLY if getattr(args, name) is not None]
+    if stray:
+        ap.error(f"--{stray[0].replace('_', '-')} goes with --peer URL (the comparison mode)")
     try:
         config = LoadConfig(
             url=args.url,
@@ -185,6 +227,56 @@ def main(argv: list[str] | None = None, transport: httpx.AsyncBaseTransport | No
         f"wrote {json_path}"
         + (f" and {png_path}" if plot_result(result, png_path) else " (no matplotlib: no PNG)")
     )
+    return 0
+
+
+def versus(args: argparse.Namespace, ap: argparse.ArgumentParser, transport) -> int:
+    """--peer: the comparison of loadtest/versus.py instead of the sweep."""
+    given = {
+        "peer_model": args.peer_model,
+        "model_tasks": args.model_tasks,
+        "requests": args.requests,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "prefix_tokens": args.prefix_tokens,
+        "repeats": args.repeats,
+        "tokenizer": args.tokenizer,
+        "ready_timeout_s": args.ready_timeout,
+    }
+    try:
+        config = VersusConfig(
+            url=args.url,
+            peer_url=args.peer,
+            create_tasks=not args.no_create,
+            task_prefix=args.task_prefix,
+            timeout_s=args.timeout,
+            **{k: v for k, v in given.items() if v is not None},
+        )
+    except ValueError as e:
+        ap.error(str(e))
+
+    async def go() -> dict:
+        if transport is None:
+            return await run_versus(config, verbose=not args.no_progress)
+        async with (
+            make_client(config.url, config.timeout_s, transport) as ours,
+            make_client(config.peer_url, config.timeout_s, transport) as peer,
+        ):
+            return await run_versus(config, ours, peer, verbose=not args.no_progress)
+
+    try:
+        result = asyncio.run(go())
+    except LoadgenError as e:
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(format_versus(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

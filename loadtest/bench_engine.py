@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,9 +68,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    loaded = load_model(
-        args.model, dtype=args.dtype, device=args.device, cache_dir=Settings().model_cache_dir
-    )
+    cache_dir = Settings().model_cache_dir
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))  # as the server's
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
     engine = Engine(loaded.model, loaded.tokenizer)
     eager = Engine(loaded.model, loaded.tokenizer)  # same weights, never compiled
     compile_s = engine.compile() if args.compile else None

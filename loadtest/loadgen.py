@@ -204,14 +204,32 @@ async def wait_ready(client: httpx.AsyncClient, timeout_s: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def create_prefixes(client: httpx.AsyncClient, tasks: list[str]) -> None:
-    """One prefix per task from a distinct instruction text; an existing task just gets a new version."""
+async def create_prefixes(
+    client: httpx.AsyncClient, tasks: list[str], texts: list[str] | None = None
+) -> list[dict]:
+    """One prefix per task from a distinct instruction text (`texts[i]`, default `instruction_text(i)`);
+    an existing task just gets a new version. Returns the server's answers (PrefixInfo)."""
+    infos = []
     for i, task in enumerate(tasks):
-        resp = await client.post("/prefixes/from-text", json={"task_id": task, "text": instruction_text(i)})
+        text = instruction_text(i) if texts is None else texts[i]
+        try:
+            resp = await client.post("/prefixes/from-text", json={"task_id": task, "text": text})
+        except httpx.HTTPError as e:
+            raise LoadgenError(
+                f"creating prefix {task!r}: POST {client.base_url}/prefixes/from-text got no reply "
+                f"({type(e).__name__}: {e})"
+            ) from None
         if resp.status_code != 201:
             raise LoadgenError(
                 f"creating prefix {task!r}: expected 201, got {resp.status_code} {resp.text[:300]}"
             )
+        try:
+            infos.append(resp.json())
+        except ValueError:
+            raise LoadgenError(
+                f"creating prefix {task!r}: the 201 reply is not JSON: {resp.text[:300]}"
+            ) from None
+    return infos
 
 
 async def server_up(client: httpx.AsyncClient) -> bool:

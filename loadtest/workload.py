@@ -32,6 +32,13 @@ _WORD_TEXT = """
 """
 WORDS = tuple(_WORD_TEXT.split())
 
+# Prose for fixed-length token slices (benchmarks: prefixes of exactly 16 tokens, prompts of exactly 30).
+TEXT = (
+    "Prefix tuning keeps the base model frozen and learns a few virtual tokens of keys and values for every "
+    "layer. A server that holds one base model can then serve many tasks at once, each request bringing its "
+    "own prefix, and batch requests of different tasks together in one forward pass per decoding step."
+)
+
 STYLES = (
     "Answer in one short sentence.",
     "Answer like a pirate would.",
