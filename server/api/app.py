@@ -22,6 +22,7 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.registry.registry import PrefixRegistry
 from server.scheduler import Scheduler, SchedulerConfig
+from server.threads import in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,10 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
     async def load_in_background() -> None:
         try:
-            components = await asyncio.to_thread(build_components, settings)
+            # torch work off the event loop, on threads that end afterwards (see server/threads.py)
+            components = await in_own_thread(build_components, settings)
             if settings.compile == "wait":
-                await asyncio.to_thread(components.engine.try_compile)
+                await in_own_thread(components.engine.try_compile)
             await start_serving(components)
             if settings.compile == "auto":  # serves on the eager step meanwhile; switches when done
                 threading.Thread(target=components.engine.try_compile, name="compile", daemon=True).start()

@@ -36,6 +36,7 @@ from server.errors import (
 )
 from server.request import Request as GenRequest
 from server.request import SamplingParams
+from server.threads import in_own_thread
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ async def upload_prefix(
         )
     config_bytes = await _read_limited(config, 1 << 20, "config") if config is not None else None
     registry = state.components.registry
-    record = await asyncio.to_thread(
+    record = await in_own_thread(  # parses tensors: not on a long-lived thread (see server/threads.py)
         _store, state, caller, stored_id, len(data), lambda: registry.upload(stored_id, data, config_bytes)
     )
     return _info(record, caller)
@@ -301,7 +302,7 @@ async def prefix_from_text(body: FromTextRequest, request: Request, caller: Call
     engine, registry = state.components.engine, state.components.registry
     token_ids = engine.tokenizer(body.text)["input_ids"]
     prefix = await state.scheduler.run_exclusive(lambda: engine.encode_prefix(token_ids))
-    record = await asyncio.to_thread(
+    record = await in_own_thread(
         _store, state, caller, stored_id, prefix.nbytes, lambda: registry.add(stored_id, prefix, "text")
     )
     return _info(record, caller)

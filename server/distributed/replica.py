@@ -9,7 +9,6 @@ whole batch), and dropped from the cache when Ray evicts the task.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import tempfile
@@ -23,6 +22,7 @@ from server.distributed import BASE_MODEL_ID
 from server.distributed.asgi import Headers, ResponseHead, call_asgi
 from server.distributed.shared_store import SharedPrefixStore
 from server.errors import NotReady, PrefixServerError
+from server.threads import in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class HeldTask:
         try:
             record = self.registry.get(self.task_id)
             if (record.task_id, record.version) not in self.registry.cache:
-                await asyncio.to_thread(self._load)
+                await in_own_thread(self._load)  # not a long-lived thread: see server/threads.py
         except PrefixServerError:
             pass  # unknown task, or it does not fit now: the app answers with the very same error
 
@@ -84,7 +84,7 @@ class PrefixServerReplica:
         from server.api.app import create_app
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        components = await asyncio.to_thread(build_shared_components, settings)
+        components = await in_own_thread(build_shared_components, settings)
         self.registry = components.registry
         self.app = create_app(settings, components)
         self._lifespan = self.app.router.lifespan_context(self.app)
