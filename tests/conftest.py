@@ -5,6 +5,7 @@ Nothing is downloaded: every model is built from a config with a fixed seed.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -20,6 +21,7 @@ from transformers import (
 )
 
 from server.engine.model import freeze
+from server.registry.format import ModelFingerprint, PrefixKV, save_native
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
 # Servers that tests start (in process or as processes, which inherit this) keep the eager decode step:
@@ -132,3 +134,20 @@ def peft_greedy(peft_model, prompt_ids: list[int], max_new_tokens: int) -> list[
         out.append(token)
         ids.append(token)
     return out
+
+
+# The prefix stores' tests (folder, shared folder, S3) store these small native prefixes.
+STORE_FP = ModelFingerprint("llama", 2, 2, 16)
+
+
+@functools.cache  # safetensors orders metadata differently per call: keep one blob per seed
+def native_bytes(seed: int, num_virtual_tokens: int = 4) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (STORE_FP.num_layers, STORE_FP.kv_heads, num_virtual_tokens, STORE_FP.head_dim)
+    keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return save_native(PrefixKV(keys, values, STORE_FP))
+
+
+def put_prefix(store, task_id: str, seed: int):
+    """Store `native_bytes(seed)` as the task's next version; returns its PrefixRecord."""
+    return store.put(task_id, lambda version: native_bytes(seed), num_virtual_tokens=4, source="native")

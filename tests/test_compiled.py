@@ -120,9 +120,10 @@ def test_models_outside_the_compiled_loop_stay_eager(tokenizer):
     assert len(reqs[0].output_token_ids) == 3
 
 
-async def test_server_compiles_before_ready_with_compile_wait(tmp_path, tokenizer):
-    """`--compile wait` through the real start-up path (model loaded from a folder): /ready comes after
-    the compile, and the compiled server's tokens equal an eager server's."""
+async def test_server_compile_modes(tmp_path, tokenizer):
+    """--compile through the real start-up path (model loaded from a folder): `wait` compiles before
+    /ready, `auto` is ready at once and switches when compiled, `off` never compiles; /metrics says
+    which step runs, and the compiled servers' tokens equal the eager server's."""
     import httpx
 
     from server.api.app import create_app
@@ -133,7 +134,7 @@ async def test_server_compiles_before_ready_with_compile_wait(tmp_path, tokenize
     tokenizer.save_pretrained(model_dir)
     body = {"prompt": "hello prefixes", "max_new_tokens": 12, "ignore_eos": True}
     replies = {}
-    for mode in ("wait", "off"):
+    for mode in ("wait", "auto", "off"):
         settings = Settings(
             model=str(model_dir), compile=mode, max_batch_size=2, prefix_dir=tmp_path / f"prefixes-{mode}"
         )
@@ -147,8 +148,19 @@ async def test_server_compiles_before_ready_with_compile_wait(tmp_path, tokenize
                     break
                 await asyncio.sleep(0.1)
             engine = app.state.server.components.engine
-            assert (engine.decoder is not None and engine.decoder.ready) is (mode == "wait")
+            assert (engine.decoder is not None) is (mode == "wait")  # auto: still compiling when ready
+            if mode == "auto":
+                for _ in range(1200):
+                    if engine.decoder is not None:
+                        break
+                    await asyncio.sleep(0.1)
             resp = await client.post("/generate", json=body)
             assert resp.status_code == 200, resp.text
             replies[mode] = resp.json()["token_ids"]
-    assert replies["wait"] == replies["off"] and len(replies["wait"]) == 12
+            gauge = [
+                ln
+                for ln in (await client.get("/metrics")).text.splitlines()
+                if ln.startswith("prefix_server_compiled_decode ")
+            ]
+            assert gauge == [f"prefix_server_compiled_decode {1.0 if mode != 'off' else 0.0}"]
+    assert replies["wait"] == replies["auto"] == replies["off"] and len(replies["off"]) == 12

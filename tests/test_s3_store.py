@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -23,26 +22,15 @@ import torch
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
-from conftest import make_tiny_model  # noqa: E402
+from conftest import STORE_FP as FP  # noqa: E402
+from conftest import make_tiny_model, native_bytes  # noqa: E402
+from conftest import put_prefix as put  # noqa: E402
 
 from server.config import Settings  # noqa: E402
 from server.errors import InvalidRequest, PrefixNotFound, PrefixServerError  # noqa: E402
-from server.registry.format import ModelFingerprint, PrefixKV, save_native  # noqa: E402
+from server.registry.format import save_native  # noqa: E402
 from server.registry.registry import PrefixRegistry  # noqa: E402
 from server.registry.s3_store import S3PrefixStore  # noqa: E402
-
-FP = ModelFingerprint("llama", 2, 2, 16)
-
-
-@functools.cache
-def native_bytes(seed: int) -> bytes:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (FP.num_layers, FP.kv_heads, 4, FP.head_dim)
-    return save_native(PrefixKV(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), FP))
-
-
-def put(store, task_id: str, seed: int):
-    return store.put(task_id, lambda version: native_bytes(seed), num_virtual_tokens=4, source="native")
 
 
 @pytest.fixture(scope="module")

@@ -5,30 +5,18 @@ No Ray needed: two stores (or registries, or processes) over one folder stand fo
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 
 import pytest
 import torch
+from conftest import STORE_FP as FP
+from conftest import native_bytes
+from conftest import put_prefix as put
 
 from server.distributed.shared_store import SharedPrefixStore
 from server.errors import PrefixNotFound
 from server.registry.cache import PrefixCache
-from server.registry.format import ModelFingerprint, PrefixKV, save_native
 from server.registry.registry import PrefixRegistry
-
-FP = ModelFingerprint("llama", 2, 2, 16)
-
-
-@functools.cache
-def native_bytes(seed: int) -> bytes:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (FP.num_layers, FP.kv_heads, 4, FP.head_dim)
-    return save_native(PrefixKV(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), FP))
-
-
-def put(store, task_id: str, seed: int):
-    return store.put(task_id, lambda version: native_bytes(seed), num_virtual_tokens=4, source="native")
 
 
 def replicas(root, n: int = 2) -> list[SharedPrefixStore]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -11,24 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import native_bytes
+from conftest import put_prefix as put
 
 from server.errors import InvalidRequest, PrefixNotFound
-from server.registry.format import ModelFingerprint, PrefixKV, save_native
 from server.registry.store import PrefixRecord, PrefixStore, validate_task_id
-
-FP = ModelFingerprint("llama", 2, 2, 16)
-
-
-@functools.cache  # safetensors orders metadata differently per call: keep one blob per seed
-def native_bytes(seed: int, num_virtual_tokens: int = 4) -> bytes:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (FP.num_layers, FP.kv_heads, num_virtual_tokens, FP.head_dim)
-    return save_native(PrefixKV(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), FP))
-
-
-def put(store: PrefixStore, task_id: str, seed: int) -> PrefixRecord:
-    return store.put(task_id, lambda version: native_bytes(seed), num_virtual_tokens=4, source="native")
 
 
 def files(folder: Path) -> list[str]:

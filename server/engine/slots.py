@@ -73,22 +73,16 @@ class SlotKV:
         self.lengths[dst] = length
 
     def free_row(self, slot: int) -> None:
-        """Mark a slot free (length 0: a padded decode row then reads and writes its column 0 only)."""
+        """Mark a slot free (length 0: a compiled step's padding row then sees and writes column 0 only)."""
         self.lengths[slot] = 0
 
-    def decode_view(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
-        """Position ids [n, 1], an additive attention mask [n, 1, 1, view_len], and the cache for one step.
-
-        `rows` (default: the active rows) may exceed them to pad a batch: a free slot has length 0, so its
-        row sees column 0 only and writes there, which the next admission overwrites."""
-        n = self.num_active if rows is None else rows
-        positions = self.lengths[:n]  # [n] the new token's column == its position
+    def decode_view(self) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
+        """Position ids [n, 1], an additive attention mask [n, 1, 1, view_len], and the cache for one step."""
+        positions = self.lengths[: self.num_active]  # [n] the new token's column == its position
         self.view_len = int(positions.max()) + 1
         columns = torch.arange(self.view_len, device=self.device)  # [view_len]
         allowed = columns[None, :] <= positions[:, None]  # [n, view_len]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return positions[:, None].clone(), mask[:, None, None, :], SlotCache(self)
+        return positions[:, None].clone(), self._additive_mask(allowed), SlotCache(self)
 
     def step_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the compiled step, which attends over the slots' first `past` columns plus the new token
@@ -98,9 +92,13 @@ class SlotKV:
         past = int(positions.max())
         columns = torch.arange(past + 1, device=self.device)  # [past + 1]
         allowed = (columns[None, :] < positions[:, None]) | (columns[None, :] == past)  # [rows, past + 1]
+        return positions[:, None].clone(), self._additive_mask(allowed)
+
+    def _additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[n, length] bool -> [n, 1, 1, length]: 0 where allowed, the dtype's minimum elsewhere."""
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return positions[:, None].clone(), mask[:, None, None, :]
+        return mask[:, None, None, :]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write each row's new K/V at its own column. keys, values: [rows, layers, kv_heads, head_dim]."""

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from server.errors import PrefixNotFound, PrefixServerError
 from server.registry.s3_bucket import Listing, TaskObjects
-from server.registry.store import SOURCES, PrefixRecord, check_version_bytes, validate_task_id
+from server.registry.store import SOURCES, PrefixRecord, check_version_bytes, validate_task_id, verified
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,7 @@ class S3PrefixStore:
             with self._lock:  # the index is behind: the next lookup lists the task, whatever the marker
                 self._seen[record.task_id] = (_STALE, -math.inf)
             raise
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record.sha256:
-            raise PrefixServerError(
-                f"stored prefix {record.task_id!r} v{record.version} is corrupt: "
-                f"sha256 {digest}, metadata says {record.sha256}"
-            )
-        return data
+        return verified(record, data)
 
     def recover(self) -> list[str]:
         """Build the index from the bucket, removing only what no reader or writer can need (versions

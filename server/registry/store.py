@@ -164,14 +164,9 @@ class PrefixStore:
     def read(self, record: PrefixRecord) -> bytes:
         """The file of `record`, checked against its sha256; FileNotFoundError once superseded or deleted."""
         validate_task_id(record.task_id)
-        data = (self.tasks_dir / record.task_id / f"v{record.version}.safetensors").read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record.sha256:
-            raise PrefixServerError(
-                f"stored prefix {record.task_id!r} v{record.version} is corrupt: "
-                f"sha256 {digest}, metadata says {record.sha256}"
-            )
-        return data
+        return verified(
+            record, (self.tasks_dir / record.task_id / f"v{record.version}.safetensors").read_bytes()
+        )
 
     def recover(self) -> list[str]:
         """Rebuild the index from disk (latest valid committed version per task); returns the warnings logged."""
@@ -247,6 +242,17 @@ class PrefixStore:
     def _task_lock(self, task_id: str) -> threading.Lock:
         with self._lock:
             return self._task_locks.setdefault(task_id, threading.Lock())
+
+
+def verified(record: PrefixRecord, data: bytes) -> bytes:
+    """`data` if its sha256 is the one `record` says, else PrefixServerError naming both."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256:
+        raise PrefixServerError(
+            f"stored prefix {record.task_id!r} v{record.version} is corrupt: "
+            f"sha256 {digest}, metadata says {record.sha256}"
+        )
+    return data
 
 
 def _check_version(folder: Path, version: int, kinds: set[str]) -> tuple[PrefixRecord | None, str]:
