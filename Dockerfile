@@ -32,6 +32,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREFIX_SERVER_PORT=8000 \
     PREFIX_SERVER_PREFIX_DIR=/data/prefixes
 
+# g++: torch.compile's inductor and the decode step's CPU kernels compile C++ where the server runs
+# (without it the server still serves, with the eager decode step).
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # A venv at /opt/venv works the same on python:3.11-slim (python, pip) and on a plain Debian base (python3).
 RUN groupadd --gid "${APP_UID}" app \
     && useradd --create-home --uid "${APP_UID}" --gid app --shell /usr/sbin/nologin app \

@@ -16,6 +16,8 @@ from conftest import make_tiny_model, peft_greedy, peft_prefix_model
 from test_engine import make_requests, random_prefix
 from torch._dynamo.utils import counters
 
+import server.engine.compiled as compiled_module
+from server.engine import kernels
 from server.engine.compiled import batch_buckets, bucket_for, supports
 from server.engine.engine import Engine
 from server.registry.format import load_prefix
@@ -24,12 +26,22 @@ pytestmark = pytest.mark.slow
 FAMILIES = ["llama-gqa", "qwen2"]  # GQA without and with q/k/v biases
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# "packed": the float32 CPU kernels (server/engine/kernels) where this CPU has AVX-512; "torch": the
+# step on torch's own linears and SDPA, as it runs in bfloat16, on CUDA or without AVX-512.
+VARIANTS = [(family, kind) for family in FAMILIES for kind in ("packed", "torch")]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=["-".join(v) for v in VARIANTS])
 def compiled(request, tokenizer):
-    model = make_tiny_model(request.param)
+    family, kind = request.param
+    model = make_tiny_model(family)
     engine = Engine(model, tokenizer, max_slots=4)
-    engine.compile(on_new_shape="fail")
-    return request.param, engine
+    with pytest.MonkeyPatch.context() as mp:
+        if kind == "torch":
+            mp.setattr(compiled_module, "packable", lambda model: False)
+        engine.compile(on_new_shape="fail")
+    assert engine.decoder.packed == (kind == "packed" and kernels.avx512())
+    return family, engine
 
 
 def run_with_joins(engine, prefixes, prompt_lens, new_tokens, joins_at, **sampling):

@@ -20,7 +20,11 @@ import logging
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from server.engine import kernels
 
 log = logging.getLogger(__name__)
 
@@ -56,66 +60,121 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-class _StepCache:
-    """The slots as the decoder layers' cache for one traced step, read only: `update` returns the rows'
-    first `past` columns with the new token's K/V appended, and keeps the new K/V for the caller to write
-    into the slots after the step (one write for all layers instead of a mutation per layer)."""
+class _Packed(torch.nn.Module):
+    """Linears reading the same input (q/k/v, gate/up, or one alone) as one, the weight packed for
+    `prefix_server::linear` (float32, AVX-512) where the output features are a multiple of 16, else
+    torch's linear over the concatenated weight."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, past):
-        self.keys, self.values = keys, values  # [layers, slots, kv_heads, capacity, head_dim]
-        self.past = past  # columns of the slots before the new token (the step's dynamic length)
-        self.new_keys: list[torch.Tensor] = []
-        self.new_values: list[torch.Tensor] = []
+    def __init__(self, *linears: torch.nn.Linear):
+        super().__init__()
+        weight = torch.cat([lin.weight.detach() for lin in linears])  # [N, K]
+        self.packed = weight.shape[0] % 16 == 0
+        self.register_buffer("weight", torch.ops.prefix_server.pack_linear(weight) if self.packed else weight)
+        bias = None  # [N]
+        if any(lin.bias is not None for lin in linears):  # e.g. Qwen2's q/k/v
+            zeros = [lin.weight.new_zeros(lin.out_features) for lin in linears]
+            bias = torch.cat(
+                [z if lin.bias is None else lin.bias.detach() for z, lin in zip(zeros, linears, strict=True)]
+            )
+        self.register_buffer("bias", bias)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key_states, value_states: [b, kv_heads, 1, head_dim] -> [b, kv_heads, past + 1, head_dim]."""
-        b = key_states.shape[0]
-        self.new_keys.append(key_states[:, :, 0])
-        self.new_values.append(value_states[:, :, 0])
-        keys = torch.cat([self.keys[layer_idx, :b, :, : self.past], key_states], dim=2)
-        values = torch.cat([self.values[layer_idx, :b, :, : self.past], value_states], dim=2)
-        return keys, values
+    def forward(self, x):  # [..., K] -> [..., N]
+        if self.packed:
+            return torch.ops.prefix_server.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def packable(model: PreTrainedModel) -> bool:
+    """Whether the step can run on the packed float32 kernels: float32 weights on an AVX-512 CPU."""
+    return kernels.avx512() and model.dtype == torch.float32 and model.device.type == "cpu"
 
 
 class _DecodeStep(torch.nn.Module):
-    """input_ids, positions: [b, 1]; mask: [b, 1, 1, past + 1] additive; keys, values: the slots
-    [layers, slots, kv_heads, capacity, head_dim] -> logits [b, vocab] (float32), the new K and V
-    [b, layers, kv_heads, head_dim]."""
+    """One decode step over the slots, written out for the Llama family with the model's own modules and
+    weights: each row's new K/V goes into its slot at its own column, in place (`write_kv`), and attention
+    reads the slots where they are: no copy of the past, no repeat of K/V heads.
 
-    def __init__(self, model: PreTrainedModel):
+    Packed (float32 on an AVX-512 CPU): every linear runs on `prefix_server::linear` over weights packed
+    once (q/k/v and gate/up fused), attention on `prefix_server::decode_attention` (row r sees its first
+    positions[r] + 1 columns). Otherwise the modules' own linears and torch's SDPA under `mask`, grouped
+    query heads packed as query rows (as transformers' eager decode does).
+
+    input_ids, positions: [b, 1]; mask: [b, 1, 1, length] additive (row r sees columns <= positions[r]);
+    keys, values: the slots [layers, slots, kv_heads, capacity, head_dim], written in place
+    -> logits [b, vocab] (float32)."""
+
+    def __init__(self, model: PreTrainedModel, packed: bool):
         super().__init__()
         self.model = model
+        self.packed = packed
+        if packed:
+            layers = model.model.layers
+            self.qkv = torch.nn.ModuleList(
+                _Packed(a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in layers)
+            )
+            self.o = torch.nn.ModuleList(_Packed(layer.self_attn.o_proj) for layer in layers)
+            self.gate_up = torch.nn.ModuleList(
+                _Packed(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers
+            )
+            self.down = torch.nn.ModuleList(_Packed(layer.mlp.down_proj) for layer in layers)
+            self.lm_head = _Packed(model.lm_head)
 
     def forward(self, input_ids, positions, mask, keys, values):
-        inner = self.model.model
-        cache = _StepCache(keys, values, mask.shape[-1] - 1)
-        hidden = inner.embed_tokens(input_ids)  # [b, 1, hidden]
-        position_embeddings = inner.rotary_emb(hidden, positions)
-        for layer in inner.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                position_embeddings=position_embeddings,
-            )
-        logits = self.model.lm_head(inner.norm(hidden[:, -1])).float()  # [b, vocab]
-        return logits, torch.stack(cache.new_keys, dim=1), torch.stack(cache.new_values, dim=1)
+        inner, ops = self.model.model, torch.ops.prefix_server
+        b, length = input_ids.shape[0], mask.shape[-1]
+        columns = positions[:, 0]  # [b] each row's new column
+        hidden = inner.embed_tokens(input_ids)[:, 0]  # [b, hidden]
+        cos, sin = (t[:, 0] for t in inner.rotary_emb(hidden, positions))  # [b, head_dim]
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            d, kv_heads = attn.head_dim, attn.config.num_key_value_heads
+            x = layer.input_layernorm(hidden)  # [b, hidden]
+            if self.packed:
+                q, k, v = (
+                    self.qkv[i](x)
+                    .view(b, -1, d)
+                    .split([attn.config.num_attention_heads, kv_heads, kv_heads], 1)
+                )
+            else:
+                q, k, v = (proj(x).view(b, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            if hasattr(attn, "q_norm"):  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [b, heads | kv_heads, d]; cos, sin [b, 1, d]
+            ops.write_kv(keys, values, i, columns, k, v)
+            if self.packed:
+                out = ops.decode_attention(q, keys, values, i, columns + 1, attn.scaling)  # [b, heads, d]
+                hidden = hidden + self.o[i](out.reshape(b, -1))
+                gate, up = self.gate_up[i](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+                hidden = hidden + self.down[i](layer.mlp.act_fn(gate) * up)
+            else:
+                q = q.view(b, kv_heads, -1, d)  # [b, kv_heads, groups, d]: a group's heads as query rows
+                out = F.scaled_dot_product_attention(
+                    q, keys[i, :b, :, :length], values[i, :b, :, :length], attn_mask=mask, scale=attn.scaling
+                )  # [b, kv_heads, groups, d]
+                hidden = hidden + attn.o_proj(out.reshape(b, -1))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = inner.norm(hidden)
+        logits = self.lm_head(hidden) if self.packed else self.model.lm_head(hidden)
+        return logits.float()  # [b, vocab]
 
 
 class CompiledDecode:
     """The decode step compiled for each batch bucket, with dynamic key/value lengths.
 
-    `warm_up` compiles every bucket (inductor with weight freezing: linear weights prepacked for the
-    CPU's GEMM); afterwards a call never compiles: an unforeseen shape runs eagerly instead."""
+    `warm_up` compiles every bucket (inductor with weight freezing); afterwards a call never compiles: an
+    unforeseen shape runs eagerly instead. `packed`: whether the step runs on the packed float32 kernels
+    (which hold a packed copy of the weights: the model's size again in memory)."""
 
     def __init__(self, model: PreTrainedModel, max_slots: int, on_new_shape: str = "eager"):
         if on_new_shape not in ("eager", "fail"):
             raise ValueError(f"on_new_shape must be 'eager' or 'fail', got {on_new_shape!r}")
+        if not kernels.load():
+            raise RuntimeError("the compiled decode step needs its kernels built (a C++ compiler and ninja)")
         self.buckets = batch_buckets(max_slots)
         self.ready = False
+        self.packed = packable(model)
         self._stance = "eager_on_recompile" if on_new_shape == "eager" else "fail_on_recompile"
-        self._compiled = torch.compile(_DecodeStep(model), fullgraph=True)
+        self._compiled = torch.compile(_DecodeStep(model, self.packed), fullgraph=True)
 
     def __call__(self, input_ids, positions, mask, keys, values):
         torch._dynamo.mark_dynamic(mask, 3)

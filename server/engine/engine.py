@@ -164,10 +164,8 @@ class Engine:
         tokens = [r.output_token_ids[-1] for r in self.running] + [self.pad_token_id] * (rows - n)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [rows, 1]
         if decoder is not None:
-            position_ids, mask = self.slots.step_inputs(rows)  # [rows, 1], [rows, 1, 1, past + 1]
-            logits, keys, values = decoder(input_ids, position_ids, mask, self.slots.keys, self.slots.values)
-            self.slots.append(keys, values)  # [rows, layers, kv_heads, head_dim]
-            logits = logits[:n]
+            position_ids, mask = self.slots.step_inputs(rows)  # [rows, 1], [rows, 1, 1, length]
+            logits = decoder(input_ids, position_ids, mask, self.slots.keys, self.slots.values)[:n]
         else:
             position_ids, mask, cache = self.slots.decode_view()  # [n, 1], [n, 1, 1, view_len]
             logits = self._forward(input_ids, mask, position_ids, cache)  # [n, vocab]

@@ -78,20 +78,17 @@ class SlotKV:
 
     def decode_view(self) -> tuple[torch.Tensor, torch.Tensor, SlotCache]:
         """Position ids [n, 1], an additive attention mask [n, 1, 1, view_len], and the cache for one step."""
-        positions = self.lengths[: self.num_active]  # [n] the new token's column == its position
-        self.view_len = int(positions.max()) + 1
-        columns = torch.arange(self.view_len, device=self.device)  # [view_len]
-        allowed = columns[None, :] <= positions[:, None]  # [n, view_len]
-        return positions[:, None].clone(), self._additive_mask(allowed), SlotCache(self)
+        positions, mask = self.step_inputs(self.num_active)
+        self.view_len = mask.shape[-1]
+        return positions, mask, SlotCache(self)
 
     def step_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the compiled step, which attends over the slots' first `past` columns plus the new token
-        (put last) and writes nothing: position ids [rows, 1] and an additive mask [rows, 1, 1, past + 1].
-        Rows past the active ones pad the batch (free slots: length 0, they see only their new token)."""
-        positions = self.lengths[:rows]  # [rows]
-        past = int(positions.max())
-        columns = torch.arange(past + 1, device=self.device)  # [past + 1]
-        allowed = (columns[None, :] < positions[:, None]) | (columns[None, :] == past)  # [rows, past + 1]
+        """Position ids [rows, 1] and an additive mask [rows, 1, 1, length] for a step whose new K/V go to
+        each row's own column: row r sees columns <= its position. For the compiled step, rows past the
+        active ones pad the batch (free slots: length 0, they see only their own column 0)."""
+        positions = self.lengths[:rows]  # [rows] the new token's column == its position
+        columns = torch.arange(int(positions.max()) + 1, device=self.device)  # [length]
+        allowed = columns[None, :] <= positions[:, None]  # [rows, length]
         return positions[:, None].clone(), self._additive_mask(allowed)
 
     def _additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -99,12 +96,6 @@ class SlotKV:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[:, None, None, :]
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write each row's new K/V at its own column. keys, values: [rows, layers, kv_heads, head_dim]."""
-        rows = keys.shape[0]
-        self.keys[:, self.rows[:rows], :, self.lengths[:rows]] = keys
-        self.values[:, self.rows[:rows], :, self.lengths[:rows]] = values
 
 
 class _SlotLayer(CacheLayerMixin):

@@ -1,0 +1,75 @@
+"""The CPU decode kernels (server/engine/kernels) against torch's own ops, float32: linear against
+F.linear for every row count the decode buckets use (and beyond a row tile), attention against SDPA over
+each row's own columns, write_kv in place for float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="the kernels cannot be built here (no compiler)")
+ops = torch.ops.prefix_server
+avx512 = pytest.mark.skipif(not kernels.avx512(), reason="linear and decode_attention need AVX-512")
+
+
+@avx512
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 21])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_torch(rows, bias):
+    torch.manual_seed(rows)
+    weight, x = torch.randn(16 * 9, 40), torch.randn(rows, 40)  # 9 blocks: groups of 4 with a tail of 1
+    b = torch.randn(16 * 9) if bias else None
+    out = ops.linear(x, ops.pack_linear(weight), b)
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@avx512
+def test_linear_keeps_leading_dims():
+    weight, x = torch.randn(32, 8), torch.randn(2, 3, 8)
+    out = ops.linear(x, ops.pack_linear(weight), None)
+    assert out.shape == (2, 3, 32)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linear_refuses_partial_blocks():
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.pack_linear(torch.randn(20, 8))
+
+
+@avx512
+@pytest.mark.parametrize("head_dim", [16, 64, 24])  # 24: a vector and a scalar tail
+def test_decode_attention_equals_sdpa(head_dim):
+    torch.manual_seed(head_dim)
+    layers, slots, kv_heads, groups, capacity = 2, 5, 3, 3, 40
+    keys = torch.randn(layers, slots, kv_heads, capacity, head_dim) * 3
+    values = torch.randn_like(keys)
+    q = torch.randn(4, kv_heads * groups, head_dim)
+    lengths = torch.tensor([1, 17, 40, 16])  # one column; a tail of 1; the whole slot; exactly one vector
+    out = ops.decode_attention(q, keys, values, 1, lengths, head_dim**-0.5)
+    for r, n in enumerate(lengths.tolist()):
+        k = keys[1, r, :, :n].repeat_interleave(groups, 0)  # [heads, n, d]
+        v = values[1, r, :, :n].repeat_interleave(groups, 0)
+        ref = F.scaled_dot_product_attention(q[r][:, None], k, v, scale=head_dim**-0.5)[:, 0]
+        torch.testing.assert_close(out[r], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_writes_each_row_at_its_column(dtype):
+    keys = torch.zeros(2, 4, 3, 32, 8, dtype=dtype)
+    values = torch.zeros_like(keys)
+    k, v = torch.randn(3, 3, 8).to(dtype), torch.randn(3, 3, 8).to(dtype)
+    columns = torch.tensor([0, 31, 5])
+    ops.write_kv(keys, values, 1, columns, k, v)
+    expected_k, expected_v = torch.zeros_like(keys), torch.zeros_like(values)
+    for r, c in enumerate(columns.tolist()):
+        expected_k[1, r, :, c], expected_v[1, r, :, c] = k[r], v[r]
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+
+
+def test_write_kv_refuses_a_column_outside_the_slot():
+    keys = torch.zeros(1, 2, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the slot"):
+        ops.write_kv(keys, keys.clone(), 0, torch.tensor([4]), torch.ones(1, 1, 8), torch.ones(1, 1, 8))
