@@ -209,13 +209,17 @@ class Engine:
 
     # ---- internals ----
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        # The last column as an index tensor, not logits_to_keep=1: the slice [:, -1:] of a longer prompt
+        # is a strided view, and lm_head over it runs as one GEMV per row (a batched matmul reading the
+        # vocabulary's weights once per row: 31 of 357 ms in an 8-row prefill); the gather is contiguous.
+        last = torch.tensor([input_ids.shape[1] - 1], device=self.device)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=last,
         )
         return out.logits[:, -1, :]  # [batch, vocab]
 
