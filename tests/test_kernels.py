@@ -1,6 +1,6 @@
-"""The CPU decode kernels (server/engine/kernels) against torch's own ops, float32: linear against
-F.linear for every row count the decode buckets use (and beyond a row tile), attention against SDPA over
-each row's own columns, write_kv in place for float32 and bfloat16."""
+"""The CPU decode kernels (server/engine/kernels) against torch's own ops: linear against F.linear for
+every row count the decode buckets use (and beyond a row tile), float32 and bfloat16; attention against
+SDPA over each row's own columns (float32); write_kv in place for float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -24,6 +24,26 @@ def test_linear_equals_torch(rows, bias):
     b = torch.randn(16 * 9) if bias else None
     out = ops.linear(x, ops.pack_linear(weight), b)
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@avx512
+@pytest.mark.parametrize("rows", [1, 8, 11])
+def test_linear_bfloat16_equals_torch(rows):
+    """bfloat16 weights and input, float32 products, one rounding at the end: torch's (oneDNN's) rounding."""
+    torch.manual_seed(rows)
+    weight, x, b = torch.randn(16 * 5, 64), torch.randn(rows, 64), torch.randn(16 * 5)
+    weight, x, b = weight.bfloat16(), x.bfloat16(), b.bfloat16()
+    out = ops.linear(x, ops.pack_linear(weight), b)
+    assert out.dtype == torch.bfloat16
+    exact = F.linear(x.float(), weight.float(), b.float())  # the float32 result both round
+    torch.testing.assert_close(out.float(), exact, rtol=8e-3, atol=1e-2)  # within one bfloat16 rounding
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1.6e-2, atol=2e-2)
+
+
+def test_linear_refuses_a_mismatched_input():
+    packed = ops.pack_linear(torch.randn(16, 8))
+    with pytest.raises(RuntimeError, match="expected Float input"):
+        ops.linear(torch.randn(2, 8).bfloat16(), packed, None)
 
 
 @avx512

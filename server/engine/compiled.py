@@ -1,17 +1,19 @@
-"""A compiled decode step over the slot cache: the model's own layers, traced once by torch.compile.
+"""A compiled decode step over the slot cache: the model's own modules and weights, traced once by
+torch.compile.
 
-Eager transformers spends much of a small model's decode step in per-operator overhead and unpacked
-GEMMs. Here the step (embedding -> every decoder layer attending over the slots plus its new token ->
-final norm -> lm_head) is one graph compiled by inductor (fused C++ kernels, weights frozen and
-prepacked for the CPU's GEMM); it returns the new K/V, which the engine writes into the slots with one
-indexed copy. Shapes are bucketed so rows joining and leaving never recompile: the batch is padded up
-to a bucket (padded rows are free slots, which see only their own token), and the key/value length is a
-dynamic dimension. `warm_up` compiles every bucket on scratch tensors before the engine switches to the
-graphs, so no request waits on a compile, and afterwards an unforeseen shape would run eagerly rather
-than compile mid-serving. Measured on the CPU only; on CUDA the same graphs run (no CUDA graphs yet).
+Eager transformers spends much of a small model's decode step in per-operator overhead and small GEMMs.
+Here the step (embedding -> every decoder layer -> final norm -> lm_head) is one graph compiled by
+inductor (fused C++ kernels, weights frozen, launched from a C++ wrapper), written for the slots: each
+row's new K/V goes into its slot in place and attention reads the slots where they are. On an AVX-512
+CPU the linears (float32, bfloat16) and attention (float32) run on our kernels (`server.engine.kernels`).
+Shapes are bucketed so rows joining and leaving never recompile: the batch is padded up to a bucket
+(padded rows are free slots, which see only their own token), and the key/value length is a dynamic
+dimension. `warm_up` compiles every bucket on scratch tensors before the engine switches to the graphs,
+so no request waits on a compile, and afterwards an unforeseen shape would run eagerly rather than
+compile mid-serving. Measured on the CPU only; on CUDA the torch-ops graphs run (no CUDA graphs yet).
 
-It runs the model's decoder layers unchanged, so it applies to models whose outer loop is the plain
-Llama one (embed, rotary, layers, norm, lm_head); `supports` says which, the others stay eager.
+The forward is the plain Llama one (embed, rotary, layers, norm, lm_head); `supports` says which models
+have it, the others stay eager.
 """
 
 from __future__ import annotations
@@ -85,9 +87,11 @@ class _Packed(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def packable(model: PreTrainedModel) -> bool:
-    """Whether the step can run on the packed float32 kernels: float32 weights on an AVX-512 CPU."""
-    return kernels.avx512() and model.dtype == torch.float32 and model.device.type == "cpu"
+def kernel_choice(model: PreTrainedModel) -> tuple[bool, bool]:
+    """(packed linears, attention kernel) for this model: the packed linears for float32 and bfloat16
+    weights on an AVX-512 CPU, the attention kernel for float32 there."""
+    cpu = kernels.avx512() and model.device.type == "cpu"
+    return cpu and model.dtype in (torch.float32, torch.bfloat16), cpu and model.dtype == torch.float32
 
 
 class _DecodeStep(torch.nn.Module):
@@ -95,19 +99,20 @@ class _DecodeStep(torch.nn.Module):
     weights: each row's new K/V goes into its slot at its own column, in place (`write_kv`), and attention
     reads the slots where they are: no copy of the past, no repeat of K/V heads.
 
-    Packed (float32 on an AVX-512 CPU): every linear runs on `prefix_server::linear` over weights packed
-    once (q/k/v and gate/up fused), attention on `prefix_server::decode_attention` (row r sees its first
-    positions[r] + 1 columns). Otherwise the modules' own linears and torch's SDPA under `mask`, grouped
-    query heads packed as query rows (as transformers' eager decode does).
+    `packed` (float32 or bfloat16 on an AVX-512 CPU): every linear runs on `prefix_server::linear` over
+    weights packed once (q/k/v and gate/up fused), else on the modules. `attention_kernel` (float32 on an
+    AVX-512 CPU): attention on `prefix_server::decode_attention` (row r sees its first positions[r] + 1
+    columns), else torch's SDPA under `mask`, grouped query heads packed as query rows (as transformers'
+    eager decode does).
 
     input_ids, positions: [b, 1]; mask: [b, 1, 1, length] additive (row r sees columns <= positions[r]);
     keys, values: the slots [layers, slots, kv_heads, capacity, head_dim], written in place
     -> logits [b, vocab] (float32)."""
 
-    def __init__(self, model: PreTrainedModel, packed: bool):
+    def __init__(self, model: PreTrainedModel, packed: bool, attention_kernel: bool):
         super().__init__()
         self.model = model
-        self.packed = packed
+        self.packed, self.attention_kernel = packed, attention_kernel
         if packed:
             layers = model.model.layers
             self.qkv = torch.nn.ModuleList(
@@ -142,17 +147,20 @@ class _DecodeStep(torch.nn.Module):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [b, heads | kv_heads, d]; cos, sin [b, 1, d]
             ops.write_kv(keys, values, i, columns, k, v)
-            if self.packed:
+            if self.attention_kernel:
                 out = ops.decode_attention(q, keys, values, i, columns + 1, attn.scaling)  # [b, heads, d]
-                hidden = hidden + self.o[i](out.reshape(b, -1))
-                gate, up = self.gate_up[i](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-                hidden = hidden + self.down[i](layer.mlp.act_fn(gate) * up)
             else:
                 q = q.view(b, kv_heads, -1, d)  # [b, kv_heads, groups, d]: a group's heads as query rows
                 out = F.scaled_dot_product_attention(
                     q, keys[i, :b, :, :length], values[i, :b, :, :length], attn_mask=mask, scale=attn.scaling
                 )  # [b, kv_heads, groups, d]
-                hidden = hidden + attn.o_proj(out.reshape(b, -1))
+            out = out.reshape(b, -1)  # [b, heads * d]
+            if self.packed:
+                hidden = hidden + self.o[i](out)
+                gate, up = self.gate_up[i](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+                hidden = hidden + self.down[i](layer.mlp.act_fn(gate) * up)
+            else:
+                hidden = hidden + attn.o_proj(out)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = inner.norm(hidden)
         logits = self.lm_head(hidden) if self.packed else self.model.lm_head(hidden)
@@ -163,8 +171,9 @@ class CompiledDecode:
     """The decode step compiled for each batch bucket, with dynamic key/value lengths.
 
     `warm_up` compiles every bucket (inductor with weight freezing); afterwards a call never compiles: an
-    unforeseen shape runs eagerly instead. `packed`: whether the step runs on the packed float32 kernels
-    (which hold a packed copy of the weights: the model's size again in memory)."""
+    unforeseen shape runs eagerly instead. `packed`: whether the linears run on the packed kernels (which
+    hold a packed copy of the weights: the model's size again in memory); `attention_kernel`: whether
+    attention runs on ours."""
 
     def __init__(self, model: PreTrainedModel, max_slots: int, on_new_shape: str = "eager"):
         if on_new_shape not in ("eager", "fail"):
@@ -173,9 +182,9 @@ class CompiledDecode:
             raise RuntimeError("the compiled decode step needs its kernels built (a C++ compiler and ninja)")
         self.buckets = batch_buckets(max_slots)
         self.ready = False
-        self.packed = packable(model)
+        self.packed, self.attention_kernel = kernel_choice(model)
         self._stance = "eager_on_recompile" if on_new_shape == "eager" else "fail_on_recompile"
-        self._compiled = torch.compile(_DecodeStep(model, self.packed), fullgraph=True)
+        self._compiled = torch.compile(_DecodeStep(model, self.packed, self.attention_kernel), fullgraph=True)
 
     def __call__(self, input_ids, positions, mask, keys, values):
         torch._dynamo.mark_dynamic(mask, 3)

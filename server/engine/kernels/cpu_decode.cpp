@@ -34,18 +34,25 @@ constexpr int64_t kPrefetch = 8;  // k steps ahead: software prefetch on each we
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma")
 
+// 16 weights as float32: float32 as they are, bfloat16 widened (exact: a bfloat16 is a float32's top half).
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const at::BFloat16* w) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 // out[m, (nb + j) * 16 : +16] = x[m, :] . w_block[nb + j] for M rows and NB consecutive blocks.
-template <int M, int NB>
-inline void tile(const float* x, int64_t K, const float* w, float* out, int64_t ldo, int64_t nb) {
+template <typename W, int M, int NB>
+inline void tile(const float* x, int64_t K, const W* w, float* out, int64_t ldo, int64_t nb) {
   __m512 acc[M][NB];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
-  const float* wb = w + nb * K * kBlock;
+  const W* wb = w + nb * K * kBlock;
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[NB];
     for (int j = 0; j < NB; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + (j * K + k + kPrefetch) * kBlock), _MM_HINT_T0);
-      wv[j] = _mm512_loadu_ps(wb + (j * K + k) * kBlock);
+      wv[j] = load16(wb + (j * K + k) * kBlock);
     }
     for (int m = 0; m < M; ++m) {
       const __m512 xb = _mm512_set1_ps(x[m * K + k]);
@@ -57,16 +64,19 @@ inline void tile(const float* x, int64_t K, const float* w, float* out, int64_t 
 }
 
 // Blocks [nb0, nb1) for M <= 8 rows: as many blocks at a time as the 32 registers hold accumulators for.
-template <int M>
-void rows(const float* x, int64_t K, const float* w, float* out, int64_t ldo, int64_t nb0, int64_t nb1) {
+template <typename W, int M>
+void rows(const float* x, int64_t K, const W* w, float* out, int64_t ldo, int64_t nb0, int64_t nb1) {
   constexpr int NB = M <= 4 ? 4 : 2;
   int64_t nb = nb0;
-  for (; nb + NB <= nb1; nb += NB) tile<M, NB>(x, K, w, out, ldo, nb);
-  for (; nb < nb1; ++nb) tile<M, 1>(x, K, w, out, ldo, nb);
+  for (; nb + NB <= nb1; nb += NB) tile<W, M, NB>(x, K, w, out, ldo, nb);
+  for (; nb < nb1; ++nb) tile<W, M, 1>(x, K, w, out, ldo, nb);
 }
 
-using RowsFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t);
-constexpr RowsFn kRows[8] = {rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>, rows<7>, rows<8>};
+template <typename W>
+using RowsFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t, int64_t);
+template <typename W>
+constexpr RowsFn<W> kRows[8] = {rows<W, 1>, rows<W, 2>, rows<W, 3>, rows<W, 4>,
+                                rows<W, 5>, rows<W, 6>, rows<W, 7>, rows<W, 8>};
 constexpr int64_t kRowTile = 8;  // rows per pass over a group of blocks
 constexpr int64_t kGroup = 4;    // blocks per group: read from memory once, reused from cache by each row tile
 
@@ -122,24 +132,17 @@ void attend(const float* q, const float* k, const float* v, float* out, float* p
 
 // [N, K] -> [N / 16, K, 16]: each block of 16 output features contiguous over K.
 at::Tensor pack_linear(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack_linear: expected a 2-D float32 weight");
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "pack_linear: expected a 2-D float32 or bfloat16 weight, got ", weight.scalar_type());
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(n % kBlock == 0, "pack_linear: output features must be a multiple of 16, got ", n);
   return weight.reshape({n / kBlock, kBlock, k}).transpose(1, 2).contiguous();
 }
 
-// x [..., K] @ weight.T (+ bias) with the weight packed by pack_linear -> [..., N].
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
-  const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == k, "linear: expected float32 input [..., ", k, "]");
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous();  // [M, K]
-  const int64_t m_total = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty({m_total, n}, x.options());  // [M, N]
-  const float* xp = x2.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// The packed GEMM in float32: xp [M, K] float32, wp packed [N / 16, K, 16], op [M, N] float32.
+template <typename W>
+void gemm(const float* xp, const W* wp, float* op, int64_t m_total, int64_t k, int64_t blocks) {
+  const int64_t n = blocks * kBlock;
   // Threads split the weight (each block is read from memory once, by one thread), every thread does all
   // rows: a group of blocks at a time, 8 rows at a time over it.
   at::parallel_for(0, blocks, kGroup, [&](int64_t b0, int64_t b1) {  // an even share of blocks per thread
@@ -147,12 +150,30 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
       const int64_t nb_end = std::min(nb + kGroup, b1);
       for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) {
         const int64_t rows_here = std::min(kRowTile, m_total - m0);
-        kRows[rows_here - 1](xp + m0 * k, k, wp, op + m0 * n, n, nb, nb_end);
+        kRows<W>[rows_here - 1](xp + m0 * k, k, wp, op + m0 * n, n, nb, nb_end);
       }
     }
   });
+}
+
+// x [..., K] @ weight.T (+ bias) with the weight packed by pack_linear -> [..., N], in x's dtype. The
+// products accumulate in float32; bfloat16 (weights and input) rounds once, at the end, as oneDNN does.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
+  const auto dtype = packed.scalar_type();
+  TORCH_CHECK(x.scalar_type() == dtype && x.size(-1) == k, "linear: expected ", dtype, " input [..., ", k, "], got ",
+              x.scalar_type(), " ", x.sizes());
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
+  const int64_t m_total = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
+  if (dtype == at::kBFloat16)
+    gemm(x2.data_ptr<float>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<float>(), m_total, k, blocks);
+  else
+    gemm(x2.data_ptr<float>(), packed.data_ptr<float>(), out.data_ptr<float>(), m_total, k, blocks);
   if (bias.has_value()) out.add_(*bias);
-  return out.view(out_shape);
+  return out.to(dtype).view(out_shape);
 }
 
 // Row r's new key/value into slot r at column columns[r] of `layer`, in place. k, v: [b, kv_heads, head_dim].
