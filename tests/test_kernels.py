@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_model
+from test_engine import make_requests
 
 from server.engine import kernels
+from server.engine.engine import Engine
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="the kernels cannot be built here (no compiler)")
 ops = torch.ops.prefix_server
@@ -93,3 +96,15 @@ def test_write_kv_refuses_a_column_outside_the_slot():
     keys = torch.zeros(1, 2, 1, 4, 8)
     with pytest.raises(RuntimeError, match="outside the slot"):
         ops.write_kv(keys, keys.clone(), 0, torch.tensor([4]), torch.ones(1, 1, 8), torch.ones(1, 1, 8))
+
+
+def test_an_engine_without_kernels_stays_eager(monkeypatch, tokenizer, caplog):
+    """No compiler here (kernels.load() is False): compile says why, try_compile logs it, requests run."""
+    monkeypatch.setattr(kernels, "load", lambda: False)
+    engine = Engine(make_tiny_model("llama-gqa"), tokenizer, max_slots=2)
+    with pytest.raises(ValueError, match="kernels could not be built"):
+        engine.compile()
+    with caplog.at_level("INFO", logger="server.engine.engine"):
+        assert engine.try_compile() is False
+    assert "decode step stays eager" in caplog.text and engine.decoder is None
+    assert len(engine.generate(make_requests([None], [4], [3]))[0].output_token_ids) == 3

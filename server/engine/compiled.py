@@ -179,7 +179,7 @@ class CompiledDecode:
         if on_new_shape not in ("eager", "fail"):
             raise ValueError(f"on_new_shape must be 'eager' or 'fail', got {on_new_shape!r}")
         if not kernels.load():
-            raise RuntimeError("the compiled decode step needs its kernels built (a C++ compiler and ninja)")
+            raise ValueError("its CPU kernels could not be built here (a C++ compiler and ninja are needed)")
         self.buckets = batch_buckets(max_slots)
         self.ready = False
         self.packed, self.attention_kernel = kernel_choice(model)

@@ -57,7 +57,8 @@ class Engine:
     def compile(self, on_new_shape: str = "eager") -> float:
         """Compile the decode step for every batch bucket (minutes on a small CPU, on scratch tensors: it
         may run in another thread while this engine serves); later steps use it. Returns the seconds
-        taken; ValueError if the model is not covered. on_new_shape: "eager" or "fail" (tests)."""
+        taken; ValueError if the model is not covered or the step's kernels cannot be built here.
+        on_new_shape: "eager" or "fail" (tests)."""
         reason = compiled_supports(self.model)
         if reason is not None:
             raise ValueError(f"compiled decode does not cover this model: {reason}")

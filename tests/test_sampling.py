@@ -1,0 +1,62 @@
+"""The batched sampler: each row as if it were alone (its own generator, its own parameters), the right
+distribution, filtering per row, greedy fallbacks."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.sampling import filter_logits, make_generator, sample
+from server.request import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+def params(**kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=4, **kw)
+
+
+def test_a_row_samples_the_same_in_any_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    ps = [
+        params(temperature=0.8, seed=1),
+        params(),  # greedy
+        params(temperature=1.3, top_p=0.9, top_k=50, seed=2),
+        params(temperature=0.5, top_k=7, seed=3),
+        params(temperature=1.0, top_p=0.5, seed=4),
+    ]
+    together = sample(logits, ps, [make_generator(p, CPU) for p in ps])
+    alone = [sample(logits[i : i + 1], [p], [make_generator(p, CPU)])[0] for i, p in enumerate(ps)]
+    assert together == alone
+    assert together[1] == int(logits[1].argmax())
+
+
+def test_samples_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = params(temperature=1.0, seed=7)
+    gen = make_generator(p, CPU)
+    draws = torch.tensor([sample(logits, [p], [gen])[0] for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+
+
+def test_top_p_and_top_k_keep_only_their_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    ps = [params(temperature=1.0, top_p=0.7, seed=8), params(temperature=1.0, top_k=3, seed=9)]
+    gens = [make_generator(p, CPU) for p in ps]
+    draws = torch.tensor([sample(logits, ps, gens) for _ in range(2000)])  # [draws, 2]
+    assert set(draws[:, 0].tolist()) == {0, 1}  # 0.5 < 0.7: the nucleus needs the second token too
+    assert set(draws[:, 1].tolist()) == {0, 1, 2}
+
+
+def test_filter_logits_per_row():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 3)
+    out = filter_logits(logits, torch.tensor([2, 0, 0]), torch.tensor([1.0, 1.0, 1e-9]))
+    inf = float("-inf")
+    assert out.tolist() == [[4.0, 3.0, inf, inf], [4.0, 3.0, 2.0, 1.0], [4.0, inf, inf, inf]]
+
+
+def test_a_row_of_nan_logits_takes_the_greedy_token_and_spares_the_others():
+    logits = torch.tensor([[float("nan")] * 4, [0.0, 0.0, 9.0, 0.0]])
+    ps = [params(temperature=1.0, seed=1), params(temperature=0.01, seed=2)]
+    assert sample(logits, ps, [make_generator(p, CPU) for p in ps])[1] == 2
