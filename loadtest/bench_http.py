@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,44 +27,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadtest import serverproc
 from loadtest.bench_engine import TEXT, fixed_len_ids
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import load_model
 from server.registry.format import save_native
 from server.request import Request, SamplingParams
-
-
-def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    prefix_dir = tempfile.mkdtemp(prefix="bench-prefixes-")
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--prefix-dir",
-        prefix_dir,
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1200  # --compile wait: minutes on a small CPU
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {' '.join(cmd)}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become ready in 1200 s")
 
 
 async def send(client: httpx.AsyncClient, body: dict) -> int:
@@ -97,6 +64,15 @@ async def http_run(client: httpx.AsyncClient, bodies: list[dict], concurrent: bo
         for b in bodies:
             tokens += await send(client, b)
     return time.perf_counter() - start, tokens
+
+
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """The server under test on a fresh prefix folder; exits if it does not become ready."""
+    prefix_dir = tempfile.mkdtemp(prefix="bench-prefixes-")
+    try:  # --compile wait: minutes on a small CPU
+        return serverproc.start(["--prefix-dir", prefix_dir, *extra], timeout_s=1200)
+    except serverproc.ServerNotReady as e:
+        raise SystemExit(f"bench_http: {e}") from None
 
 
 def main() -> None:
@@ -174,8 +150,7 @@ def main() -> None:
         samples = asyncio.run(measure())
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            serverproc.stop(proc, timeout_s=60)
     tps = {k: statistics.median(v) for k, v in samples.items()}
     result = {
         "batch": args.batch,

@@ -28,6 +28,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, make_tiny_model
 
+from loadtest import serverproc
 from server.api.app import Components, create_app
 from server.config import Settings
 from server.engine.engine import Engine
@@ -117,12 +118,6 @@ HOOK = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     """The server process on the tiny model saved in `model_dir`, on the store `prefix_dir`."""
@@ -139,7 +134,7 @@ class Server:
         (self.work / "hook.py").write_text(HOOK)
 
     def start(self) -> None:
-        port = free_port()
+        port = serverproc.free_port()
         self.base = f"http://127.0.0.1:{port}"
         flags = {
             "model": self.model_dir,

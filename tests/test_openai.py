@@ -7,19 +7,15 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from conftest import byte_tokenizer, make_tiny_model
-from test_server_process import free_port
 
+from loadtest import serverproc
 from server.api import openai as openai_routes
 from server.api.app import Components, create_app
 from server.config import Settings
@@ -483,39 +479,16 @@ def server(tmp_path_factory):
     API keys; acme's task `pirate` made."""
     root = tmp_path_factory.mktemp("openai-server")
     prefix_dir, keys = root / "prefixes", keys_file(root)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with open(root / "server.log", "w+") as log:
-        args = ["serve", "--port", str(port), "--prefix-dir", str(prefix_dir), "--api-keys-file", str(keys)]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
+        args = ["--prefix-dir", str(prefix_dir), "--api-keys-file", str(keys)]
+        proc, base = serverproc.start(args, log=log, launcher=[sys.executable, "-c", LAUNCH])
         try:
-            deadline = time.monotonic() + 180
-            while not _ready(base):
-                log.seek(0)
-                assert proc.poll() is None and time.monotonic() < deadline, log.read()[-3000:]
-                time.sleep(0.5)
             with httpx.Client(base_url=base, timeout=120, headers=auth(ACME)) as client:
                 text = {"task_id": "pirate", "text": "You are a pirate. Answer like a pirate would."}
                 assert client.post("/prefixes/from-text", json=text).status_code == 201
                 yield base, client
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(base + "/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+            serverproc.stop(proc)
 
 
 def openai_client(server, key: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, make_tiny_model
 
+from loadtest import serverproc
 from server.registry.format import ModelFingerprint, PrefixKV, save_native
 
 ray = pytest.importorskip("ray")
@@ -30,12 +30,6 @@ pytestmark = [
 
 FAMILY = "llama-gqa"  # 2 layers, 2 kv heads, head_dim 16
 ADMIN, ACME, GLOBEX = "admin-secret", "acme-secret", "globex-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def cluster(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
     try:
-        port = free_port()
+        port = serverproc.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = {
             "model": str(model_dir),

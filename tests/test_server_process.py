@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,45 +13,16 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from loadtest import serverproc
+
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(prefix_dir, log, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--prefix-dir",
-            str(prefix_dir),
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited: {_tail(log)}"
-        try:
-            if httpx.get(base + "/ready", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"server not ready in 180 s: {_tail(log)}")
+    try:
+        return serverproc.start(["--prefix-dir", str(prefix_dir), *extra], log=log)
+    except serverproc.ServerNotReady as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +33,7 @@ def server(tmp_path_factory):
         try:
             yield base, proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _tail(log) -> str:
-    log.seek(0)
-    return log.read()[-3000:]
+            serverproc.stop(proc)
 
 
 def test_upload_generate_swap_generate(server):
@@ -156,7 +115,7 @@ def test_sigterm_drains_running_requests_then_exits(tmp_path):
             worker.join(timeout=300)
             assert result["resp"].status_code == 200, result["resp"].text
             assert result["resp"].json()["usage"]["completion_tokens"] == 48
-            assert proc.wait(timeout=60) == 0, _tail(log)
+            assert proc.wait(timeout=60) == 0, serverproc.tail(log)
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import statistics
 
 import httpx
@@ -15,6 +14,7 @@ from conftest import byte_tokenizer, make_tiny_model
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from loadtest import serverproc
 from loadtest.__main__ import main
 from loadtest.versus import VersusConfig, format_versus, load_tokenizer, make_texts, run_versus
 from server.api.app import Components, create_app
@@ -65,12 +65,6 @@ def tokenizer_json(tmp_path):
     path = tmp_path / "tokenizer.json"
     byte_tokenizer().backend_tokenizer.save(str(path))
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SMALL = ["--requests", "4", "--model-tasks", "4", "--prompt-tokens", "6", "--new-tokens", "4"]
@@ -169,7 +163,7 @@ async def test_base_model_and_a_peer_that_refuses_ignore_eos(tmp_path, tokenizer
 
 
 def test_unreachable_peer_is_a_clear_error(tmp_path, capsys, tokenizer_json):
-    url = f"http://127.0.0.1:{free_port()}"
+    url = f"http://127.0.0.1:{serverproc.free_port()}"
     argv = ["--url", "http://ours", "--peer", url, "--tokenizer", tokenizer_json, *SMALL]
     assert main(argv, transport=Hosts({"ours": tiny_app(tmp_path, "tiny", 0)})) == 2
     err = capsys.readouterr().err
