@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 from server.config import Settings
@@ -151,6 +153,23 @@ def serve(args: argparse.Namespace) -> None:
         access_log=False,  # the request-id middleware logs every request
     )
     _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
+    _exit_now_if_compiling()
+
+
+def _exit_now_if_compiling() -> None:
+    """After the server drained and stopped: a decode-step compile still running on its background
+    thread (`--compile auto`, minutes on a cold cache) cannot be interrupted, and the interpreter's
+    teardown under it aborts the process (libstdc++'s "terminate called without an active exception",
+    exit 134). Leave without that teardown, exit 0: requests have drained, prefix files are written
+    atomically, the compile cache keeps what finished."""
+    from server.api.app import COMPILE_THREAD
+
+    if any(t.name == COMPILE_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.getLogger(__name__).info("exiting with the decode step's compile unfinished")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _make_draining_server():

@@ -119,3 +119,18 @@ def test_sigterm_drains_running_requests_then_exits(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_sigterm_during_a_background_compile_exits_cleanly(tmp_path, monkeypatch):
+    """--compile auto on a cold inductor cache: SIGTERM while the compile runs exits 0 at once (the
+    interpreter's teardown under a running compile aborted the process: exit 134)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold: minutes of compiling
+    with open(tmp_path / "server.log", "w+") as log:
+        proc, _ = start_server(tmp_path / "prefixes", log, "--compile", "auto")
+        try:
+            time.sleep(3)  # the compile thread is running (a bucket takes ~50 s cold)
+            assert serverproc.stop(proc, timeout_s=60) == 0, serverproc.tail(log)
+            assert "exiting with the decode step's compile unfinished" in serverproc.tail(log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

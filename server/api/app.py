@@ -24,6 +24,7 @@ from server.registry.registry import PrefixRegistry
 from server.scheduler import Scheduler, SchedulerConfig
 from server.threads import in_own_thread
 
+COMPILE_THREAD = "compile"  # --compile auto: the background compile's thread (cli.py looks for it at exit)
 log = logging.getLogger(__name__)
 
 
@@ -131,7 +132,9 @@ def create_app(settings: Settings | None = None, components: Components | None =
                 await in_own_thread(components.engine.try_compile)
             await start_serving(components)
             if settings.compile == "auto":  # serves on the eager step meanwhile; switches when done
-                threading.Thread(target=components.engine.try_compile, name="compile", daemon=True).start()
+                threading.Thread(
+                    target=components.engine.try_compile, name=COMPILE_THREAD, daemon=True
+                ).start()
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"
             log.exception("startup failed")
