@@ -91,6 +91,9 @@ ARG PRELOAD_MODEL=1
 RUN if [ "${PRELOAD_MODEL}" = "1" ]; then \
         HF_HUB_OFFLINE=1 python -c "from server.config import Settings; from server.engine.model import load_model; m = load_model('default', device='cpu', cache_dir=Settings().model_cache_dir); print('model cache:', m.source)"; \
     fi
+# Build the compiled decode step's CPU kernels now (~15 s, under ~/.cache/torch_extensions), not at
+# each container's first compile. (Portable: their AVX-512 code is chosen at run time.)
+RUN python -c "from server.engine import kernels; assert kernels.load(), 'kernel build failed'"
 
 VOLUME ["/data/prefixes"]
 EXPOSE 8000
