@@ -64,9 +64,9 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 
 class _Packed(torch.nn.Module):
-    """Linears reading the same input (q/k/v, gate/up, or one alone) as one, the weight packed for
-    `prefix_server::linear` (float32, AVX-512) where the output features are a multiple of 16, else
-    torch's linear over the concatenated weight."""
+    """Linears reading the same input (q/k/v, gate/up, or one alone) as one: the weight packed for
+    `prefix_server::linear` (float32 or bfloat16, AVX-512) where the output features are a multiple of
+    16, else torch's linear over the concatenated weight."""
 
     def __init__(self, *linears: torch.nn.Linear):
         super().__init__()
