@@ -3,22 +3,24 @@
 #   1. static vs continuous batching at the same offered load, outputs mixed 4..128 tokens
 #   2. a capacity sweep, then sustained load at 80% of capacity for 2 minutes
 #   3. overload at 3x capacity with a bounded queue (429s, the server stays up)
-# Usage: loadtest/batching_suite.sh   (env: RATE=2.0 for step 1, PORT, OUT=loadtest/results)
+# Usage: loadtest/batching_suite.sh   (env: RATE=2.0 for step 1, PORT, OUT=loadtest/results,
+#        COMPILE=wait: each server compiles its decode step before /ready, so no compile runs under load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-loadtest/results}
 RATE=${RATE:-2.0}
 PORT=${PORT:-8123}
+COMPILE=${COMPILE:-wait}
 URL="http://127.0.0.1:$PORT"
 COMMON=(--tasks 8 --zipf 1.1 --prompt-len uniform:16:64 --output-len uniform:4:128 --stream --seed 7 --no-progress)
 mkdir -p "$OUT"
 SERVER=""
 
 start_server() {
-  "$PY" -m server.cli serve --port "$PORT" --prefix-dir "$(mktemp -d)" --log-level warning "$@" &
+  "$PY" -m server.cli serve --port "$PORT" --prefix-dir "$(mktemp -d)" --log-level warning --compile "$COMPILE" "$@" &
   SERVER=$!
-  for _ in $(seq 600); do
+  for _ in $(seq 1800); do  # --compile wait: minutes on a cold cache
     curl -fs "$URL/ready" >/dev/null 2>&1 && return 0
     sleep 0.5
   done
