@@ -108,3 +108,25 @@ def test_an_engine_without_kernels_stays_eager(monkeypatch, tokenizer, caplog):
         assert engine.try_compile() is False
     assert "decode step stays eager" in caplog.text and engine.decoder is None
     assert len(engine.generate(make_requests([None], [4], [3]))[0].output_token_ids) == 3
+
+
+@avx512
+def test_the_kernels_refuse_shapes_they_would_write_past():
+    keys = torch.zeros(2, 3, 2, 8, 16)
+    row = torch.ones(1, 2, 16)
+    with pytest.raises(RuntimeError, match="layer 2 of 2"):
+        ops.write_kv(keys, keys.clone(), 2, torch.tensor([0]), row, row)
+    with pytest.raises(RuntimeError, match="do not fit slots"):  # 4 rows for 3 slots
+        ops.write_kv(
+            keys, keys.clone(), 0, torch.tensor([0, 0, 0, 0]), torch.ones(4, 2, 16), torch.ones(4, 2, 16)
+        )
+    with pytest.raises(RuntimeError, match="expected k and v"):  # 4 heads for 2 kv heads
+        ops.write_kv(keys, keys.clone(), 0, torch.tensor([0]), torch.ones(1, 4, 16), torch.ones(1, 4, 16))
+    with pytest.raises(RuntimeError, match="sees 9 columns"):  # past the slot's capacity
+        ops.decode_attention(torch.ones(1, 4, 16), keys, keys.clone(), 0, torch.tensor([9]), 1.0)
+    with pytest.raises(RuntimeError, match="one column per row"):
+        ops.decode_attention(torch.ones(2, 4, 16), keys, keys.clone(), 0, torch.tensor([1]), 1.0)
+    with pytest.raises(RuntimeError, match="packed by pack_linear"):
+        ops.linear(torch.ones(1, 8), torch.ones(16, 8), None)
+    with pytest.raises(RuntimeError, match="expected a bias"):
+        ops.linear(torch.ones(1, 8), ops.pack_linear(torch.ones(16, 8)), torch.ones(8))

@@ -1,14 +1,16 @@
-// CPU kernels for the compiled decode step (float32, AVX-512), registered as torch ops `prefix_server::*`.
+// CPU kernels for the compiled decode step (AVX-512), registered as torch ops `prefix_server::*`.
 //
-// Why these exist (measured on the 2-core AVX-512 VM the project is developed on, SmolLM2-135M):
-//  - linear: MKL's float32 GEMM is poor at the few rows of a decode step: all of the model's linears take
-//    34.7 ms at 8 rows with MKL's prepacked weights (35 ms for inductor's own CPP GEMM template), 28.8 ms
-//    here; 26.3 vs 21.4 ms at 1 row. A decode step reads every weight once, so the kernel streams each
-//    weight block once and multiplies it into every row while it is in registers.
+// Why these exist (measured on the 2-core AVX-512 VM the project is developed on, SmolLM2-135M; the
+// figures are in README.md, "Performance: the compiled decode step"):
+//  - linear (float32 and bfloat16 weights): MKL's float32 GEMM is poor at the few rows of a decode step.
+//    A decode step reads every weight once, so the kernel streams each weight block once and multiplies
+//    it into every row while it is in registers.
 //  - write_kv: writing the new K/V into the slots in place (an indexed assignment traced by torch.compile
 //    becomes a copy of the whole slot tensor per layer).
-//  - decode_attention: one query token per row over that row's own slot columns; grouped query heads
-//    read their K/V head once (no repeat, no mask tensor).
+//  - decode_attention (float32): one query token per row over that row's own slot columns; grouped query
+//    heads read their K/V head once (no repeat, no mask tensor).
+//
+// These ops write through raw pointers, so each one checks the shapes it relies on first.
 //
 // Shapes: x [M, K]; packed weights [N / 16, K, 16]; slots [layers, slots, kv_heads, capacity, head_dim].
 //
@@ -159,6 +161,8 @@ void gemm(const float* xp, const W* wp, float* op, int64_t m_total, int64_t k, i
 // x [..., K] @ weight.T (+ bias) with the weight packed by pack_linear -> [..., N], in x's dtype. The
 // products accumulate in float32; bfloat16 (weights and input) rounds once, at the end, as oneDNN does.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.is_contiguous(),
+              "linear: expected a weight packed by pack_linear [N / 16, K, 16], got ", packed.sizes());
   const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
   const auto dtype = packed.scalar_type();
   TORCH_CHECK(x.scalar_type() == dtype && x.size(-1) == k, "linear: expected ", dtype, " input [..., ", k, "], got ",
@@ -172,8 +176,24 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
     gemm(x2.data_ptr<float>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<float>(), m_total, k, blocks);
   else
     gemm(x2.data_ptr<float>(), packed.data_ptr<float>(), out.data_ptr<float>(), m_total, k, blocks);
-  if (bias.has_value()) out.add_(*bias);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear: expected a bias [", n, "], got ", bias->sizes());
+    out.add_(*bias);
+  }
   return out.to(dtype).view(out_shape);
+}
+
+// Rows [0, b) of `layer` in slots [layers, slots, kv_heads, capacity, head_dim], with `per_row` [b] and
+// `x` [b, heads, head_dim] (heads: kv_heads, or a multiple of it for the queries).
+void check_rows(const char* op, const at::Tensor& slots, const at::Tensor& values, int64_t layer,
+                const at::Tensor& per_row, const at::Tensor& x) {
+  TORCH_CHECK(slots.dim() == 5 && values.sizes() == slots.sizes(), op, ": expected keys and values of one shape "
+              "[layers, slots, kv_heads, capacity, head_dim], got ", slots.sizes(), " and ", values.sizes());
+  TORCH_CHECK(0 <= layer && layer < slots.size(0), op, ": layer ", layer, " of ", slots.size(0));
+  TORCH_CHECK(x.dim() == 3 && x.size(0) <= slots.size(1) && x.size(1) % slots.size(2) == 0 &&
+              x.size(2) == slots.size(4), op, ": rows ", x.sizes(), " do not fit slots ", slots.sizes());
+  TORCH_CHECK(per_row.dim() == 1 && per_row.size(0) == x.size(0), op, ": expected one column per row, got ",
+              per_row.sizes(), " for ", x.size(0), " rows");
 }
 
 // Row r's new key/value into slot r at column columns[r] of `layer`, in place. k, v: [b, kv_heads, head_dim].
@@ -186,6 +206,9 @@ void write_kv(at::Tensor keys, at::Tensor values, int64_t layer, const at::Tenso
     values.select(0, layer).index_put_({rows, Slice(), columns}, v);
     return;
   }
+  check_rows("write_kv", keys, values, layer, columns, k);
+  TORCH_CHECK(v.sizes() == k.sizes() && k.size(1) == keys.size(2), "write_kv: expected k and v [b, ",
+              keys.size(2), ", ", keys.size(4), "], got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "write_kv: slots must be contiguous");
   TORCH_CHECK(k.scalar_type() == keys.scalar_type() && v.scalar_type() == keys.scalar_type(), "write_kv: dtype");
   const at::Tensor kc = k.contiguous(), vc = v.contiguous(), cols = columns.to(at::kLong).contiguous();
@@ -208,9 +231,15 @@ void write_kv(at::Tensor keys, at::Tensor values, int64_t layer, const at::Tenso
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t layer,
                             const at::Tensor& lengths, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat, "decode_attention: float32 only");
+  check_rows("decode_attention", keys, values, layer, lengths, q);
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "decode_attention: slots must be contiguous");
   const at::Tensor qc = q.contiguous();
   const at::Tensor len = lengths.to(at::kLong).contiguous();
+  for (int64_t r = 0; r < len.size(0); ++r) {
+    const int64_t n = len.data_ptr<int64_t>()[r];
+    TORCH_CHECK(1 <= n && n <= keys.size(3), "decode_attention: row ", r, " sees ", n, " columns, the slot has ",
+                keys.size(3));
+  }
   const int64_t b = qc.size(0), heads = qc.size(1), d = qc.size(2);
   const int64_t kv_heads = keys.size(2), groups = heads / kv_heads;
   const int64_t slot_stride = keys.stride(1), head_stride = keys.stride(2);
