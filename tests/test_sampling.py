@@ -60,3 +60,29 @@ def test_a_row_of_nan_logits_takes_the_greedy_token_and_spares_the_others():
     logits = torch.tensor([[float("nan")] * 4, [0.0, 0.0, 9.0, 0.0]])
     ps = [params(temperature=1.0, seed=1), params(temperature=0.01, seed=2)]
     assert sample(logits, ps, [make_generator(p, CPU) for p in ps])[1] == 2
+
+
+def reference_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p over one row by sorting the whole vocabulary (the definition)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    drop[0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+
+
+def test_top_p_over_a_large_vocabulary_equals_sorting_it_whole():
+    """Past the ranked candidates (512) the nucleus needs the full sort: a flat row's nucleus has
+    thousands of tokens, a peaked row's a few; in one batch, each row as its definition says."""
+    torch.manual_seed(3)
+    flat, peaked = torch.randn(4000) * 0.1, torch.randn(4000) * 8
+    logits = torch.stack([flat, peaked, flat])
+    top_p = torch.tensor([0.9, 0.9, 1.0])
+    out = filter_logits(logits, torch.zeros(3, dtype=torch.long), top_p)
+    assert torch.isfinite(out[0]).sum() > 512 and torch.isfinite(out[1]).sum() < 512
+    assert torch.equal(out[0], reference_filter(flat, 0.9)) and torch.equal(
+        out[1], reference_filter(peaked, 0.9)
+    )
+    assert torch.equal(out[2], flat)  # top_p 1.0: off
+    only_peaked = filter_logits(peaked[None], torch.zeros(1, dtype=torch.long), torch.tensor([0.9]))
+    assert torch.equal(only_peaked[0], reference_filter(peaked, 0.9))  # the candidates alone suffice
