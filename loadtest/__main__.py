@@ -213,14 +213,9 @@ def main(argv: list[str] | None = None, transport: httpx.AsyncBaseTransport | No
         async with make_client(config.url, config.timeout_s, transport) as client:
             return await run_load(config, client, verbose=not args.no_progress, on_run=save)
 
-    try:
-        result = asyncio.run(go())
-    except LoadgenError as e:
-        print(f"loadtest: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; the rates that finished are in {json_path}", file=sys.stderr)
-        return 130
+    result = run_or_exit_code(go, f"interrupted; the rates that finished are in {json_path}")
+    if isinstance(result, int):
+        return result
     print(report(result))
     save(result)
     print(
@@ -228,6 +223,19 @@ def main(argv: list[str] | None = None, transport: httpx.AsyncBaseTransport | No
         + (f" and {png_path}" if plot_result(result, png_path) else " (no matplotlib: no PNG)")
     )
     return 0
+
+
+def run_or_exit_code(go, interrupted: str) -> dict | int:
+    """asyncio.run(go()): its result, or the exit code (2 for a LoadgenError, 130 for Ctrl-C) once the
+    reason is printed."""
+    try:
+        return asyncio.run(go())
+    except LoadgenError as e:
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
 
 
 def versus(args: argparse.Namespace, ap: argparse.ArgumentParser, transport) -> int:
@@ -264,14 +272,9 @@ def versus(args: argparse.Namespace, ap: argparse.ArgumentParser, transport) -> 
         ):
             return await run_versus(config, ours, peer, verbose=not args.no_progress)
 
-    try:
-        result = asyncio.run(go())
-    except LoadgenError as e:
-        print(f"loadtest: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    result = run_or_exit_code(go, "interrupted")
+    if isinstance(result, int):
+        return result
     print(format_versus(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ Nothing is downloaded: every model is built from a config with a fixed seed.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 
@@ -151,3 +152,12 @@ def native_bytes(seed: int, num_virtual_tokens: int = 4) -> bytes:
 def put_prefix(store, task_id: str, seed: int):
     """Store `native_bytes(seed)` as the task's next version; returns its PrefixRecord."""
     return store.put(task_id, lambda version: native_bytes(seed), num_virtual_tokens=4, source="native")
+
+
+async def wait_for_load_error(app, timeout_s: float = 5.0) -> str:
+    """The app's startup failure message, once its background load has failed ("" if it did not)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if app.state.server.load_error:
+            break
+        await asyncio.sleep(0.02)
+    return app.state.server.load_error or ""

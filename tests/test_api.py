@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 import torch
-from conftest import make_tiny_model, peft_greedy, peft_prefix_model
+from conftest import make_tiny_model, peft_greedy, peft_prefix_model, wait_for_load_error
 
 from server.api.app import Components, create_app
 from server.config import Settings
@@ -243,10 +243,7 @@ async def test_not_ready_while_loading(tmp_path):
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
     ):
         assert (await client.get("/health")).status_code == 200
-        for _ in range(100):
-            if app.state.server.load_error:
-                break
-            await asyncio.sleep(0.05)
+        assert await wait_for_load_error(app)
         resp = await client.get("/ready")
         assert_error(resp, 503, "not_ready", "startup failed")
         assert_error(await client.post("/generate", json={"prompt": "x"}), 503, "not_ready")

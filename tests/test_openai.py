@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_model
+from conftest import byte_tokenizer, make_tiny_model, wait_for_load_error
 
 from loadtest import serverproc
 from server.api import openai as openai_routes
@@ -345,10 +345,7 @@ async def test_not_ready_is_503_in_openai_shape(tmp_path):
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
     ):
-        for _ in range(100):
-            if app.state.server.load_error:
-                break
-            await asyncio.sleep(0.05)
+        assert await wait_for_load_error(app)
         assert_openai_error(await client.get("/v1/models"), 503, None, "not_ready", "startup failed")
         assert_openai_error(await client.post("/v1/completions", json=COMPLETION), 503, None, "not_ready")
 

@@ -3,10 +3,10 @@ thread that ran parallel torch ops keeps an OpenMP team, and two teams slow ever
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import httpx
+from conftest import wait_for_load_error
 
 import server.api.app as app_module
 from server.api.app import create_app
@@ -39,10 +39,7 @@ async def test_model_loading_thread_is_gone_once_ready(tmp_path, monkeypatch):
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
     ):
-        for _ in range(100):
-            if app.state.server.load_error:
-                break
-            await asyncio.sleep(0.02)
+        assert await wait_for_load_error(app)
         assert "stop after recording the thread" in (await client.get("/ready")).text
     (loader,) = loaders
     loader.join(timeout=5)
