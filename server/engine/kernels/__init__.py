@@ -27,7 +27,7 @@ _loaded: bool | None = None
 
 def load() -> bool:
     """Build (once per machine) and load the kernels (once per process). False, logged, where they cannot
-    be built; the caller then runs torch's own ops."""
+    be built (the decode step then stays eager)."""
     global _loaded
     with _lock:
         if _loaded is None:
@@ -58,7 +58,7 @@ def _build() -> bool:
             is_python_module=False,
         )
     except Exception as e:  # no compiler, no ninja, a build error: all mean "not here"
-        log.warning("CPU decode kernels could not be built (%s); using torch's own ops", e)
+        log.warning("CPU decode kernels could not be built (%s); the decode step stays eager", e)
         return False
     _register_fakes()
     return True
