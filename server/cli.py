@@ -19,6 +19,22 @@ SERVE_FLAGS = {
     "model": (str, "'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a hub id"),
     "host": (str, "bind address (default 127.0.0.1)"),
     "port": (int, "port (default 8000)"),
+    "keep_alive_s": (float, "seconds an idle keep-alive connection stays open after a reply (default 5)"),
+    "header_timeout_s": (
+        float,
+        "seconds a connection has to send a complete request line and headers, from its opening or its "
+        "previous reply; then it is closed (408 if it sent part of one) (default 10)",
+    ),
+    "body_timeout_s": (
+        float,
+        "seconds the whole request body has to arrive after its headers; then 408 and the connection "
+        "is closed. A 64 MiB upload needs ~1.1 MB/s at the default; 0 = none (default 60)",
+    ),
+    "max_connections": (
+        int,
+        "open connections; a new one beyond this closes the oldest connection still waiting for its "
+        "request head, or gets 503 if every one is running a request (default 1000)",
+    ),
     "prefix_dir": (Path, "prefix store folder (default: the repo's prefixes/)"),
     "prefix_store": (
         str,
@@ -134,6 +150,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.connections import guarded_protocol
     from server.api.logs import configure_logging
 
     settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
@@ -151,6 +168,9 @@ def serve(args: argparse.Namespace) -> None:
         log_level=settings.log_level,
         log_config=None,  # keep our (JSON) handlers
         access_log=False,  # the request-id middleware logs every request
+        timeout_keep_alive=settings.keep_alive_s,
+        # uvicorn has no deadline for a request head nor a cap on idle sockets: see api/connections.py
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
     )
     _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
     _exit_now_if_compiling()

@@ -32,6 +32,11 @@ class Settings:
     # HTTP
     host: str = "127.0.0.1"
     port: int = 8000
+    # slow and idle clients (api/connections.py, api/limits.py)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
+    body_timeout_s: float = 60.0  # the whole body must arrive within this of the head; 0 = none
+    max_connections: int = 1000  # beyond it the oldest connection still waiting for its head is closed
     # prefix registry
     prefix_dir: Path = REPO_ROOT / "prefixes"
     prefix_store: str = ""  # "" = the folder prefix_dir; s3://bucket[/key/prefix] = an S3-compatible store
@@ -70,6 +75,7 @@ class Settings:
             "max_queue",
             "max_prompt_tokens",
             "max_new_tokens",
+            "max_connections",
         ]
         for name in positive:
             value = getattr(self, name)
@@ -88,6 +94,11 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("keep_alive_s", "header_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequest(f"setting {name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if self.body_timeout_s < 0:
+            raise InvalidRequest(f"setting body_timeout_s must be >= 0 (0 = none), got {self.body_timeout_s!r}")
         if self.log_format not in ("json", "text"):
             raise InvalidRequest(f"setting log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.prefix_store and not S3_URL_RE.fullmatch(self.prefix_store):

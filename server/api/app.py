@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from server.api.auth import KeyRing, Quotas, TenantLimits
 from server.api.errors import install_error_handlers
-from server.api.limits import BodySizeLimit
+from server.api.limits import BodySizeLimit, BodyTimeout
 from server.api.logs import RequestIdMiddleware
 from server.api.metrics import Metrics
 from server.api.openai import router as openai_router
@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     state.metrics = Metrics(state)
     # Bodies are limited while they stream in (413 before a large upload is read into memory).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + (1 << 20))  # + form and config
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # a body sent a byte a second: 408
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     install_error_handlers(app)
     app.include_router(router)

@@ -1,6 +1,10 @@
-"""Request body size limit, enforced while the body streams in (never read whole into memory first)."""
+"""Request body limits, enforced while the body streams in: its size (never read whole into memory
+first) and the time it takes to arrive (a client sending a byte a second cannot hold a request open)."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -38,3 +42,50 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class BodyTimeout:
+    """408 with the JSON error body (and the connection closed) when the whole body has not arrived
+    within `timeout_s` of the request head; once it has, `receive` waits unbounded (for a disconnect)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.timeout_s:
+            return await self.app(scope, receive, send)
+        deadline = time.monotonic() + self.timeout_s
+        body_done = False
+        timed_out = response_started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, timed_out
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                timed_out = True
+                # An HTTPException passes through FastAPI's body parsing; its answer is replaced below.
+                raise HTTPException(408, "request body timed out") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if timed_out and not response_started:
+                return  # the app's answer to the timeout; ours goes instead
+            response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not timed_out or response_started:
+                raise
+        if timed_out and not response_started:
+            message = f"the request body did not arrive within {self.timeout_s:g} s"
+            headers = {"Connection": "close"}  # the rest of the body may still be coming: do not parse it
+            await error_response(408, "request_timeout", message, headers)(scope, receive, send)
