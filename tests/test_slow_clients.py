@@ -1,7 +1,8 @@
 """Slow and idle clients against the real server process (tiny model, bounds lowered by flags): a body sent
 a byte at a time gets 408 within --body-timeout-s, a head sent so gets 408 within --header-timeout-s,
 300 idle sockets are shed past --max-connections and closed within the head deadline, idle keep-alive
-connections within --keep-alive-s; a normal client is served all along."""
+connections within --keep-alive-s; a normal client is served all along. Past --max-connections with every
+connection running a request, a new one gets 503."""
 
 from __future__ import annotations
 
@@ -175,3 +176,48 @@ def test_idle_sockets_are_shed_and_closed_while_a_normal_client_is_served(server
     timed_out = [results[f"partial-{i}"][0] for i in range(100)]
     assert all(data == b"" or error_code(data) == "request_timeout" for data in timed_out)
     assert any(data.startswith(b"HTTP/1.1 408 ") for data in timed_out)
+
+
+def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503():
+    """No model: uvicorn in this process with the guarded protocol, an app whose requests wait on an event."""
+    import asyncio
+
+    import uvicorn
+
+    from server.api.connections import guarded_protocol
+
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = serverproc.free_port()
+    config = uvicorn.Config(app, port=port, log_config=None, http=guarded_protocol(30, 2), lifespan="off")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not uv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        busy = [connect(base) for _ in range(2)]
+        for sock in busy:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        time.sleep(0.3)  # both requests are running
+        refused, closed_at = read_until_closed(connect(base), timeout_s=5)
+        assert closed_at is not None and refused.startswith(b"HTTP/1.1 503 "), refused[:200]
+        assert error_code(refused) == "overloaded" and b"retry-after: 1" in refused
+        release.set()
+        for sock in busy:  # the running requests were not disturbed
+            sock.settimeout(10)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            sock.close()
+    finally:
+        release.set()
+        uv.should_exit = True
+        thread.join(timeout=10)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import resource
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -34,6 +36,14 @@ def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class (httptools, or h11) with the head deadline and the connection cap;
     pass it as `uvicorn.Config(http=...)`. One class per server: it keeps that server's open connections."""
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if max_connections + 64 > open_files:  # model files, the store, logs: a few dozen more descriptors
+        logging.getLogger(__name__).warning(
+            "max_connections %d is near the open-file limit (ulimit -n) %d: past it new connections "
+            "are not accepted at all; raise the limit or lower --max-connections",
+            max_connections,
+            open_files,
+        )
     open_connections: dict[asyncio.Protocol, None] = {}  # insertion order: oldest first
 
     class GuardedProtocol(AutoHTTPProtocol):
