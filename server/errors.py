@@ -53,3 +53,21 @@ class QuotaExceeded(PrefixServerError):
     """A tenant over one of its quotas; the message names the quota."""
 
     code = "quota_exceeded"
+
+
+class InsufficientStorage(PrefixServerError):
+    """The prefix store has no space left for an upload; nothing of it was stored."""
+
+    code = "insufficient_storage"
+
+
+class StoreReadOnly(PrefixServerError):
+    """The prefix store refuses writes (read-only file system, permissions); reads still work."""
+
+    code = "store_read_only"
+
+
+class StoreUnavailable(PrefixServerError):
+    """The prefix store cannot be reached (an S3 endpoint that is down); retry later."""
+
+    code = "store_unavailable"

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
+    InsufficientStorage,
     InvalidRequest,
     NotReady,
     Overloaded,
@@ -19,6 +20,8 @@ from server.errors import (
     PrefixServerError,
     QuotaExceeded,
     RequestTimeout,
+    StoreReadOnly,
+    StoreUnavailable,
     Unauthorized,
     UnsupportedModel,
 )
@@ -36,6 +39,9 @@ STATUS_CODES: dict[type[PrefixServerError], int] = {
     QuotaExceeded: 429,
     RequestTimeout: 504,
     UnsupportedModel: 500,
+    InsufficientStorage: 507,
+    StoreReadOnly: 503,
+    StoreUnavailable: 503,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -21,7 +22,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import InvalidRequest, PrefixFormatError, PrefixNotFound, PrefixServerError
+from server.errors import (
+    InsufficientStorage,
+    InvalidRequest,
+    PrefixFormatError,
+    PrefixNotFound,
+    PrefixServerError,
+    StoreReadOnly,
+)
 from server.registry.format import read_metadata
 
 logger = logging.getLogger(__name__)
@@ -34,6 +42,8 @@ _TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _VERSION_FILE_RE = re.compile(r"v([1-9][0-9]*)\.(safetensors|json)")
 _TOMBSTONE = "deleted.json"
 _JSON_TYPES = {"str": str, "int": int, "float": (int, float)}  # field annotation -> accepted JSON types
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # read-only mount, permissions
 
 
 def is_task_id(name: object) -> bool:
@@ -126,19 +136,22 @@ class PrefixStore:
             )
             with self._lock:
                 self._max_version[task_id] = version
-            if not folder.is_dir():  # a new folder's entry (and tasks/'s) must survive a crash too
-                folder.mkdir(parents=True)
-                for parent in (self.tasks_dir, self.root):
-                    _fsync_dir(parent)
+            new_folder = not folder.is_dir()
             try:
+                if new_folder:  # a new folder's entry (and tasks/'s) must survive a crash too
+                    folder.mkdir(parents=True)
+                    for parent in (self.tasks_dir, self.root):
+                        _fsync_dir(parent)
                 _write_atomic(folder / f"v{version}.safetensors", data)
                 _write_atomic(folder / f"v{version}.json", json.dumps(record.to_dict(), indent=1).encode())
-            except BaseException:
-                _unlink_versions(folder, [version])  # never committed, so never visible
-                raise
+            except BaseException as e:
+                self._abandon(task_id, version, folder, new_folder)  # never committed, so never visible
+                if (error := _storage_error(e, self.root, f"the upload of {task_id!r}")) is None:
+                    raise
+                raise error from e
             with self._lock:
                 self._latest[task_id] = record
-            _unlink_versions(folder, _versions_on_disk(folder) - {version})
+            self._cleanup(folder, _versions_on_disk(folder) - {version})
         return record
 
     def delete(self, task_id: str) -> PrefixRecord:
@@ -151,10 +164,15 @@ class PrefixStore:
                 through = self._max_version[task_id]
             tombstone = {"task_id": task_id, "deleted_through": through, "deleted_at": time.time()}
             # Durable before any file goes, so a crash mid-delete cannot resurrect the task.
-            _write_atomic(folder / _TOMBSTONE, json.dumps(tombstone).encode())
+            try:
+                _write_atomic(folder / _TOMBSTONE, json.dumps(tombstone).encode())
+            except OSError as e:
+                if (error := _storage_error(e, self.root, f"the delete of {task_id!r}")) is None:
+                    raise
+                raise error from e
             with self._lock:
                 del self._latest[task_id]
-            _unlink_versions(folder, _versions_on_disk(folder))
+            self._cleanup(folder, _versions_on_disk(folder))
         return record
 
     def known(self, task_id: str) -> bool:
@@ -242,6 +260,40 @@ class PrefixStore:
     def _task_lock(self, task_id: str) -> threading.Lock:
         with self._lock:
             return self._task_locks.setdefault(task_id, threading.Lock())
+
+    def _abandon(self, task_id: str, version: int, folder: Path, new_folder: bool) -> None:
+        """Undo a put that failed before its commit: its files, its folder if new, its version number
+        (the caller holds the task's lock, so no later version was issued meanwhile)."""
+        with contextlib.suppress(OSError):  # a store that cannot write may not unlink either
+            _unlink_versions(folder, [version])
+            if new_folder:
+                folder.rmdir()  # only if empty
+        with self._lock:
+            if self._max_version.get(task_id) == version:
+                self._max_version[task_id] = version - 1
+
+    def _cleanup(self, folder: Path, versions: Iterable[int]) -> None:
+        """Remove superseded or deleted versions after a commit; a failure leaves them to recovery,
+        since the commit itself stands (they are never served: the index names the newer state)."""
+        try:
+            _unlink_versions(folder, versions)
+        except OSError as e:
+            logger.warning("prefix store: could not remove old files in %s (%s); recovery will", folder, e)
+
+
+def _storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError | None:
+    """The domain error for a failed write under `root` (no space, not writable), else None."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return InsufficientStorage(
+            f"prefix store {root} is out of space ({e.strerror}): {what} was not stored; "
+            "the stored prefixes are unchanged"
+        )
+    if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+        return StoreReadOnly(
+            f"prefix store {root} is read-only ({e.strerror}): {what} was refused and nothing changed; "
+            "uploads and deletes fail until it is writable, generation goes on"
+        )
+    return None
 
 
 def verified(record: PrefixRecord, data: bytes) -> bytes:

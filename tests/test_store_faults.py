@@ -1,0 +1,265 @@
+"""Faults below HTTP in the prefix store, against the real server process on a tiny model: the store's disk
+fills up during an upload, the store turns read-only, the S3 endpoint goes away and comes back. Each
+checks: nothing lost, a clear error (never a 500), and recovery without a restart.
+
+How each fault is made, the real store code running throughout:
+- disk full: RLIMIT_FSIZE on the server process (prlimit from the test), so the kernel cuts the write of
+  the prefix file part way with EFBIG, exactly where a full disk gives ENOSPC; the in-process test below
+  raises ENOSPC and the other errnos at the same place.
+- read-only: a launcher makes every write system call under the store folder (open for writing, mkdir,
+  rename, unlink, rmdir) fail with EROFS or EACCES while a marker file exists, as a read-only mount or a
+  chmod would (these tests run as root too, where a chmod changes nothing); reads are untouched.
+- S3: moto's S3 server behind a TCP forwarder the test takes down (connections refused, open ones cut)
+  and brings back on the same port, or turns into a black hole (accepts, never answers).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import byte_tokenizer, make_tiny_model, native_bytes, put_prefix
+
+from loadtest import serverproc
+from server.engine.engine import Engine
+from server.errors import InsufficientStorage, StoreReadOnly
+from server.registry.format import PrefixKV, save_native
+from server.registry.store import PrefixStore
+from server.request import Request, SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "hello there"
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The reference: the server's tiny model, in this process."""
+    return Engine(make_tiny_model("llama-gqa"), byte_tokenizer(), max_slots=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, engine) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    engine.model.save_pretrained(folder)
+    engine.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_prefix(engine: Engine, num_virtual_tokens: int, seed: int) -> PrefixKV:
+    gen = torch.Generator().manual_seed(seed)
+    return engine.encode_prefix(torch.randint(2, 250, (num_virtual_tokens,), generator=gen).tolist())
+
+
+def reference_output(engine: Engine, prefix: PrefixKV) -> list[int]:
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    request = Request(ids, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True), prefix=prefix)
+    return engine.generate([request])[0].output_token_ids
+
+
+def generate(client: httpx.Client, task_id: str) -> httpx.Response:
+    body = {"task_id": task_id, "prompt": PROMPT, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    return client.post("/generate", json=body)
+
+
+def upload(client: httpx.Client, task_id: str, prefix: PrefixKV) -> httpx.Response:
+    files = {"file": ("prefix.safetensors", save_native(prefix))}
+    return client.post("/prefixes", data={"task_id": task_id}, files=files)
+
+
+def error_of(reply: httpx.Response, status: int, code: str) -> str:
+    """The message of a JSON error reply with this status and code."""
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["code"] == code, reply.text
+    return reply.json()["error"]["message"]
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file and folder under `root` (folders as b"/"), by relative path."""
+    return {
+        str(p.relative_to(root)): b"/" if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if "locks" not in p.parts
+    }
+
+
+def start(args: list[str], work: Path) -> tuple:
+    """The server on the tiny model, run through LAUNCHER (see below); (process, base url, log)."""
+    (work / "launcher.py").write_text(LAUNCHER)
+    log = open(work / "server.log", "w+")  # noqa: SIM115 (closed by stop_server)
+    try:
+        proc, base = serverproc.start(
+            [*args, "--max-batch-wait-ms", "1", "--max-virtual-tokens", "512"],
+            log=log,
+            timeout_s=120,
+            launcher=[sys.executable, str(work / "launcher.py")],
+        )
+    except serverproc.ServerNotReady as e:
+        log.close()
+        pytest.fail(str(e))
+    return proc, base, log
+
+
+def stop_server(proc, log) -> None:
+    try:
+        serverproc.stop(proc)
+    finally:
+        log.close()
+
+
+# Runs the server (`python launcher.py serve ...`): a write past RLIMIT_FSIZE fails with EFBIG instead of
+# killing the process, and while the file $STORE_READ_ONLY exists (it holds an errno name), every write
+# system call under $STORE_ROOT fails with that errno.
+LAUNCHER = textwrap.dedent(
+    r"""
+    import errno, os, signal, sys
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    MARKER, ROOT = os.environ.get("STORE_READ_ONLY"), os.environ.get("STORE_ROOT")
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def refuse(path):
+        if not (MARKER and ROOT and os.path.exists(MARKER)):
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        if path == ROOT or path.startswith(ROOT + os.sep):
+            with open(MARKER) as f:
+                code = getattr(errno, f.read().strip())
+            raise OSError(code, os.strerror(code), path)
+
+    def guarded(call, paths):
+        def wrapper(*args, **kwargs):
+            for path in args[:paths]:
+                refuse(path)
+            return call(*args, **kwargs)
+        return wrapper
+
+    real_open = os.open
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & WRITE_FLAGS:
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    os.open = guarded_open
+    for name, paths in {"mkdir": 1, "rmdir": 1, "unlink": 1, "remove": 1, "replace": 2, "rename": 2}.items():
+        setattr(os, name, guarded(getattr(os, name), paths))
+
+    from server.cli import main
+
+    main(sys.argv[1:])
+    """
+)
+
+
+# ---- 1. the disk fills up during an upload ----
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux prlimit")
+def test_disk_full_during_upload_is_a_507_and_leaves_the_store_as_it_was(engine, model_dir, tmp_path):
+    root = tmp_path / "prefixes"
+    proc, base, log = start(["--model", str(model_dir), "--prefix-dir", str(root)], tmp_path)
+    small, big, other = make_prefix(engine, 8, 1), make_prefix(engine, 256, 2), make_prefix(engine, 256, 3)
+    limit = 64 << 10  # the 256-token prefixes' files are 128 KiB; the log and the .json stay far below
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            assert upload(client, "kept", small).json()["version"] == 1
+            before = generate(client, "kept").json()
+            assert before["token_ids"] == reference_output(engine, small)
+            listed, on_disk = client.get("/prefixes").json(), files_under(root)
+
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            for task_id, prefix in (("kept", big), ("new", other)):  # a new version, a new task
+                message = error_of(upload(client, task_id, prefix), 507, "insufficient_storage")
+                assert "out of space" in message and "was not stored" in message, message
+            assert client.get("/prefixes").json() == listed
+            assert files_under(root) == on_disk  # no temp file, no half version, no empty folder
+            assert generate(client, "kept").json()["token_ids"] == before["token_ids"]
+
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+            assert upload(client, "kept", big).json()["version"] == 2  # the failed upload burnt no version
+            assert upload(client, "new", other).json()["version"] == 1
+            for task_id, prefix in (("kept", big), ("new", other)):
+                reply = generate(client, task_id).json()
+                assert reply["token_ids"] == reference_output(engine, prefix), reply
+        assert proc.poll() is None and "Traceback" not in serverproc.tail(log, 1 << 20)
+    finally:
+        stop_server(proc, log)
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES"])
+def test_a_failed_write_is_undone_and_named(tmp_path, monkeypatch, code):
+    """In process: the write of a version's file fails with `code` (at the rename: its temp file exists)."""
+    store = PrefixStore(tmp_path)
+    store.recover()
+    v1 = put_prefix(store, "kept", seed=1)
+    on_disk = files_under(tmp_path)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    expected = StoreReadOnly if code in ("EROFS", "EACCES") else InsufficientStorage
+    for task_id in ("kept", "new"):
+        with pytest.raises(expected, match="read-only" if expected is StoreReadOnly else "out of space"):
+            put_prefix(store, task_id, seed=2)
+    with pytest.raises(expected):
+        store.delete("kept")
+    assert files_under(tmp_path) == on_disk and store.list() == [v1]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert put_prefix(store, "kept", seed=2).version == 2 and put_prefix(store, "new", seed=3).version == 1
+    assert store.read(store.get("kept")) == native_bytes(2)
+
+
+# ---- 2. the store turns read-only ----
+
+
+def test_read_only_store_refuses_writes_with_503_and_generation_goes_on(
+    engine, model_dir, tmp_path, monkeypatch
+):
+    root, marker = tmp_path / "prefixes", tmp_path / "read-only"
+    monkeypatch.setenv("STORE_ROOT", str(root.resolve()))
+    monkeypatch.setenv("STORE_READ_ONLY", str(marker))
+    proc, base, log = start(["--model", str(model_dir), "--prefix-dir", str(root)], tmp_path)
+    prefixes = {
+        task_id: make_prefix(engine, 8, seed) for seed, task_id in enumerate(["hot", "cold1", "cold2"])
+    }
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for task_id, prefix in prefixes.items():
+                assert upload(client, task_id, prefix).status_code == 201
+            hot = generate(client, "hot").json()["token_ids"]  # now resident; cold1 and cold2 are not
+            listed, on_disk = client.get("/prefixes").json(), files_under(root)
+            for name, cold in (("EROFS", "cold1"), ("EACCES", "cold2")):
+                marker.write_text(name)
+                refused = [
+                    upload(client, "hot", prefixes["cold1"]),
+                    upload(client, "new", prefixes["cold1"]),
+                    client.post("/prefixes/from-text", json={"task_id": "new", "text": "be brief"}),
+                    client.delete("/prefixes/hot"),
+                ]
+                for reply in refused:
+                    assert "read-only" in error_of(reply, 503, "store_read_only"), name
+                    assert reply.headers["Retry-After"] == "1"
+                assert generate(client, "hot").json()["token_ids"] == hot
+                cold_reply = generate(client, cold)  # read from the read-only disk now
+                assert cold_reply.json()["token_ids"] == reference_output(engine, prefixes[cold]), (
+                    cold_reply.text
+                )
+                assert client.get("/prefixes").json() == listed
+                assert files_under(root) == on_disk
+            marker.unlink()
+            assert upload(client, "hot", prefixes["cold1"]).json()["version"] == 2
+            assert client.delete("/prefixes/cold2").status_code == 204
+            assert generate(client, "hot").json()["token_ids"] == reference_output(engine, prefixes["cold1"])
+        assert proc.poll() is None and "Traceback" not in serverproc.tail(log, 1 << 20)
+    finally:
+        stop_server(proc, log)
