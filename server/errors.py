@@ -1,5 +1,17 @@
 """Domain errors. Each says what was expected and what arrived; `api/errors.py` maps them to HTTP."""
 
+MAX_SHOWN_CHARS = 200  # an error message quotes at most this much of a client's value
+
+
+def shown(value: object, limit: int = MAX_SHOWN_CHARS, *, quoted: bool = True) -> str:
+    """A client's value as an error message quotes it: its repr (its str unless `quoted`), cut to
+    `limit` characters with an ellipsis and the full length, so a 1 MB field makes a short message."""
+    text = repr(value) if quoted else str(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[:limit]}... ({size})"
+
 
 class PrefixServerError(Exception):
     """Base class; `code` is the stable machine-readable name clients see."""

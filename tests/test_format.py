@@ -343,6 +343,28 @@ ERROR_CASES = {
         {"adapter_config": peft_config(num_transformer_submodules=2)},
         "num_transformer_submodules=2, expected 1",
     ),
+    # Types are checked before values: "2" once read as a count and said "adapter has 2 layers, model
+    # has 2"; 2.0 and true passed as 2 and 1.
+    "adapter_layers_string": (
+        peft_blob(),
+        {"adapter_config": peft_config(num_layers="2")},
+        r"^num_layers must be an integer, got '2' \(a string\)$",
+    ),
+    "adapter_heads_float": (
+        peft_blob(),
+        {"adapter_config": peft_config(num_attention_heads=2.0)},
+        r"^num_attention_heads must be an integer, got 2.0 \(a number\)$",
+    ),
+    "adapter_tokens_bool": (
+        peft_blob(p=1),
+        {"adapter_config": peft_config(num_virtual_tokens=True)},
+        r"^num_virtual_tokens must be an integer, got True \(a boolean\)$",
+    ),
+    "adapter_submodules_list": (
+        peft_blob(),
+        {"adapter_config": peft_config(num_transformer_submodules=[1])},
+        r"^num_transformer_submodules must be an integer, got \[1\] \(an array\)$",
+    ),
 }
 
 
@@ -355,3 +377,24 @@ def test_load_errors(data: bytes, kwargs: dict, match: str) -> None:
 def test_read_metadata_rejects_garbage() -> None:
     with pytest.raises(PrefixFormatError, match="not a safetensors file"):
         read_metadata(b"\x00" * 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs"),
+    [
+        (peft_blob(), {"adapter_config": peft_config(peft_type="L" * 100_000)}),
+        (peft_blob(), {"adapter_config": peft_config(num_layers="9" * 100_000)}),
+        (tensors(None, **{"k" * 100_000: torch.zeros(1)}), {}),
+        (
+            tensors({**NATIVE_MD, "architecture": "a" * 100_000}, keys=torch.zeros(1), values=torch.zeros(1)),
+            {},
+        ),
+        (tensors({"format": "prefix-server/" + "v" * 100_000}, keys=torch.zeros(1)), {}),
+    ],
+    ids=["peft_type", "num_layers", "tensor_name", "architecture", "format"],
+)
+def test_long_values_are_quoted_short(data: bytes, kwargs: dict) -> None:
+    """A file's own strings in a message are cut (with their length): replies once reached ~1 MB."""
+    with pytest.raises(PrefixFormatError) as e:
+        load_prefix(data, LLAMA_FP, **kwargs)
+    assert len(str(e.value)) < 500 and "... (100" in str(e.value), str(e.value)[:600]

@@ -15,7 +15,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from server.errors import PrefixFormatError
+from server.errors import PrefixFormatError, shown
 
 FORMAT_NAME = "prefix-server/v1"
 MAX_HEADER_BYTES = 1 << 20
@@ -65,14 +65,14 @@ class ModelFingerprint:
             # At most 18 digits: int() refuses strings of over 4300 digits with a ValueError of its own.
             value = md[name]
             if not (isinstance(value, str) and value.isdecimal() and len(value) <= 18 and int(value) > 0):
-                raise PrefixFormatError(f"prefix metadata {name}={value!r:.40}, expected a positive integer")
+                raise PrefixFormatError(f"prefix metadata {name}={shown(value)}, expected a positive integer")
         return cls(str(md["architecture"]), *(int(md[n]) for n in names[1:]))
 
     def check(self, other: ModelFingerprint) -> None:
         """Raise PrefixFormatError naming the first field where `other` (prefix) differs from self (model)."""
         if other.architecture != self.architecture:
             raise PrefixFormatError(
-                f"prefix was made for architecture {other.architecture!r}, model is {self.architecture!r}"
+                f"prefix was made for architecture {shown(other.architecture)}, model is {self.architecture!r}"
             )
         for name, what in _FIELD_WORDS.items():
             got, want = getattr(other, name), getattr(self, name)
@@ -149,11 +149,11 @@ def _parse_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
         offsets = entry.get("data_offsets")
         if not (isinstance(entry.get("dtype"), str) and _ints(entry.get("shape")) and _ints(offsets, 2)):
             raise PrefixFormatError(
-                f"malformed safetensors header entry for tensor {name!r}: {header[name]!r}"[:300]
+                f"malformed safetensors header entry for tensor {shown(name)}: {shown(header[name])}"
             )
         if offsets[1] > body:
             raise PrefixFormatError(
-                f"truncated safetensors file: tensor {name!r} needs data up to byte {offsets[1]}, "
+                f"truncated safetensors file: tensor {shown(name)} needs data up to byte {offsets[1]}, "
                 f"the file has {body}"
             )
     return header, metadata
@@ -184,6 +184,21 @@ def _check_tokens(n: int, limit: int) -> None:
         raise PrefixFormatError(f"prefix has {n} virtual tokens, limit is {limit}")
 
 
+# adapter_config.json's counts that must match the model and the file, and what a mismatch says
+_CONFIG_COUNTS = {
+    "num_layers": "adapter has {got} layers, model has {want}",
+    "num_attention_heads": "adapter has {got} attention heads, model has {want} kv heads",
+    "token_dim": "adapter token_dim is {got}, expected kv_heads*head_dim = {fp.kv_heads}*{fp.head_dim} = {want}",
+    "num_virtual_tokens": "adapter says {got} virtual tokens, prompt_embeddings has {want}",
+}
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in words: 'a string', 'a number', ..."""
+    kinds = {bool: "a boolean", str: "a string", float: "a number", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _check_adapter_config(raw: bytes, fp: ModelFingerprint, num_virtual_tokens: int) -> None:
     """Validate PEFT's adapter_config.json against the model and the prompt_embeddings row count."""
     try:
@@ -193,27 +208,28 @@ def _check_adapter_config(raw: bytes, fp: ModelFingerprint, num_virtual_tokens: 
     if not isinstance(cfg, dict):
         raise PrefixFormatError(f"adapter_config.json is a JSON {type(cfg).__name__}, expected an object")
     if cfg.get("peft_type") != "PREFIX_TUNING":
-        raise PrefixFormatError(f"adapter peft_type is {cfg.get('peft_type')!r}, expected 'PREFIX_TUNING'")
+        raise PrefixFormatError(
+            f"adapter peft_type is {shown(cfg.get('peft_type'))}, expected 'PREFIX_TUNING'"
+        )
+    for key in ("num_transformer_submodules", *_CONFIG_COUNTS):
+        got = cfg.get(key)
+        if got is not None and type(got) is not int:  # "30" would read as 30 in a message; true is no count
+            raise PrefixFormatError(f"{key} must be an integer, got {shown(got)} ({_json_kind(got)})")
     if cfg.get("num_transformer_submodules") not in (None, 1):
         raise PrefixFormatError(
             f"adapter has num_transformer_submodules={cfg['num_transformer_submodules']}, "
             "expected 1 (decoder-only model)"
         )
-    td = f"kv_heads*head_dim = {fp.kv_heads}*{fp.head_dim}"
-    checks = (
-        ("num_layers", fp.num_layers, "adapter has {} layers, model has {}"),
-        ("num_attention_heads", fp.kv_heads, "adapter has {} attention heads, model has {} kv heads"),
-        ("token_dim", fp.kv_heads * fp.head_dim, "adapter token_dim is {}, expected " + td + " = {}"),
-        (
-            "num_virtual_tokens",
-            num_virtual_tokens,
-            "adapter says {} virtual tokens, prompt_embeddings has {}",
-        ),
-    )
-    for key, want, msg in checks:
+    wants = {
+        "num_layers": fp.num_layers,
+        "num_attention_heads": fp.kv_heads,
+        "token_dim": fp.kv_heads * fp.head_dim,
+        "num_virtual_tokens": num_virtual_tokens,
+    }
+    for key, message in _CONFIG_COUNTS.items():
         got = cfg.get(key)
-        if got is not None and got != want:
-            raise PrefixFormatError(msg.format(got, want))
+        if got is not None and got != wants[key]:
+            raise PrefixFormatError(message.format(got=got, want=wants[key], fp=fp))
 
 
 def load_prefix(
@@ -233,16 +249,17 @@ def load_prefix(
     names = sorted(header)
     fmt = metadata.get("format")
     if fmt != FORMAT_NAME and str(fmt).startswith("prefix-server/"):  # HF/PEFT files say format="pt"
-        raise PrefixFormatError(f"unknown prefix format {fmt!r}, expected {FORMAT_NAME!r}")
+        raise PrefixFormatError(f"unknown prefix format {shown(fmt)}, expected {FORMAT_NAME!r}")
     if names != (_NATIVE_NAMES if fmt == FORMAT_NAME else _PEFT_NAMES):
         raise PrefixFormatError(
-            f"found tensors {names}, expected {_NATIVE_NAMES} with metadata format={FORMAT_NAME!r}, "
+            f"found tensors {shown(names)}, expected {_NATIVE_NAMES} with metadata format={FORMAT_NAME!r}, "
             f"or {_PEFT_NAMES} (PEFT prefix tuning)"
         )
     for name in names:
         if header[name]["dtype"] not in _DTYPES:
             raise PrefixFormatError(
-                f"tensor {name!r} has dtype {header[name]['dtype']}, expected one of {', '.join(_DTYPES)}"
+                f"tensor {shown(name)} has dtype {shown(header[name]['dtype'], quoted=False)}, expected one of "
+                f"{', '.join(_DTYPES)}"
             )
     L, kv, D = expected.num_layers, expected.kv_heads, expected.head_dim
 
@@ -259,7 +276,7 @@ def load_prefix(
         P = k_shape[2]
         if metadata.get("num_virtual_tokens", str(P)) != str(P):
             raise PrefixFormatError(
-                f"metadata says {metadata['num_virtual_tokens']} virtual tokens, tensors have {P}"
+                f"metadata says {shown(metadata['num_virtual_tokens'], quoted=False)} virtual tokens, tensors have {P}"
             )
         _check_tokens(P, max_virtual_tokens)
         tensors = _load_tensors(data)
