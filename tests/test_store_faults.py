@@ -15,11 +15,16 @@ How each fault is made, the real store code running throughout:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
+import socket
 import sys
 import textwrap
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -29,8 +34,10 @@ from conftest import byte_tokenizer, make_tiny_model, native_bytes, put_prefix
 
 from loadtest import serverproc
 from server.engine.engine import Engine
-from server.errors import InsufficientStorage, StoreReadOnly
+from server.errors import InsufficientStorage, PrefixNotFound, StoreReadOnly, StoreUnavailable
 from server.registry.format import PrefixKV, save_native
+from server.registry.s3_bucket import CALL_BOUND_S, PROBE_INTERVAL_S
+from server.registry.s3_store import S3PrefixStore
 from server.registry.store import PrefixStore
 from server.request import Request, SamplingParams
 
@@ -260,6 +267,237 @@ def test_read_only_store_refuses_writes_with_503_and_generation_goes_on(
             assert upload(client, "hot", prefixes["cold1"]).json()["version"] == 2
             assert client.delete("/prefixes/cold2").status_code == 204
             assert generate(client, "hot").json()["token_ids"] == reference_output(engine, prefixes["cold1"])
+        assert proc.poll() is None and "Traceback" not in serverproc.tail(log, 1 << 20)
+    finally:
+        stop_server(proc, log)
+
+
+# ---- 3. the S3 endpoint goes away and comes back ----
+
+
+class Forwarder:
+    """TCP from a fixed localhost port to `target`: `down()` stops listening (new connections are refused)
+    and cuts the open ones, `up()` listens again on the same port, `black_hole()` accepts and never
+    answers."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.port = target, serverproc.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.mode = "down"
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def up(self, mode: str = "up") -> None:
+        self.down()
+        self.mode = mode
+        self._listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port
+        self._listener.settimeout(0.05)
+        self._acceptor = threading.Thread(target=self._accept, args=(self._listener,), daemon=True)
+        self._acceptor.start()
+
+    def black_hole(self) -> None:
+        self.up("black hole")
+
+    def down(self) -> None:
+        self.mode = "down"
+        if self._listener is not None:
+            self._listener.close()
+            self._acceptor.join()  # its poll of the listener ends within the 0.05 s timeout: port free
+            self._listener = None
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while listener.fileno() != -1:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._open.add(client)
+            if self.mode == "black hole":
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._open.add(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _swallow(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(1 << 16):
+                pass
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield server.get_host_and_port()
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch, tmp_path):
+    """(the forwarder in front of moto, up, which boto3 in this process and in child processes uses,
+    a fresh bucket's s3:// URL, a boto3 client that talks to moto directly)."""
+    boto3 = pytest.importorskip("boto3")
+    forwarder = Forwarder(moto_endpoint)
+    forwarder.up()
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ENDPOINT_URL": forwarder.url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    direct = boto3.client("s3", endpoint_url="http://{}:{}".format(*moto_endpoint))
+    bucket = f"prefixes-{uuid.uuid4().hex[:12]}"
+    direct.create_bucket(Bucket=bucket)
+    yield forwarder, f"s3://{bucket}/x", direct
+    forwarder.down()
+
+
+def bucket_keys(direct, url: str) -> list[str]:
+    bucket = url.removeprefix("s3://").split("/")[0]
+    return sorted(o["Key"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+def wait_until(check, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        assert time.monotonic() < deadline, "not recovered in time"
+        time.sleep(0.1)
+    return result
+
+
+def test_s3_store_outage_in_process(s3):
+    """The store alone: known tasks are served from the index, unknown ones and writes are refused at
+    once (StoreUnavailable, not "not found"), nothing is written, and it recovers by itself."""
+    forwarder, url, direct = s3
+    store = S3PrefixStore.from_url(url, ttl_s=0.0)
+    store.recover()
+    v1 = put_prefix(store, "known", seed=1)
+    keys = bucket_keys(direct, url)
+    forwarder.down()
+    started = time.monotonic()
+    assert store.get("known") == v1  # from the index; the failed check is logged once, not raised
+    for call in (
+        lambda: store.get("other"),
+        lambda: store.read(v1),
+        lambda: put_prefix(store, "known", seed=2),
+        lambda: put_prefix(store, "new", seed=2),
+        lambda: store.delete("known"),
+    ):
+        with pytest.raises(StoreUnavailable, match="cannot be reached"):
+            call()
+    assert store.list() == [v1]
+    assert time.monotonic() - started < CALL_BOUND_S
+    forwarder.up()
+    wait_until(lambda: store.objects._down_since is None, 5 * PROBE_INTERVAL_S)
+    assert bucket_keys(direct, url) == keys  # no write reached the bucket, nor half of one
+    assert store.read(v1) == native_bytes(1)
+    assert put_prefix(store, "known", seed=2).version == 2 and put_prefix(store, "new", seed=3).version == 1
+    with pytest.raises(PrefixNotFound):
+        store.get("other")
+
+
+def test_s3_outage_mid_traffic_then_back_without_restart(engine, model_dir, tmp_path, s3):
+    forwarder, url, direct = s3
+    store_args = ["--prefix-store", url, "--prefix-store-ttl-s", "0"]  # every lookup checks the bucket
+    proc, base, log = start(["--model", str(model_dir), *store_args], tmp_path)
+    prefixes = {task_id: make_prefix(engine, 8, seed) for seed, task_id in enumerate(["hot", "cold", "peer"])}
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for task_id in ("hot", "cold"):
+                assert upload(client, task_id, prefixes[task_id]).status_code == 201
+            hot = generate(client, "hot").json()["token_ids"]  # resident now; "cold" is indexed, not loaded
+            listed = client.get("/prefixes").json()
+            peer = S3PrefixStore.from_url(url)  # another server's upload, which this one never looked up
+            peer.put("peer", lambda v: save_native(prefixes["peer"]), num_virtual_tokens=8, source="native")
+            keys = bucket_keys(direct, url)
+
+            forwarder.down()
+            for _ in range(3):
+                assert generate(client, "hot").json()["token_ids"] == hot
+            for task_id in ("cold", "peer", "never-stored"):  # "not found" would be a guess
+                started = time.monotonic()
+                reply = generate(client, task_id)
+                assert "cannot be reached" in error_of(reply, 503, "store_unavailable"), task_id
+                assert reply.headers["Retry-After"] == "1"
+                assert time.monotonic() - started < CALL_BOUND_S
+            refused = [
+                upload(client, "hot", prefixes["peer"]),
+                upload(client, "new", prefixes["peer"]),
+                client.delete("/prefixes/cold"),
+            ]
+            for reply in refused:
+                error_of(reply, 503, "store_unavailable")
+            assert client.get("/prefixes").json() == listed
+            assert client.get("/health").status_code == 200
+
+            forwarder.up()
+            reply = wait_until(lambda: (r := generate(client, "cold")).status_code == 200 and r)
+            assert reply.json()["token_ids"] == reference_output(engine, prefixes["cold"])
+            assert bucket_keys(direct, url) == keys  # nothing of the refused writes, not half of one
+            peer_reply = generate(client, "peer").json()
+            assert peer_reply["token_ids"] == reference_output(engine, prefixes["peer"]), peer_reply
+            error_of(generate(client, "never-stored"), 404, "task_not_found")
+            assert generate(client, "hot").json()["token_ids"] == hot
+            assert upload(client, "hot", prefixes["peer"]).json()["version"] == 2
+            assert upload(client, "new", prefixes["peer"]).json()["version"] == 1
+        assert proc.poll() is None and "Traceback" not in serverproc.tail(log, 1 << 20)
+    finally:
+        stop_server(proc, log)
+
+
+@pytest.mark.slow  # waits out the read timeouts: about CALL_BOUND_S
+def test_s3_endpoint_that_never_answers_is_a_bounded_503_not_a_hang(engine, model_dir, tmp_path, s3):
+    forwarder, url, _ = s3
+    proc, base, log = start(["--model", str(model_dir), "--prefix-store", url], tmp_path)
+    prefixes = {task_id: make_prefix(engine, 8, seed) for seed, task_id in enumerate(["hot", "cold"])}
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for task_id in ("hot", "cold"):
+                assert upload(client, task_id, prefixes[task_id]).status_code == 201
+            hot = generate(client, "hot").json()["token_ids"]
+            forwarder.black_hole()
+            time.sleep(1.1)  # past --prefix-store-ttl-s (1 s): the next lookup asks the bucket
+            started = time.monotonic()
+            error_of(generate(client, "cold"), 503, "store_unavailable")  # the one call that waits
+            assert time.monotonic() - started < CALL_BOUND_S + 2
+            started = time.monotonic()
+            assert generate(client, "hot").json()["token_ids"] == hot
+            error_of(generate(client, "cold"), 503, "store_unavailable")
+            error_of(upload(client, "cold", prefixes["hot"]), 503, "store_unavailable")
+            assert time.monotonic() - started < 2  # no call waits on a store known to be down
+            forwarder.up()
+            reply = wait_until(lambda: (r := generate(client, "cold")).status_code == 200 and r)
+            assert reply.json()["token_ids"] == reference_output(engine, prefixes["cold"])
         assert proc.poll() is None and "Traceback" not in serverproc.tail(log, 1 << 20)
     finally:
         stop_server(proc, log)

@@ -13,6 +13,10 @@ delete, whose ETag readers compare.
   HEADs latest.json and, only when its ETag changed, lists the task and reads its newest committed
   version (json, file, sha256). So a new version reaches every server within `ttl_s` of the upload.
 - A corrupt or partial version is skipped, with a log line, for the next older whole one.
+- An unreachable store (s3_bucket.py bounds every call): lookups of a task the index knows serve what it
+  knows; of one it does not, and every write, fail with StoreUnavailable (503), never a guessed "not
+  found". A write that fails before its commit leaves nothing any reader takes for a version; once
+  committed, it stands even if rewriting latest.json fails (other servers then find it by listing).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from server.errors import PrefixNotFound, PrefixServerError
+from server.errors import PrefixNotFound, PrefixServerError, StoreUnavailable
 from server.registry.s3_bucket import Listing, TaskObjects
 from server.registry.store import SOURCES, PrefixRecord, check_version_bytes, validate_task_id, verified
 
@@ -114,9 +118,8 @@ class S3PrefixStore:
                 version = max(version, deleted, *kinds) + 1  # a 412: another writer has this version
             else:
                 raise PrefixServerError(f"no version of {task_id!r} committed in {_ATTEMPTS} tries")
-            etag = self._touch(task_id, version=version)
-            self._index(task_id, record, version, 0, etag, notify=False)
-            self._remove(task_id, [v for v in kinds if v < version])  # after the marker: readers look again
+            # after the marker, readers look again: then the older versions can go
+            self._publish(task_id, record, version, 0, [v for v in kinds if v < version], version=version)
         return record
 
     def delete(self, task_id: str) -> PrefixRecord:
@@ -134,9 +137,8 @@ class S3PrefixStore:
             tombstone = {"task_id": task_id, "deleted_through": through, "deleted_at": time.time()}
             # Before any object goes, so a crash mid-delete cannot resurrect the task.
             self.objects.put(task_id, f"deleted-{through}.json", json.dumps(tombstone).encode())
-            etag = self._touch(task_id, deleted_through=through)
-            self._index(task_id, None, through, through, etag, notify=False)
-            self._remove(task_id, kinds, [f"deleted-{n}.json" for n in _tombstones(listing) if n < through])
+            old = [f"deleted-{n}.json" for n in _tombstones(listing) if n < through]
+            self._publish(task_id, None, through, through, kinds, old, deleted_through=through)
         return record
 
     def read(self, record: PrefixRecord) -> bytes:
@@ -169,7 +171,11 @@ class S3PrefixStore:
             return
         try:
             new_etag = self.objects.etag(task_id, _MARKER)
-        except Exception as e:  # the store is unreachable: serve what is known, try again after ttl_s
+        except StoreUnavailable:
+            if not seen:  # nothing known of it, and "not found" would be a guess: 503
+                raise
+            new_etag = etag  # serve what is known (s3_bucket.py logged the outage); check after ttl_s
+        except Exception as e:
             logger.warning("prefix store %s: cannot check %r: %s", self.root, task_id, e)
             new_etag = etag
         if seen and new_etag == etag:
@@ -181,7 +187,11 @@ class S3PrefixStore:
                     self._absent.clear()
                 self._absent[task_id] = now
         else:  # the marker from before the listing: a change during it makes the next check list again
-            self._refresh(task_id, self.objects.list_task(task_id), [], etag=new_etag, when=now)
+            try:
+                self._refresh(task_id, self.objects.list_task(task_id), [], etag=new_etag, when=now)
+            except StoreUnavailable:
+                if not seen:
+                    raise  # else serve what is known; the next lookup lists again
 
     def _scan_all(self, warnings: list[str], cleanup: bool = False) -> None:
         now = time.monotonic()
@@ -250,6 +260,23 @@ class S3PrefixStore:
             changed = self._latest.get(task_id) != before
         if changed and notify and self.on_change is not None:
             self.on_change(task_id)
+
+    def _publish(self, task_id, record, max_version, deleted, versions, names=(), **marker: int) -> None:
+        """After a commit (a version's .json, or a tombstone): rewrite latest.json, index the commit,
+        remove what it superseded. The commit stands whatever fails here, so that is logged, not raised:
+        other servers then find it by listing, and a later write or recovery removes the leftovers."""
+        try:
+            etag = self._touch(task_id, **marker)
+        except Exception as e:
+            logger.warning(
+                "prefix store %s: %r committed, latest.json not rewritten: %s", self.root, task_id, e
+            )
+            etag = _STALE
+        self._index(task_id, record, max_version, deleted, etag, notify=False)
+        try:
+            self._remove(task_id, versions, names)
+        except Exception as e:
+            logger.warning("prefix store %s: %r committed, old objects left: %s", self.root, task_id, e)
 
     def _touch(self, task_id: str, **info: int) -> str:
         body = {"task_id": task_id, **info, "at": time.time(), "writer": self._writer}
