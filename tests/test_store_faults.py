@@ -33,6 +33,7 @@ import torch
 from conftest import byte_tokenizer, make_tiny_model, native_bytes, put_prefix
 
 from loadtest import serverproc
+from server.distributed.shared_store import SharedPrefixStore
 from server.engine.engine import Engine
 from server.errors import InsufficientStorage, PrefixNotFound, StoreReadOnly, StoreUnavailable
 from server.registry.format import PrefixKV, save_native
@@ -216,7 +217,7 @@ def test_a_failed_write_is_undone_and_named(tmp_path, monkeypatch, code):
     monkeypatch.setattr(os, "replace", failing_replace)
     expected = StoreReadOnly if code in ("EROFS", "EACCES") else InsufficientStorage
     for task_id in ("kept", "new"):
-        with pytest.raises(expected, match="read-only" if expected is StoreReadOnly else "out of space"):
+        with pytest.raises(expected, match="not writable" if expected is StoreReadOnly else "out of space"):
             put_prefix(store, task_id, seed=2)
     with pytest.raises(expected):
         store.delete("kept")
@@ -227,6 +228,67 @@ def test_a_failed_write_is_undone_and_named(tmp_path, monkeypatch, code):
 
 
 # ---- 2. the store turns read-only ----
+
+
+def refuse_writes(monkeypatch, root: Path, code: int = errno.EROFS) -> None:
+    """In process, as LAUNCHER does: every write system call under `root` fails with `code`."""
+    root_text = str(root.resolve())
+
+    def refuse(path) -> None:
+        path = os.path.abspath(os.fsdecode(path))
+        if path == root_text or path.startswith(root_text + os.sep):
+            raise OSError(code, os.strerror(code), path)
+
+    def guarded(call, paths: int):
+        def wrapper(*args, **kwargs):
+            for path in args[:paths]:
+                refuse(path)
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    real_open, write_flags = os.open, os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & write_flags:
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    for name, paths in {"mkdir": 1, "rmdir": 1, "unlink": 1, "remove": 1, "replace": 2, "rename": 2}.items():
+        monkeypatch.setattr(os, name, guarded(getattr(os, name), paths))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["folder", "shared-folder"])
+def test_a_read_only_store_recovers_and_serves_and_refuses_writes(tmp_path, monkeypatch, shared):
+    """A restart on a store that turned read-only with leftovers in it (a temp file, a superseded version):
+    recovery reads it all, cleans what it can (nothing), serves the same; writes are a StoreReadOnly."""
+    make = (lambda: SharedPrefixStore(tmp_path)) if shared else (lambda: PrefixStore(tmp_path))
+    store = make()
+    store.recover()
+    put_prefix(store, "t", seed=1)
+    v2 = put_prefix(store, "t", seed=2)
+    folder = tmp_path / "tasks" / "t"
+    (folder / "v1.safetensors").write_bytes(native_bytes(1))  # as if the post-commit cleanup was cut short
+    (folder / ".v3.safetensors.x.tmp").write_bytes(b"half")  # as if an upload was killed
+    on_disk = files_under(tmp_path)
+    refuse_writes(monkeypatch, tmp_path)
+    store = make()
+    warnings = store.recover()
+    if not shared:  # (the shared store cannot take its lock file, so it does not even try to clean)
+        assert any("left temp file" in w for w in warnings) and any(
+            "left old versions" in w for w in warnings
+        )
+    assert store.list() == [v2] and store.read(v2) == native_bytes(2)
+    with pytest.raises(StoreReadOnly, match="not writable"):
+        put_prefix(store, "t", seed=3)
+    with pytest.raises(StoreReadOnly, match="not writable"):
+        put_prefix(store, "new", seed=3)
+    with pytest.raises(StoreReadOnly, match="not writable"):
+        store.delete("t")
+    assert files_under(tmp_path) == on_disk and store.get("t") == v2
+    monkeypatch.undo()
+    assert put_prefix(store, "t", seed=3).version == 3
 
 
 def test_read_only_store_refuses_writes_with_503_and_generation_goes_on(
@@ -254,7 +316,7 @@ def test_read_only_store_refuses_writes_with_503_and_generation_goes_on(
                     client.delete("/prefixes/hot"),
                 ]
                 for reply in refused:
-                    assert "read-only" in error_of(reply, 503, "store_read_only"), name
+                    assert "not writable" in error_of(reply, 503, "store_read_only"), name
                     assert reply.headers["Retry-After"] == "1"
                 assert generate(client, "hot").json()["token_ids"] == hot
                 cold_reply = generate(client, cold)  # read from the read-only disk now

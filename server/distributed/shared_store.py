@@ -18,7 +18,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from server.registry.store import PrefixRecord, PrefixStore, is_task_id, validate_task_id
+from server.errors import StoreReadOnly
+from server.registry.store import PrefixRecord, PrefixStore, is_task_id, storage_error, validate_task_id
 
 _LOCKS = "locks"
 
@@ -36,9 +37,14 @@ class SharedPrefixStore(PrefixStore):
         """Read every task from disk, cleaning up each one's leftovers under its lock."""
         warnings: list[str] = []
         for task_id in self._task_ids_on_disk():
-            with self.task_file_lock(task_id):
+            try:
+                with self.task_file_lock(task_id):
+                    listing = self._listing(task_id)
+                    warnings += self.refresh(task_id, cleanup=True)
+                    self._listings[task_id] = listing
+            except StoreReadOnly:  # no lock file can be made: read the task, clean nothing
                 listing = self._listing(task_id)
-                warnings += self.refresh(task_id, cleanup=True)
+                warnings += self.refresh(task_id)
                 self._listings[task_id] = listing
         return warnings
 
@@ -87,8 +93,13 @@ class SharedPrefixStore(PrefixStore):
     def task_file_lock(self, task_id: str) -> Iterator[None]:
         """Exclusive across processes (and threads: each call opens its own file description)."""
         folder = self.root / _LOCKS
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f"{task_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / f"{task_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a full or read-only store: 507 / 503, as PrefixStore's own writes
+            if (error := storage_error(e, self.root, f"a write to {task_id!r}")) is None:
+                raise
+            raise error from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -146,7 +146,7 @@ class PrefixStore:
                 _write_atomic(folder / f"v{version}.json", json.dumps(record.to_dict(), indent=1).encode())
             except BaseException as e:
                 self._abandon(task_id, version, folder, new_folder)  # never committed, so never visible
-                if (error := _storage_error(e, self.root, f"the upload of {task_id!r}")) is None:
+                if (error := storage_error(e, self.root, f"the upload of {task_id!r}")) is None:
                     raise
                 raise error from e
             with self._lock:
@@ -167,7 +167,7 @@ class PrefixStore:
             try:
                 _write_atomic(folder / _TOMBSTONE, json.dumps(tombstone).encode())
             except OSError as e:
-                if (error := _storage_error(e, self.root, f"the delete of {task_id!r}")) is None:
+                if (error := storage_error(e, self.root, f"the delete of {task_id!r}")) is None:
                     raise
                 raise error from e
             with self._lock:
@@ -237,9 +237,12 @@ class PrefixStore:
         kinds: dict[int, set[str]] = {}
         for path in sorted(folder.iterdir()):
             if path.name.startswith(".") and path.name.endswith(".tmp"):
-                if cleanup:
-                    path.unlink(missing_ok=True)  # an interrupted atomic write; its target was never replaced
-                    warnings.append(f"removed leftover temp file {path}")
+                if cleanup:  # an interrupted atomic write; its target was never replaced
+                    try:
+                        path.unlink(missing_ok=True)
+                        warnings.append(f"removed leftover temp file {path}")
+                    except OSError as e:  # a read-only store: never read anyway
+                        warnings.append(f"left temp file {path} ({e.strerror})")
             elif m := _VERSION_FILE_RE.fullmatch(path.name):
                 kinds.setdefault(int(m[1]), set()).add(m[2])
             elif path.name != _TOMBSTONE:
@@ -254,7 +257,10 @@ class PrefixStore:
         # Finish an interrupted delete or post-commit cleanup; newer broken files stay for inspection.
         keep_above = record.version if record is not None else deleted_through
         if cleanup:
-            _unlink_versions(folder, [v for v in kinds if v < keep_above or v <= deleted_through])
+            try:
+                _unlink_versions(folder, [v for v in kinds if v < keep_above or v <= deleted_through])
+            except OSError as e:  # a read-only store: what is left is never served, the next recovery retries
+                warnings.append(f"left old versions in {folder} ({e.strerror})")
         return record, max(deleted_through, *kinds, 0), deleted_through
 
     def _task_lock(self, task_id: str) -> threading.Lock:
@@ -281,7 +287,7 @@ class PrefixStore:
             logger.warning("prefix store: could not remove old files in %s (%s); recovery will", folder, e)
 
 
-def _storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError | None:
+def storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError | None:
     """The domain error for a failed write under `root` (no space, not writable), else None."""
     if isinstance(e, OSError) and e.errno in _NO_SPACE:
         return InsufficientStorage(
@@ -290,8 +296,9 @@ def _storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError
         )
     if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
         return StoreReadOnly(
-            f"prefix store {root} is read-only ({e.strerror}): {what} was refused and nothing changed; "
-            "uploads and deletes fail until it is writable, generation goes on"
+            f"prefix store {root} is not writable ({e.strerror}: read-only, or no permission): {what} "
+            "was refused and nothing changed; uploads and deletes fail until it is writable, generation "
+            "goes on"
         )
     return None
 
