@@ -209,6 +209,83 @@ async def test_malformed_json_is_400(api):
     assert_error(resp, 400, "malformed_json")
 
 
+def post_raw(api, path: str, raw: bytes):
+    return api.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+# Bodies Python's JSON decoder refuses with something other than a syntax error (they were 400
+# bad_request "There was an error parsing the body"), and a syntax error, whose place is now said.
+UNREADABLE_JSON = {
+    "huge-int": (b'{"prompt": ' + b"9" * 5000 + b"}", "integers may have at most 4300 digits"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "not-utf8": (b'{"prompt": "\xff\xfe"}', "expected UTF-8 text, got byte 0xff at offset 12"),
+    "syntax": (b'{"prompt": ', "Expecting value at character 11"),
+}
+
+
+@pytest.mark.parametrize("path", ["/generate", "/prefixes/from-text"])
+@pytest.mark.parametrize("raw, fragment", UNREADABLE_JSON.values(), ids=UNREADABLE_JSON.keys())
+async def test_unreadable_json_is_malformed_json(api, path, raw, fragment):
+    assert_error(await post_raw(api, path, raw), 400, "malformed_json", fragment)
+
+
+# A lone UTF-16 surrogate ("\ud800" as a JSON escape) is valid JSON but no text a tokenizer can encode:
+# /generate answered 500; /prefixes/from-text refused it with pydantic's own words.
+SURROGATES = {
+    "prompt": ("/generate", {"prompt": "\ud800abc"}, "prompt: ", "at character 0"),
+    "prompt-streamed": ("/generate", {"prompt": "ab\udc00", "stream": True}, "prompt: ", "at character 2"),
+    "stop": ("/generate", {"prompt": "hi", "stop": "\ud800"}, "stop: ", "at character 0"),
+    "stop-list": (
+        "/generate",
+        {"prompt": "hi", "stop": ["ok", "x\ud800"]},
+        "stop: ",
+        "at character 1 of item 1",
+    ),
+    "text": ("/prefixes/from-text", {"task_id": "t", "text": "\ud800"}, "text: ", "at character 0"),
+}
+
+
+@pytest.mark.parametrize("path, body, field, where", SURROGATES.values(), ids=SURROGATES.keys())
+async def test_lone_surrogates_are_a_clear_422(api, path, body, field, where):
+    raw = json.dumps(body).encode()  # ASCII: the surrogate travels as its \u escape
+    resp = await post_raw(api, path, raw)
+    assert_error(
+        resp, 422, "invalid_request", field, "expected Unicode text, got a lone UTF-16 surrogate", where
+    )
+    assert resp.headers["content-type"] == "application/json"  # not an event stream
+
+
+async def test_long_client_values_are_echoed_short(api):
+    """Every echo of a client's value is cut to ~200 characters with the full length (replies once
+    reached ~1 MB)."""
+    long = "x" * 100_000
+    replies = [
+        await api.post("/generate", json={"prompt": "hi", "task_id": long}),
+        await api.post("/generate", json={"prompt": "hi", long: 1}),  # the field name
+        await api.post("/generate", json={"prompt": "hi", "bogus": long}),
+        await api.post("/generate", json={"prompt": "hi", "temperature": long}),
+        await api.post("/prefixes/from-text", json={"task_id": long, "text": "t"}),
+    ]
+    for resp in replies:
+        assert resp.status_code == 422 and len(resp.content) < 1000, resp.content[:300]
+        assert "... (100000 characters)" in resp.json()["error"]["message"], resp.text
+
+
+async def test_form_fields_are_echoed_as_sent(api):
+    """Non-ASCII form values come back as the client wrote them, not as Latin-1 mojibake."""
+    # A file part where a text field belongs: once its repr, with its raw headers decoded as Latin-1.
+    files = {"task_id": ("café.txt", "café".encode()), "file": ("p", b"x")}
+    assert_error(
+        await api.post("/prefixes", files=files), 422, "invalid_request", "a file part named 'café.txt'"
+    )
+    # A URL-encoded form sent as raw UTF-8 (curl --data 'task_id=café'), once read as Latin-1.
+    for raw in ("task_id=café".encode(), b"task_id=caf%C3%A9"):
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        resp = await api.post("/prefixes", content=raw, headers=form)
+        assert_error(resp, 422, "invalid_request", "(got 'café')")
+        assert "Ã" not in resp.text
+
+
 async def test_bad_task_id_on_upload(api, engine):
     assert_error(
         await upload(api, "a/b", random_native(engine, 2, 1)), 422, "invalid_request", "A-Za-z0-9._-"

@@ -324,6 +324,88 @@ async def test_malformed_json_and_no_chat_template(api, engine):
     assert_openai_error(resp, 400, "messages", "no_chat_template", "no chat template")
 
 
+def post_raw(api, path: str, raw: bytes):
+    return api.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+# A lone UTF-16 surrogate ("\ud800" as a JSON escape): the tokenizer's TypeError made a 500 on
+# /v1/completions, a stop string was taken (and never matched), and the chat template's error leaked.
+SURROGATES = {
+    "prompt": ("completions", {**COMPLETION, "prompt": "\ud800abc"}, "prompt", "at character 0"),
+    "prompt-list": ("completions", {**COMPLETION, "prompt": ["ok", "\ud800"]}, "prompt", "of item 1"),
+    "stop": ("completions", {**COMPLETION, "stop": "\ud800"}, "stop", "at character 0"),
+    "stop-list": ("completions", {**COMPLETION, "stop": ["a\udfff"]}, "stop", "at character 1 of item 0"),
+    "content": ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content", ""),
+    "content-parts": ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, "messages[0].content", ""),
+    "name": ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, "messages[0].name", ""),
+    "role": ("chat/completions", {**CHAT, "messages": [{"role": "\ud800", "content": "hi"}]}, "messages[0].role", ""),
+    "model": ("completions", {**COMPLETION, "model": "\ud800"}, "model", ""),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, param, where", SURROGATES.values(), ids=SURROGATES.keys())
+@pytest.mark.parametrize("stream", [False, True])
+async def test_lone_surrogates_are_a_clear_400(api, path, body, param, where, stream):
+    resp = await post_raw(api, f"/v1/{path}", json.dumps({**body, "stream": stream}).encode())
+    assert_openai_error(resp, 400, param, "invalid_request", "lone UTF-16 surrogate \\ud", where)
+
+
+UNREADABLE_JSON = {
+    "huge-int": (b'{"model": "tiny", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "at most 4300 digits"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a 500
+    "not-utf8": (b'{"model": "tiny", "prompt": "\xff"}', "expected UTF-8 text, got byte 0xff at offset 29"),
+    "syntax": (b'{"model": ', "Expecting value at character 10"),
+}
+
+
+@pytest.mark.parametrize("path", ["completions", "chat/completions"])
+@pytest.mark.parametrize("raw, fragment", UNREADABLE_JSON.values(), ids=UNREADABLE_JSON.keys())
+async def test_unreadable_json_is_malformed_json(api, path, raw, fragment):
+    assert_openai_error(await post_raw(api, f"/v1/{path}", raw), 400, None, "malformed_json", fragment)
+
+
+async def test_tokenizer_errors_stay_inside(api, engine):
+    """The chat template's own refusal is shown; the tokenizer's internals are not."""
+
+    def broken(*args, **kwargs):
+        raise TypeError(
+            "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+        )
+
+    engine.tokenizer.apply_chat_template = broken
+    resp = await api.post("/v1/chat/completions", json=CHAT)
+    assert_openai_error(resp, 400, "messages", None, "the chat template could not format the messages")
+    assert "TextEncodeInput" not in resp.text
+
+
+async def test_long_values_are_echoed_short(api):
+    long = "m" * 100_000
+    for body in ({**COMPLETION, "model": long}, {**COMPLETION, "best_of": long}, {**COMPLETION, "n": long}):
+        resp = await api.post("/v1/completions", json=body)
+        assert resp.status_code in (400, 404) and len(resp.content) < 1000, resp.content[:300]
+        assert "... (100000 characters)" in resp.json()["error"]["message"], resp.text
+
+
+def test_openapi_describes_the_request_bodies(tmp_path):
+    """The routes read their bodies themselves (errors in OpenAI's shape); the schema still says what
+    they take, so generated clients and schema fuzzing send real bodies."""
+    schema = with_openai(create_app(Settings(prefix_dir=tmp_path))).openapi()
+    for path, fields in (
+        ("/v1/completions", {"model", "prompt"}),
+        ("/v1/chat/completions", {"model", "messages"}),
+    ):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["required"] is True
+        described = body["content"]["application/json"]["schema"]
+        assert set(described["required"]) == fields and {"max_tokens", "stop", "stream"} <= set(
+            described["properties"]
+        )
+        assert "$ref" not in json.dumps(described)  # inlined: these models are not in the components
+    message = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    item = message["schema"]["properties"]["messages"]["items"]
+    assert set(item["properties"]) == {"role", "content", "name"}
+
+
 def test_openapi_documents_the_routes(tmp_path):
     schema = with_openai(create_app(Settings(prefix_dir=tmp_path))).openapi()
     for path in ("/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions"):

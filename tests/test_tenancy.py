@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from server.api.app import Components, create_app
 from server.config import Settings
 from server.engine.engine import Engine
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, PrefixNotFound
 from server.registry.format import save_native
 from server.registry.registry import PrefixRegistry
 
@@ -147,6 +147,61 @@ async def test_tenants_are_isolated_on_every_endpoint(make_api, tmp_path, engine
     assert (await api.delete("/prefixes/acme~private", headers=auth(ADMIN))).status_code == 204
     assert (await gen(api, ACME, "private")).status_code == 404
     assert (await gen(api, GLOBEX, "private")).status_code == 200
+
+
+async def test_errors_name_tasks_as_the_tenant_does(make_api, tmp_path, engine):
+    """globex's task 'booking' is stored as 'globex~booking'; no reply to globex shows the namespace."""
+    api = await make_api(api_keys_file=keys_file(tmp_path))
+    stream = {"task_id": "booking", "prompt": "x", "stream": True}
+    replies = [
+        await gen(api, GLOBEX, "booking"),
+        await api.post("/generate", json=stream, headers=auth(GLOBEX)),
+        await api.get("/prefixes/booking", headers=auth(GLOBEX)),
+        await api.delete("/prefixes/booking", headers=auth(GLOBEX)),
+    ]
+    for resp in replies:
+        assert resp.status_code == 404 and resp.json()["error"]["message"] == "task 'booking' not found", (
+            resp.text
+        )
+    # An admin names stored ids, and sees them.
+    resp = await gen(api, ADMIN, "globex~booking")
+    assert resp.json()["error"]["message"] == "task 'globex~booking' not found"
+    # A tenant that spells out its own namespace is told so (not "got 'booking'").
+    resp = await gen(api, GLOBEX, "globex~booking")
+    assert resp.status_code == 422 and "must not name the namespace 'globex~'" in resp.text, resp.text
+
+    # Deleted between the request's submit and its admission: the error comes from the scheduler, on the
+    # plain and the streamed reply of both APIs.
+    assert (await upload(api, GLOBEX, "booking", native(engine, 1))).status_code == 201
+    registry = api._transport.app.state.server.components.registry
+
+    def deleted_meanwhile(task_id):
+        raise PrefixNotFound(f"task {task_id!r} not found")
+
+    registry.acquire = deleted_meanwhile
+    body = {"model": "booking", "prompt": "x", "max_tokens": 2}
+    replies = [
+        await gen(api, GLOBEX, "booking"),
+        await api.post("/generate", json=stream, headers=auth(GLOBEX)),
+        await api.post("/v1/completions", json=body, headers=auth(GLOBEX)),
+        await api.post("/v1/completions", json={**body, "stream": True}, headers=auth(GLOBEX)),
+    ]
+    for resp in replies:
+        assert "'booking'" in resp.text and "globex~" not in resp.text, resp.text
+
+
+async def test_unauthorized_says_what_arrived_but_never_a_key(make_api, tmp_path):
+    api = await make_api(api_keys_file=keys_file(tmp_path))
+    cases = {
+        "Basic " + "b" * 100_000: "got the scheme 'Basic'",
+        "B" * 100_000 + " key": "got the scheme 'BBBB",  # cut short
+        "Bearer ": "got no key after 'Bearer'",
+        ACME: "got a value with no scheme",  # a bare key is not echoed
+    }
+    for header, fragment in cases.items():
+        resp = await api.get("/prefixes", headers={"Authorization": header})
+        assert resp.status_code == 401 and fragment in resp.text, resp.text
+        assert len(resp.content) < 600 and ACME not in resp.text
 
 
 async def test_open_mode_has_no_auth_and_hides_namespaced_tasks(make_api, engine):

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from server.api.auth import KeyRing, Quotas, TenantLimits
 from server.api.errors import install_error_handlers
+from server.api.forms import Utf8Forms
 from server.api.limits import BodySizeLimit, BodyTimeout
 from server.api.logs import RequestIdMiddleware
 from server.api.metrics import Metrics
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     )
     app.state.server = state
     state.metrics = Metrics(state)
+    app.add_middleware(Utf8Forms)  # innermost: the size limit counts the bytes as they arrived
     # Bodies are limited while they stream in (413 before a large upload is read into memory).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + (1 << 20))  # + form and config
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # a body sent a byte a second: 408

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from server.errors import InvalidRequest, QuotaExceeded, Unauthorized
+from server.errors import InvalidRequest, QuotaExceeded, Unauthorized, shown
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,22 @@ class Caller:
     def stored_id(self, task_id: str) -> str:
         """The registry id of a task id as this caller names it."""
         if SEP in task_id and not self.admin:
-            raise InvalidRequest(f"task_id must be 1-64 of A-Za-z0-9._- (no '{SEP}'), got {task_id[:80]!r}")
+            own = f"{self.tenant}{SEP}"
+            if self.tenant is not None and task_id.startswith(own) and SEP not in task_id[len(own) :]:
+                # said apart from the message below, which error replies would show without the namespace
+                raise InvalidRequest(f"task_id must not name the namespace {own!r}: the server adds it")
+            raise InvalidRequest(f"task_id must be 1-64 of A-Za-z0-9._- (no '{SEP}'), got {shown(task_id)}")
         return task_id if self.tenant is None else f"{self.tenant}{SEP}{task_id}"
 
     def visible_id(self, stored_id: str) -> str:
         return stored_id if self.tenant is None else stored_id.removeprefix(f"{self.tenant}{SEP}")
+
+    def visible_text(self, message: str) -> str:
+        """An error message with this tenant's stored ids as it names them: the registry and the
+        scheduler quote stored ids ('acme~summarize'); the tenant named the task 'summarize'."""
+        if self.tenant is None:
+            return message
+        return re.sub(rf"(?<=['\"]){re.escape(self.tenant + SEP)}(?=[A-Za-z0-9._-]+['\"])", "", message)
 
     def owns(self, stored_id: str) -> bool:
         if self.tenant is None:
@@ -146,16 +157,30 @@ def authenticate(ring: KeyRing, authorization: str | None) -> Caller:
         return OPEN
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized("missing API key: expected the header 'Authorization: Bearer <key>'")
+        raise Unauthorized(
+            f"missing API key: expected the header 'Authorization: Bearer <key>'{_got(authorization)}"
+        )
     caller = ring.lookup(key.strip())
     if caller is None:
         raise Unauthorized("invalid API key")
     return caller
 
 
+def _got(authorization: str | None) -> str:
+    """What arrived instead of a bearer key: its scheme at most, never a key (a bare one included)."""
+    if authorization is None:
+        return ""
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return ", got no key after 'Bearer'"
+    return f", got the scheme {shown(scheme)}" if key.strip() else ", got a value with no scheme"
+
+
 async def get_caller(request: Request) -> Caller:
-    """FastAPI dependency: who is calling."""
-    return authenticate(request.app.state.server.keyring, request.headers.get("authorization"))
+    """FastAPI dependency: who is calling (kept on the request: error replies name tasks as it does)."""
+    caller = authenticate(request.app.state.server.keyring, request.headers.get("authorization"))
+    request.state.caller = caller
+    return caller
 
 
 class TenantLimits:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
@@ -24,6 +27,7 @@ from server.errors import (
     StoreUnavailable,
     Unauthorized,
     UnsupportedModel,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -56,35 +60,84 @@ def status_for(error: PrefixServerError) -> int:
     return 500
 
 
+def shown_input(value: object) -> str:
+    """An input that failed validation as a message quotes it: capped (`shown`); an object or a list by
+    its type; a file part by its name and size (its repr holds the raw part headers, Latin-1 mojibake)."""
+    if isinstance(value, UploadFile):
+        return f"a file part named {shown(value.filename)} ({value.size} bytes)"
+    return type(value).__name__ if isinstance(value, (dict, list)) else shown(value)
+
+
 def _describe(err: dict) -> str:
     where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-    got = err.get("input")
-    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return f"{where}: {err.get('msg', 'invalid')} (got {shown})"
+    message = err.get("msg", "invalid").removeprefix("Value error, ")
+    return f"{shown(where, quoted=False)}: {message} (got {shown_input(err.get('input'))})"
+
+
+def json_error_message(e: BaseException) -> str:
+    """What made a request body unreadable as JSON (400 malformed_json): syntax, bytes that are not
+    UTF-8, nesting deeper than the parser goes, or an integer longer than Python converts."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"request body is not valid JSON: {e.msg} at character {e.pos}"
+    if isinstance(e, UnicodeDecodeError):
+        return (
+            f"request body is not valid JSON: expected UTF-8 text, got byte 0x{e.object[e.start]:02x} "
+            f"at offset {e.start} ({e.reason})"
+        )
+    if isinstance(e, RecursionError):
+        return "request body cannot be parsed as JSON: arrays or objects are nested too deeply"
+    if "integer string conversion" in str(e):
+        limit = sys.get_int_max_str_digits()
+        return (
+            f"request body cannot be parsed as JSON: integers may have at most {limit} digits, one has more"
+        )
+    return f"request body is not valid JSON: {shown(str(e), quoted=False)}"
+
+
+def _is_form(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").lower()
+    return kind.startswith(("multipart/", "application/x-www-form-urlencoded"))
+
+
+def _caller_message(request: Request, message: str) -> str:
+    """The message as the caller names things: a tenant sees its task ids without the namespace."""
+    caller = getattr(request.state, "caller", None)
+    return message if caller is None else caller.visible_text(message)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PrefixServerError)
-    async def _domain(_: Request, exc: PrefixServerError) -> JSONResponse:
+    async def _domain(request: Request, exc: PrefixServerError) -> JSONResponse:
         status = status_for(exc)
         if status == 500:  # 503 (loading, draining) and 504 (timeout) are expected states, not faults
             log.error("server error: %s", exc)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         if status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return error_response(status, exc.code, str(exc), headers)
+        return error_response(status, exc.code, _caller_message(request, str(exc)), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "malformed_json", "request body is not valid JSON")
+        for e in errors:
+            if e.get("type") == "json_invalid":
+                at = e["loc"][-1] if e.get("loc") else "?"
+                detail = e.get("ctx", {}).get("error", "invalid")
+                return error_response(
+                    400, "malformed_json", f"request body is not valid JSON: {detail} at character {at}"
+                )
         return error_response(422, "invalid_request", "; ".join(_describe(e) for e in errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if (
+            exc.status_code == 400
+            and isinstance(cause, (ValueError, RecursionError))
+            and not _is_form(request)
+        ):
+            # FastAPI's 400 "error parsing the body" for what its JSON decoding does not report itself
+            return error_response(400, "malformed_json", json_error_message(cause))
         code = {
             400: "bad_request",
             404: "not_found",

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from server.api import routes
 from server.api.auth import Caller, get_caller
-from server.api.errors import status_for
+from server.api.errors import json_error_message, shown_input, status_for
 from server.api.openai_schemas import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -35,10 +36,11 @@ from server.api.openai_schemas import (
     CompletionRequest,
     ErrorBody,
     SamplingFields,
+    body_schema,
     refused_extras,
 )
 from server.api.schemas import TASK_ID_PATTERN
-from server.errors import InvalidRequest, PrefixNotFound, PrefixServerError
+from server.errors import InvalidRequest, PrefixNotFound, PrefixServerError, shown
 from server.registry.store import PrefixRecord
 from server.request import FinishReason, SamplingParams
 from server.request import Request as GenRequest
@@ -104,8 +106,14 @@ def _find_task(call: Call, model: str) -> PrefixRecord | None:
         return call.state.components.registry.get(call.caller.stored_id(model))
     except (PrefixNotFound, InvalidRequest):
         raise OpenAIError(
-            404, f"the model {model!r:.80} does not exist", param="model", code="model_not_found"
+            404, f"the model {shown(model)} does not exist", param="model", code="model_not_found"
         ) from None
+
+
+def _body(model: type[SamplingFields]) -> dict:
+    """The OpenAPI of a route that reads its JSON body itself (`_parse`), so errors keep OpenAI's shape."""
+    content = {"application/json": {"schema": body_schema(model)}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 # ---- routes ----
@@ -118,7 +126,7 @@ async def list_models(request: Request):
         cards += [_model_card(name, record.created_at) for name, record in _visible_tasks(call)]
         return {"object": "list", "data": cards}
     except Exception as e:
-        return error_response(e)
+        return error_response(e, request)
 
 
 @router.get("/models/{model}", responses=ERRORS)
@@ -128,10 +136,10 @@ async def get_model(model: str, request: Request):
         record = _find_task(await _call(request), model)
         return _model_card(model, STARTED if record is None else record.created_at)
     except Exception as e:
-        return error_response(e)
+        return error_response(e, request)
 
 
-@router.post("/completions", responses=ERRORS)
+@router.post("/completions", responses=ERRORS, openapi_extra=_body(CompletionRequest))
 async def completions(request: Request):
     """Complete prompts with a task's prefix (`model` = task id) or the base model; SSE with `stream`."""
     try:
@@ -142,10 +150,10 @@ async def completions(request: Request):
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         return await _run(call, body, record, prompts, max_tokens, "max_tokens", chat=False)
     except Exception as e:
-        return error_response(e)
+        return error_response(e, request)
 
 
-@router.post("/chat/completions", responses=ERRORS)
+@router.post("/chat/completions", responses=ERRORS, openapi_extra=_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
     """Answer a conversation, formatted with the model's chat template; SSE with `stream`."""
     try:
@@ -162,15 +170,15 @@ async def chat_completions(request: Request):
             max_tokens = max(1, min(state.settings.max_new_tokens, room))  # room < 1: validate says why
         return await _run(call, body, record, [prompt_ids], max_tokens, param, chat=True)
     except Exception as e:
-        return error_response(e)
+        return error_response(e, request)
 
 
 # ---- request side ----
 async def _parse(request: Request, model: type[SamplingFields], known: set[str]) -> SamplingFields:
     try:
         raw = await request.json()
-    except ValueError as e:
-        raise OpenAIError(400, "request body is not valid JSON", code="malformed_json") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+        raise OpenAIError(400, json_error_message(e), code="malformed_json") from e
     body = model.model_validate(raw)
     refused = refused_extras(body.model_extra or {}, known)
     if refused is not None:
@@ -210,8 +218,13 @@ def _chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
         encoded = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True
         )
-    except Exception as e:  # the template is code from the model's files: jinja's raise_exception, ...
-        raise OpenAIError(400, f"the chat template refused the messages: {e}", param="messages") from e
+    except TemplateError as e:  # the template is code from the model's files: jinja's raise_exception
+        raise OpenAIError(
+            400, f"the chat template refused the messages: {shown(str(e), quoted=False)}", param="messages"
+        ) from e
+    except Exception as e:  # the tokenizer's own errors say nothing a client can act on
+        log.warning("chat template failed", exc_info=e)
+        raise OpenAIError(400, "the chat template could not format the messages", param="messages") from e
     return list(encoded["input_ids"])
 
 
@@ -278,7 +291,7 @@ async def _run(call: Call, body, record, prompts, max_tokens: int, param: str, *
         for req in requests:
             routes._finished(state, req, caller)  # quotas given back, metrics, a log line
 
-    reply = Reply(body.model, chat, requests, num_prompt_tokens=sum(len(p) for p in prompts))
+    reply = Reply(body.model, chat, requests, sum(len(p) for p in prompts), caller)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
@@ -325,9 +338,11 @@ async def _merged_events(scheduler, requests: list[GenRequest]) -> AsyncIterator
 class Reply:
     """The OpenAI objects for a set of choices: one reply, or its SSE chunks."""
 
-    def __init__(self, model: str, chat: bool, requests: list[GenRequest], num_prompt_tokens: int):
+    def __init__(
+        self, model: str, chat: bool, requests: list[GenRequest], num_prompt_tokens: int, caller: Caller
+    ):
         self.model, self.chat, self.requests = model, chat, requests
-        self.num_prompt_tokens = num_prompt_tokens
+        self.num_prompt_tokens, self.caller = num_prompt_tokens, caller
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -390,7 +405,7 @@ class Reply:
                 kind = "chat.completion.chunk" if self.chat else "text_completion"
                 yield _sse({**self._head(kind), "choices": [], "usage": self.usage()})
         except Exception as e:
-            yield _sse(_as_openai(e).body())
+            yield _sse(_as_openai(e, self.caller).body())
         finally:
             on_end()
         yield "data: [DONE]\n\n"
@@ -409,26 +424,28 @@ def _sse(payload: dict) -> str:
 
 
 # ---- errors ----
-def _as_openai(e: Exception) -> OpenAIError:
-    """Any error of these routes as OpenAI reports it (422 is 400 in OpenAI's API)."""
+def _as_openai(e: Exception, caller: Caller | None = None) -> OpenAIError:
+    """Any error of these routes as OpenAI reports it (422 is 400 in OpenAI's API); a tenant sees its
+    task ids as it names them."""
     if isinstance(e, OpenAIError):
         return e
     if isinstance(e, ValidationError):
         return _from_validation(e)
+    message = str(e) if caller is None else caller.visible_text(str(e))
     if isinstance(e, PrefixNotFound):  # deleted between lookup and submit
-        return OpenAIError(404, str(e), param="model", code="model_not_found")
+        return OpenAIError(404, message, param="model", code="model_not_found")
     if isinstance(e, PrefixServerError):
         status = status_for(e)
-        return OpenAIError(400 if status == 422 else status, str(e), code=e.code)
+        return OpenAIError(400 if status == 422 else status, message, code=e.code)
     if isinstance(e, HTTPException):
         return OpenAIError(e.status_code, str(e.detail), code="http_error")
     log.error("unhandled error", exc_info=e)
     return OpenAIError(500, "internal server error", code="internal_error")
 
 
-def error_response(e: Exception) -> JSONResponse:
+def error_response(e: Exception, request: Request) -> JSONResponse:
     """The JSON reply for an error of these routes; Retry-After on 429 and 503, as /generate does."""
-    err = _as_openai(e)
+    err = _as_openai(e, getattr(request.state, "caller", None))
     if err.status >= 500:
         log.error("server error: %s", err.message)
     headers = {"Retry-After": "1"} if err.status in (429, 503) else None
@@ -442,12 +459,11 @@ def _from_validation(e: ValidationError) -> OpenAIError:
     parts, params = [], []
     for err in e.errors():
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        got = err.get("input")
-        shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+        where = shown(where, quoted=False)  # dict keys are the client's: a field name may be long
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             parts.append(f"{where}: required")
         else:
-            parts.append(f"{where or 'body'}: {message} (got {shown:.80})")
+            parts.append(f"{where or 'body'}: {message} (got {shown_input(err.get('input'))})")
         params.append(where or None)
     return OpenAIError(400, "; ".join(parts), param=params[0], code="invalid_request")

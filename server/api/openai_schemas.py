@@ -7,9 +7,12 @@ Fields these routes act on are declared; any other field lands in `model_extra` 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.api.schemas import StopString, TextCheck, check_text
+from server.errors import shown
 
 # Fields that change nothing at these values (compared by type and value: `0` is not `False`).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -42,7 +45,7 @@ def refused_extras(extra: dict[str, Any], known: set[str]) -> tuple[str, str, st
             return name, "unknown_parameter", f"unrecognized request argument: {name}"
         neutral = NEUTRAL_VALUES[name]
         if neutral and not any(type(value) is type(v) and value == v for v in neutral):
-            return name, "unsupported_parameter", f"{name}={value!r:.60} is not supported by this server"
+            return name, "unsupported_parameter", f"{name}={shown(value)} is not supported by this server"
     return None
 
 
@@ -59,7 +62,9 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(_OpenAIBody):
-    model: str = Field(min_length=1, description="a task id, or the base model's name for no prefix")
+    model: Annotated[str, TextCheck] = Field(
+        min_length=1, description="a task id, or the base model's name for no prefix"
+    )
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -72,14 +77,25 @@ class SamplingFields(_OpenAIBody):
     top_k: int = Field(0, ge=0, description="0 = off")
     ignore_eos: bool = False
 
-    @field_validator("stop", mode="plain")
+    @field_validator("stop", mode="plain", json_schema_input_type=StopString | list[StopString] | None)
     @classmethod
     def _stop(cls, value: object) -> str | list[str] | None:
+        check_text(value)
         if value is None or isinstance(value, str):
             return value
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             return value
-        raise ValueError(f"expected a string or a list of strings, got {_shown(value)}")
+        raise ValueError(f"expected a string or a list of strings, got {shown(value)}")
+
+
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# The prompt as the schema describes it (the validator below checks the same, with clearer messages).
+_PROMPT_SCHEMA = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | _TokenIds
+    | Annotated[list[_TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(SamplingFields):
@@ -87,9 +103,10 @@ class CompletionRequest(SamplingFields):
         description="a string, a list of strings, a list of token ids, or a list of such lists"
     )
 
-    @field_validator("prompt", mode="plain")
+    @field_validator("prompt", mode="plain", json_schema_input_type=_PROMPT_SCHEMA)
     @classmethod
     def _prompt(cls, value: object) -> str | list[str] | list[int] | list[list[int]]:
+        check_text(value)
         if isinstance(value, str):
             return value
         if isinstance(value, list) and value:
@@ -99,34 +116,43 @@ class CompletionRequest(SamplingFields):
                 return value
         raise ValueError(
             "expected a string, a non-empty list of strings, a list of token ids, or a list of "
-            f"token id lists; got {_shown(value)}"
+            f"token id lists; got {shown(value)}"
         )
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; the only kind these routes take."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Annotated[Literal["system", "developer", "user", "assistant"], TextCheck]
     content: str = Field(description="a string, or a list of text parts {type: text, text}")
-    name: str | None = None
+    name: Annotated[str | None, TextCheck] = None
 
-    @field_validator("content", mode="plain")
+    @field_validator("content", mode="plain", json_schema_input_type=str | list[TextPart])
     @classmethod
     def _content(cls, value: object) -> str:
         """Text parts are joined with newlines, as vLLM does; other part types are refused."""
         if isinstance(value, str):
-            return value
+            return check_text(value)
         if not isinstance(value, list):
-            raise ValueError(f"expected a string or a list of text parts, got {_shown(value)}")
+            raise ValueError(f"expected a string or a list of text parts, got {shown(value)}")
         texts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"only text content parts are supported, got {kind!r:.40}")
+                raise ValueError(f"only text content parts are supported, got {shown(kind)}")
             if set(part) != {"type", "text"} or not isinstance(part["text"], str):
-                raise ValueError(f"a text part is {{type: 'text', text: <string>}}, got {_shown(part)}")
+                raise ValueError(f"a text part is {{type: 'text', text: <string>}}, got {shown(part)}")
             texts.append(part["text"])
-        return "\n".join(texts)
+        return check_text("\n".join(texts))
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -134,9 +160,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def body_schema(model: type[BaseModel]) -> dict:
+    """`model`'s JSON schema with its $defs written in place: the OpenAPI requestBody of a route that
+    reads its body itself (FastAPI then puts no model of it in the schema's components)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:  # "#/$defs/Name"; these models do not refer to themselves
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return inline(schema)
 
 
 class ErrorInfo(BaseModel):

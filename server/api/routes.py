@@ -234,16 +234,20 @@ async def _sse(state, req: GenRequest, caller: Caller) -> AsyncIterator[str]:
                     text = event.text if i == len(ids) - 1 else ""
                     yield _sse_line({"type": "token", "token_id": token_id, "text": text})
             elif event.kind == "error":
-                err = event.error
-                code = err.code if isinstance(err, PrefixServerError) else "internal_error"
-                yield _sse_line({"type": "error", "error": {"code": code, "message": str(err)}})
+                yield _error_event(event.error, caller)
             else:
                 yield _sse_line({"type": "done", **_reply(req, caller).model_dump()})
     except PrefixServerError as e:  # e.g. the request timeout
         req.error = req.error or e
-        yield _sse_line({"type": "error", "error": {"code": e.code, "message": str(e)}})
+        yield _error_event(e, caller)
     finally:
         _finished(state, req, caller)
+
+
+def _error_event(err: BaseException, caller: Caller) -> str:
+    """A stream's `error` event; a tenant sees its task ids as it names them."""
+    code = err.code if isinstance(err, PrefixServerError) else "internal_error"
+    return _sse_line({"type": "error", "error": {"code": code, "message": caller.visible_text(str(err))}})
 
 
 async def _read_limited(upload: UploadFile | str, limit: int, what: str) -> bytes:

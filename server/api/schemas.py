@@ -4,11 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
 StopString = Annotated[str, Field(min_length=1)]  # an empty one would match everywhere
+
+
+def check_text(value: object) -> object:
+    """Every text field a client sends passes here (a string, or a list of strings): a lone UTF-16
+    surrogate (a JSON escape like "\\ud800" that pairs with nothing) is refused, as no tokenizer can
+    encode it. Other values pass on unchanged, to the field's own type check."""
+    for index, item in enumerate(value if isinstance(value, list) else [value]):
+        if not isinstance(item, str):
+            continue
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f" of item {index}" if isinstance(value, list) else ""
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "expected Unicode text, got a lone UTF-16 surrogate {char} at character {at}{where}: "
+                "a \\u escape must pair a high surrogate with a low one",
+                {"char": f"\\u{ord(item[e.start]):04x}", "at": e.start, "where": where},
+            ) from None
+    return value
+
+
+TextCheck = BeforeValidator(check_text)
 TaskId = Field(pattern=TASK_ID_PATTERN, min_length=1, max_length=97, description="1-64 of A-Za-z0-9._-")
 
 
@@ -24,13 +48,13 @@ class _Strict(BaseModel):
 
 class GenerateRequest(_Strict):
     task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="null or absent: the base model")
-    prompt: str = Field(description="tokenized as tokenizer(prompt) would by default")
+    prompt: Annotated[str, TextCheck] = Field(description="tokenized as tokenizer(prompt) would by default")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[StopString] | StopString | None = Field(
+    stop: Annotated[list[StopString] | StopString | None, TextCheck] = Field(
         None, description="stop strings; the text ends before the first match"
     )
     ignore_eos: bool = False
@@ -65,7 +89,7 @@ class StreamEvent(BaseModel):
 
 class FromTextRequest(_Strict):
     task_id: str = TaskId
-    text: str = Field(min_length=1)
+    text: Annotated[str, TextCheck] = Field(min_length=1)
 
 
 class PrefixInfo(BaseModel):
