@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import resource
 import socket
@@ -42,7 +43,6 @@ from server.registry.s3_store import S3PrefixStore
 from server.registry.store import PrefixStore
 from server.request import Request, SamplingParams
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPT = "hello there"
 MAX_NEW = 6
 
@@ -122,43 +122,57 @@ def stop_server(proc, log) -> None:
         log.close()
 
 
+def refusing_writes(root, code_now):
+    """Replacements for os functions: a write under the folder `root` (open for writing, mkdir, rmdir,
+    unlink, remove, replace, rename) fails with errno `code_now()` unless that is None; the rest, and
+    every read, run as usual. Self-contained: LAUNCHER runs its source in the server process."""
+    import os
+
+    root = os.path.abspath(root)
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def refuse(path):
+        path = os.path.abspath(os.fsdecode(path))
+        code = code_now() if path == root or path.startswith(root + os.sep) else None
+        if code is not None:
+            raise OSError(code, os.strerror(code), path)
+
+    def guarded(call, num_paths):
+        def wrapper(*args, **kwargs):
+            for path in args[:num_paths]:
+                refuse(path)
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    def guarded_open(path, flags, *args, real_open=os.open, **kwargs):
+        if flags & write_flags:
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    paths = {"mkdir": 1, "rmdir": 1, "unlink": 1, "remove": 1, "replace": 2, "rename": 2}
+    return {"open": guarded_open} | {name: guarded(getattr(os, name), n) for name, n in paths.items()}
+
+
 # Runs the server (`python launcher.py serve ...`): a write past RLIMIT_FSIZE fails with EFBIG instead of
-# killing the process, and while the file $STORE_READ_ONLY exists (it holds an errno name), every write
-# system call under $STORE_ROOT fails with that errno.
-LAUNCHER = textwrap.dedent(
+# killing the process, and while the file $STORE_READ_ONLY exists (it holds an errno name, EROFS, ...),
+# every write under $STORE_ROOT fails with that errno.
+LAUNCHER = inspect.getsource(refusing_writes) + textwrap.dedent(
     r"""
     import errno, os, signal, sys
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    MARKER, ROOT = os.environ.get("STORE_READ_ONLY"), os.environ.get("STORE_ROOT")
-    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    MARKER = os.environ.get("STORE_READ_ONLY")
 
-    def refuse(path):
-        if not (MARKER and ROOT and os.path.exists(MARKER)):
-            return
-        path = os.path.abspath(os.fsdecode(path))
-        if path == ROOT or path.startswith(ROOT + os.sep):
+    def code_now():
+        if os.path.exists(MARKER):
             with open(MARKER) as f:
-                code = getattr(errno, f.read().strip())
-            raise OSError(code, os.strerror(code), path)
+                return getattr(errno, f.read().strip())
+        return None
 
-    def guarded(call, paths):
-        def wrapper(*args, **kwargs):
-            for path in args[:paths]:
-                refuse(path)
-            return call(*args, **kwargs)
-        return wrapper
-
-    real_open = os.open
-
-    def guarded_open(path, flags, *args, **kwargs):
-        if flags & WRITE_FLAGS:
-            refuse(path)
-        return real_open(path, flags, *args, **kwargs)
-
-    os.open = guarded_open
-    for name, paths in {"mkdir": 1, "rmdir": 1, "unlink": 1, "remove": 1, "replace": 2, "rename": 2}.items():
-        setattr(os, name, guarded(getattr(os, name), paths))
+    if MARKER:
+        for name, call in refusing_writes(os.environ["STORE_ROOT"], code_now).items():
+            setattr(os, name, call)
 
     from server.cli import main
 
@@ -231,32 +245,9 @@ def test_a_failed_write_is_undone_and_named(tmp_path, monkeypatch, code):
 
 
 def refuse_writes(monkeypatch, root: Path, code: int = errno.EROFS) -> None:
-    """In process, as LAUNCHER does: every write system call under `root` fails with `code`."""
-    root_text = str(root.resolve())
-
-    def refuse(path) -> None:
-        path = os.path.abspath(os.fsdecode(path))
-        if path == root_text or path.startswith(root_text + os.sep):
-            raise OSError(code, os.strerror(code), path)
-
-    def guarded(call, paths: int):
-        def wrapper(*args, **kwargs):
-            for path in args[:paths]:
-                refuse(path)
-            return call(*args, **kwargs)
-
-        return wrapper
-
-    real_open, write_flags = os.open, os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def guarded_open(path, flags, *args, **kwargs):
-        if flags & write_flags:
-            refuse(path)
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", guarded_open)
-    for name, paths in {"mkdir": 1, "rmdir": 1, "unlink": 1, "remove": 1, "replace": 2, "rename": 2}.items():
-        monkeypatch.setattr(os, name, guarded(getattr(os, name), paths))
+    """In process, as LAUNCHER does in the server: every write under `root` fails with `code`."""
+    for name, call in refusing_writes(str(root), lambda: code).items():
+        monkeypatch.setattr(os, name, call)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["folder", "shared-folder"])
@@ -295,7 +286,7 @@ def test_read_only_store_refuses_writes_with_503_and_generation_goes_on(
     engine, model_dir, tmp_path, monkeypatch
 ):
     root, marker = tmp_path / "prefixes", tmp_path / "read-only"
-    monkeypatch.setenv("STORE_ROOT", str(root.resolve()))
+    monkeypatch.setenv("STORE_ROOT", str(root))
     monkeypatch.setenv("STORE_READ_ONLY", str(marker))
     proc, base, log = start(["--model", str(model_dir), "--prefix-dir", str(root)], tmp_path)
     prefixes = {
@@ -556,7 +547,7 @@ def test_s3_endpoint_that_never_answers_is_a_bounded_503_not_a_hang(engine, mode
             assert generate(client, "hot").json()["token_ids"] == hot
             error_of(generate(client, "cold"), 503, "store_unavailable")
             error_of(upload(client, "cold", prefixes["hot"]), 503, "store_unavailable")
-            assert time.monotonic() - started < 2  # no call waits on a store known to be down
+            assert time.monotonic() - started < 5  # no call waits on a store known to be down (15 s)
             forwarder.up()
             reply = wait_until(lambda: (r := generate(client, "cold")).status_code == 200 and r)
             assert reply.json()["token_ids"] == reference_output(engine, prefixes["cold"])
