@@ -296,9 +296,8 @@ def storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError 
         )
     if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
         return StoreReadOnly(
-            f"prefix store {root} is not writable ({e.strerror}: read-only, or no permission): {what} "
-            "was refused and nothing changed; uploads and deletes fail until it is writable, generation "
-            "goes on"
+            f"prefix store {root} is not writable ({e.strerror}): {what} was refused and nothing changed; "
+            "uploads and deletes fail until it is writable, generation goes on"
         )
     return None
 
