@@ -38,7 +38,7 @@ from server.distributed.shared_store import SharedPrefixStore
 from server.engine.engine import Engine
 from server.errors import InsufficientStorage, PrefixNotFound, StoreReadOnly, StoreUnavailable
 from server.registry.format import PrefixKV, save_native
-from server.registry.s3_bucket import CALL_BOUND_S, PROBE_INTERVAL_S
+from server.registry.s3_bucket import CALL_BOUND_S, PROBE_INTERVAL_S, TaskObjects
 from server.registry.s3_store import S3PrefixStore
 from server.registry.store import PrefixStore
 from server.request import Request, SamplingParams
@@ -468,10 +468,10 @@ def test_s3_store_outage_in_process(s3):
     ):
         with pytest.raises(StoreUnavailable, match="cannot be reached"):
             call()
-    assert store.list() == [v1]
+    assert store.list() == [v1] and not store.objects.reachable
     assert time.monotonic() - started < CALL_BOUND_S
     forwarder.up()
-    wait_until(lambda: store.objects._down_since is None, 5 * PROBE_INTERVAL_S)
+    wait_until(lambda: store.objects.reachable, 5 * PROBE_INTERVAL_S)
     assert bucket_keys(direct, url) == keys  # no write reached the bucket, nor half of one
     assert store.read(v1) == native_bytes(1)
     assert put_prefix(store, "known", seed=2).version == 2 and put_prefix(store, "new", seed=3).version == 1
@@ -554,3 +554,25 @@ def test_s3_endpoint_that_never_answers_is_a_bounded_503_not_a_hang(engine, mode
         assert proc.poll() is None and "Traceback" not in serverproc.tail(log, 1 << 20)
     finally:
         stop_server(proc, log)
+
+
+def test_s3_error_replies_are_503_only_when_the_store_is_busy_or_failing():
+    """5xx and throttling replies (after botocore's retries) are StoreUnavailable, without marking the
+    endpoint down (it answered); other replies (access denied, ...) pass through as they were."""
+    exceptions = pytest.importorskip("botocore.exceptions")
+
+    class Client:
+        meta = type("Meta", (), {"endpoint_url": "http://store"})
+
+        def __init__(self, code: str) -> None:
+            self.code = code
+
+        def head_object(self, **_):
+            raise exceptions.ClientError({"Error": {"Code": self.code, "Message": "..."}}, "HeadObject")
+
+    for code in ("SlowDown", "503", "InternalError", "AccessDenied"):
+        objects = TaskObjects(Client(code), "s3://bucket/x")
+        expected = exceptions.ClientError if code == "AccessDenied" else StoreUnavailable
+        with pytest.raises(expected):
+            objects.etag("t", "latest.json")
+        assert objects.reachable

@@ -83,6 +83,11 @@ class TaskObjects:
                 f"cannot be used: {why}{type(e).__name__}: {e}"
             ) from None
 
+    @property
+    def reachable(self) -> bool:
+        """False from a call that found the endpoint silent until the background probe gets an answer."""
+        return self._down_since is None
+
     def key(self, task_id: str, name: str = "") -> str:
         return f"{self.prefix}{task_id}/{name}"
 
