@@ -528,7 +528,7 @@ def test_s3_outage_mid_traffic_then_back_without_restart(engine, model_dir, tmp_
         stop_server(proc, log)
 
 
-@pytest.mark.slow  # waits out the read timeouts: about CALL_BOUND_S
+@pytest.mark.slow  # waits out two read timeouts (10 s), then the server start and the recovery
 def test_s3_endpoint_that_never_answers_is_a_bounded_503_not_a_hang(engine, model_dir, tmp_path, s3):
     forwarder, url, _ = s3
     proc, base, log = start(["--model", str(model_dir), "--prefix-store", url], tmp_path)
