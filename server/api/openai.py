@@ -116,6 +116,26 @@ def _body(model: type[SamplingFields]) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
+# With `stream`, a reply is server-sent events; each event (OpenAPI 3.1: the schema of one item):
+_STREAMED = {
+    "description": "the reply; with `stream: true`, server-sent events instead",
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {
+                        "type": "string",
+                        "description": "a chunk (or an error) as JSON; the last event is [DONE]",
+                    }
+                },
+            }
+        }
+    },
+}
+
+
 # ---- routes ----
 @router.get("/models", responses=ERRORS)
 async def list_models(request: Request):
@@ -139,7 +159,7 @@ async def get_model(model: str, request: Request):
         return error_response(e, request)
 
 
-@router.post("/completions", responses=ERRORS, openapi_extra=_body(CompletionRequest))
+@router.post("/completions", responses={**ERRORS, 200: _STREAMED}, openapi_extra=_body(CompletionRequest))
 async def completions(request: Request):
     """Complete prompts with a task's prefix (`model` = task id) or the base model; SSE with `stream`."""
     try:
@@ -153,7 +173,9 @@ async def completions(request: Request):
         return error_response(e, request)
 
 
-@router.post("/chat/completions", responses=ERRORS, openapi_extra=_body(ChatCompletionRequest))
+@router.post(
+    "/chat/completions", responses={**ERRORS, 200: _STREAMED}, openapi_extra=_body(ChatCompletionRequest)
+)
 async def chat_completions(request: Request):
     """Answer a conversation, formatted with the model's chat template; SSE with `stream`."""
     try:
