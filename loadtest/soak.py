@@ -105,6 +105,7 @@ async def run_soak(config: SoakConfig, url: str, pid: int | None) -> dict:
         if config.rate is None:
             capacity = await measure_capacity(client, config, tasks, prompts, tally)
             print(f"capacity: {capacity:.2f} req/s ({config.capacity_requests} sent at once)", flush=True)
+            tally.latencies_ms.clear()  # the summary's latencies are the soak's
         rate = config.rate or config.capacity_fraction * capacity
         asks = make_asks(config, tasks, rate, config.minutes * 60, config.seed)
         print(
@@ -156,7 +157,7 @@ def verdict(result: dict, config: SoakConfig) -> tuple[list[str], list[str]]:
         "outcomes (with the capacity run): " + ", ".join(f"{name} {n}" for name, n in sorted(k.items())),
         f"replies checked against an earlier one for the same (task, version, prompt): {tally.checked} "
         f"({len(tally.first)} keys; {result['references']} asked again alone at the end)",
-        f"latency ms (completed): p50 {percentile(lat, 50) or 0:.0f}, p99 {percentile(lat, 99) or 0:.0f}",
+        f"latency ms (completed, soak phase): p50 {percentile(lat, 50) or 0:.0f}, p99 {percentile(lat, 99) or 0:.0f}",
         f"5xx: {k.get('server_error', 0)}  lost: {k.get('lost', 0)}  wrong: {len(tally.wrong)}  "
         f"unexpected 4xx: {k.get('client_error', 0)}  429: {k.get('rate_limited', 0)}",
         f"left on the server after the run: {result['leftovers']}",
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", dest="num_prompts", type=int, default=d.num_prompts, help="pool (%(default)s)"
     )
     ap.add_argument("--prompt-len", type=parse_dist, default=d.prompt_len, help="words (uniform:16:64)")
-    ap.add_argument("--output-len", type=parse_dist, default=d.output_len, help="new tokens (uniform:4:128)")
+    ap.add_argument("--output-len", type=parse_dist, default=d.output_len, help="new tokens (uniform:4:64)")
     ap.add_argument("--stream-fraction", type=float, default=d.stream_fraction, help="(%(default)s)")
     ap.add_argument("--disconnect-fraction", type=float, default=d.disconnect_fraction, help="(%(default)s)")
     ap.add_argument("--churn-every-s", type=float, default=d.churn_every_s, help="(%(default)s)")

@@ -28,15 +28,15 @@ class SoakConfig:
     zipf_s: float = 1.1
     num_prompts: int = 20
     prompt_len: LengthDist = field(default_factory=lambda: parse_dist("uniform:16:64"))
-    output_len: LengthDist = field(default_factory=lambda: parse_dist("uniform:4:128"))
+    output_len: LengthDist = field(default_factory=lambda: parse_dist("uniform:4:64"))
     stream_fraction: float = 0.5
     disconnect_fraction: float = 0.05  # of all requests: stream, hang up after the first token
     churn_every_s: float = 5.0  # one upload or delete of a task this often
     sample_every_s: float = 10.0
     warmup_s: float | None = None  # RSS reference point; default min(120 s, 20% of the run)
     max_rss_growth_mib: float = 64.0
-    reference_checks: int = 10
-    timeout_s: float = 300.0
+    reference_checks: int = 5
+    timeout_s: float = 600.0  # a reply later than this is lost
     seed: int = 0
 
     def __post_init__(self) -> None:
