@@ -109,6 +109,12 @@ def test_slow_body_and_slow_head_get_408_while_a_normal_client_is_served(server)
     ).encode()
     attackers = [({}, head, body) for _ in range(20)]  # a byte of the body each 0.25 s
     attackers += [({}, b"GET /health HTTP/1.1\r\n", b"x-slow: " + b"a" * 200) for _ in range(5)]
+    form = b'--xx\r\ncontent-disposition: form-data; name="task_id"\r\n\r\nslow\r\n--xx--\r\n' * 4
+    upload = (
+        f"POST /prefixes HTTP/1.1\r\nhost: x\r\ncontent-type: multipart/form-data; boundary=xx\r\n"
+        f"content-length: {len(form)}\r\n\r\n"
+    ).encode()
+    attackers += [({}, upload, form) for _ in range(3)]  # an upload's form, a byte each 0.25 s
     threads = [threading.Thread(target=slowloris, args=(server, *a[1:], a[0])) for a in attackers]
     for t in threads:
         t.start()
