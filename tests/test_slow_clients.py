@@ -6,6 +6,8 @@ connection running a request, a new one gets 503."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -14,8 +16,11 @@ import time
 import httpx
 import pytest
 from conftest import byte_tokenizer, make_tiny_model
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from loadtest import serverproc
+from server.api.limits import BodyTimeout
 
 KEEP_ALIVE_S, HEADER_TIMEOUT_S, BODY_TIMEOUT_S, MAX_CONNECTIONS = 1.0, 2.0, 2.0, 250
 SLACK_S = 4.0  # the 2 shared cores of CI: a deadline fires on a busy event loop
@@ -184,46 +189,72 @@ def test_idle_sockets_are_shed_and_closed_while_a_normal_client_is_served(server
     assert any(data.startswith(b"HTTP/1.1 408 ") for data in timed_out)
 
 
-def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503():
-    """No model: uvicorn in this process with the guarded protocol, an app whose requests wait on an event."""
-    import asyncio
-
+@contextlib.contextmanager
+def uvicorn_in_thread(app, header_timeout_s: float, max_connections: int):
+    """No model: uvicorn in this process with the guarded protocol, serving `app`; yields its base url."""
     import uvicorn
 
     from server.api.connections import guarded_protocol
 
-    release = threading.Event()
-
-    async def app(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
     port = serverproc.free_port()
-    config = uvicorn.Config(app, port=port, log_config=None, http=guarded_protocol(30, 2), lifespan="off")
-    uv = uvicorn.Server(config)
+    http = guarded_protocol(header_timeout_s, max_connections)
+    uv = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None, http=http, lifespan="off"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 10
         while not uv.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        busy = [connect(base) for _ in range(2)]
-        for sock in busy:
-            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        time.sleep(0.3)  # both requests are running
-        refused, closed_at = read_until_closed(connect(base), timeout_s=5)
-        assert closed_at is not None and refused.startswith(b"HTTP/1.1 503 "), refused[:200]
-        assert error_code(refused) == "overloaded" and b"retry-after: 1" in refused
-        release.set()
-        for sock in busy:  # the running requests were not disturbed
-            sock.settimeout(10)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
-            sock.close()
+        yield f"http://127.0.0.1:{port}"
     finally:
-        release.set()
         uv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503():
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    try:
+        with uvicorn_in_thread(app, header_timeout_s=30, max_connections=2) as base:
+            busy = [connect(base) for _ in range(2)]
+            for sock in busy:
+                sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            time.sleep(0.3)  # both requests are running
+            refused, closed_at = read_until_closed(connect(base), timeout_s=5)
+            assert closed_at is not None and refused.startswith(b"HTTP/1.1 503 "), refused[:200]
+            assert error_code(refused) == "overloaded" and b"retry-after: 1" in refused
+            release.set()
+            for sock in busy:  # the running requests were not disturbed
+                sock.settimeout(10)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+                sock.close()
+    finally:
+        release.set()
+
+
+def test_a_reply_longer_than_the_deadlines_is_not_cut():
+    """A 3 s streamed reply (after a whole body) under 1 s head and body deadlines, then a second request
+    on the same keep-alive connection."""
+
+    async def ticks():
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            yield b"tick\n"
+
+    async def app(scope, receive, send):
+        await Request(scope, receive).body()
+        await StreamingResponse(ticks())(scope, receive, send)  # it also listens for a disconnect
+
+    guarded = BodyTimeout(app, timeout_s=1.0)
+    with (
+        uvicorn_in_thread(guarded, header_timeout_s=1.0, max_connections=10) as base,
+        httpx.Client(base_url=base, timeout=10) as client,
+    ):
+        for _ in range(2):
+            with client.stream("POST", "/", content=b"x" * 1000) as resp:
+                assert resp.status_code == 200 and list(resp.iter_lines()) == ["tick"] * 6
