@@ -18,6 +18,8 @@ import pytest
 from conftest import byte_tokenizer, make_tiny_model
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from loadtest import serverproc
 from server.api.limits import BodyTimeout
@@ -189,15 +191,18 @@ def test_idle_sockets_are_shed_and_closed_while_a_normal_client_is_served(server
     assert any(data.startswith(b"HTTP/1.1 408 ") for data in timed_out)
 
 
+PARSERS = {"httptools": HttpToolsProtocol, "h11": H11Protocol}  # uvicorn's, the first if installed
+
+
 @contextlib.contextmanager
-def uvicorn_in_thread(app, header_timeout_s: float, max_connections: int):
+def uvicorn_in_thread(app, header_timeout_s: float, max_connections: int, parser: str = "httptools"):
     """No model: uvicorn in this process with the guarded protocol, serving `app`; yields its base url."""
     import uvicorn
 
     from server.api.connections import guarded_protocol
 
     port = serverproc.free_port()
-    http = guarded_protocol(header_timeout_s, max_connections)
+    http = guarded_protocol(header_timeout_s, max_connections, PARSERS[parser])
     uv = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None, http=http, lifespan="off"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -211,7 +216,32 @@ def uvicorn_in_thread(app, header_timeout_s: float, max_connections: int):
         thread.join(timeout=10)
 
 
-def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503():
+@pytest.mark.parametrize("parser", list(PARSERS))
+def test_in_either_parser_a_partial_head_gets_408_and_the_oldest_waiting_is_shed(parser):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with uvicorn_in_thread(app, header_timeout_s=1.0, max_connections=3, parser=parser) as base:
+        silent, partial = connect(base), connect(base)
+        partial.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        answered = connect(base)
+        answered.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        time.sleep(0.3)
+        newest = connect(base)  # the 4th: the oldest one waiting for its head (silent) is closed
+        data, closed_at = read_until_closed(silent, timeout_s=0.4)  # before its own deadline (1 s)
+        assert closed_at is not None and data == b""
+        data, closed_at = read_until_closed(partial, timeout_s=5)
+        assert closed_at is not None and error_code(data) == "request_timeout"
+        data, closed_at = read_until_closed(answered, timeout_s=5)  # answered, then its next head is late
+        assert closed_at is not None and data.startswith(b"HTTP/1.1 204 ")
+        assert read_until_closed(newest, timeout_s=5)[1] is not None
+        for sock in (silent, partial, answered, newest):
+            sock.close()
+
+
+@pytest.mark.parametrize("parser", list(PARSERS))
+def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503(parser):
     release = threading.Event()
 
     async def app(scope, receive, send):
@@ -220,7 +250,7 @@ def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503():
         await send({"type": "http.response.body", "body": b"ok"})
 
     try:
-        with uvicorn_in_thread(app, header_timeout_s=30, max_connections=2) as base:
+        with uvicorn_in_thread(app, header_timeout_s=30, max_connections=2, parser=parser) as base:
             busy = [connect(base) for _ in range(2)]
             for sock in busy:
                 sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -237,7 +267,8 @@ def test_past_max_connections_with_every_one_busy_a_new_connection_gets_503():
         release.set()
 
 
-def test_a_reply_longer_than_the_deadlines_is_not_cut():
+@pytest.mark.parametrize("parser", list(PARSERS))
+def test_a_reply_longer_than_the_deadlines_is_not_cut(parser):
     """A 3 s streamed reply (after a whole body) under 1 s head and body deadlines, then a second request
     on the same keep-alive connection."""
 
@@ -252,7 +283,7 @@ def test_a_reply_longer_than_the_deadlines_is_not_cut():
 
     guarded = BodyTimeout(app, timeout_s=1.0)
     with (
-        uvicorn_in_thread(guarded, header_timeout_s=1.0, max_connections=10) as base,
+        uvicorn_in_thread(guarded, header_timeout_s=1.0, max_connections=10, parser=parser) as base,
         httpx.Client(base_url=base, timeout=10) as client,
     ):
         for _ in range(2):

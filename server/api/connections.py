@@ -33,9 +33,11 @@ def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (httptools, or h11) with the head deadline and the connection cap;
-    pass it as `uvicorn.Config(http=...)`. One class per server: it keeps that server's open connections."""
+def guarded_protocol(
+    header_timeout_s: float, max_connections: int, base: type[asyncio.Protocol] = AutoHTTPProtocol
+) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class `base` (httptools if installed, else h11) with the head deadline and the
+    connection cap; pass it as `uvicorn.Config(http=...)`. One class per server: it keeps its connections."""
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if max_connections + 64 > open_files:  # model files, the store, logs: a few dozen more descriptors
         logging.getLogger(__name__).warning(
@@ -46,7 +48,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyn
         )
     open_connections: dict[asyncio.Protocol, None] = {}  # insertion order: oldest first
 
-    class GuardedProtocol(AutoHTTPProtocol):
+    class GuardedProtocol(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             open_connections[self] = None
