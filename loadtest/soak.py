@@ -71,22 +71,31 @@ async def sample_rss(pid: int | None, every_s: float, samples: list, stop, statu
             pass
 
 
+def read_metrics(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The unlabelled samples `names` of a Prometheus text page."""
+    return {
+        n: float(line.split()[-1]) for line in text.splitlines() for n in names if line.startswith(n + " ")
+    }
+
+
 async def leftovers(client: httpx.AsyncClient, wait_s: float = 30.0) -> dict[str, float]:
     """Running rows and queued requests still on the server (from /metrics), once they had `wait_s` to go."""
     names = ("prefix_server_running_batch_size", "prefix_server_queue_depth")
     deadline, found = time.monotonic() + wait_s, {}
     while time.monotonic() < deadline:
-        text = (await client.get("/metrics")).text
-        found = {
-            n: float(line.split()[-1])
-            for line in text.splitlines()
-            for n in names
-            if line.startswith(n + " ")
-        }
+        found = read_metrics((await client.get("/metrics")).text, names)
         if not any(found.values()):
             break
         await asyncio.sleep(1)
     return found
+
+
+async def engine_step_ms(client: httpx.AsyncClient) -> float | None:
+    """The engine's mean step (admissions + one decode) so far, in ms: how fast the machine ran it."""
+    names = ("prefix_server_engine_steps_total", "prefix_server_engine_busy_seconds_total")
+    found = read_metrics((await client.get("/metrics")).text, names)
+    steps, busy = (found.get(n) for n in names)
+    return 1000 * busy / steps if steps and busy is not None else None
 
 
 async def run_soak(config: SoakConfig, url: str, pid: int | None) -> dict:
@@ -130,6 +139,7 @@ async def run_soak(config: SoakConfig, url: str, pid: int | None) -> dict:
         stop.set()
         await asyncio.gather(*background)
         left = await leftovers(client)
+        step_ms = await engine_step_ms(client)
         references = await reference_check(client, tally, prompts, config.reference_checks)
         samples.append((round(time.perf_counter() - started, 1), rss_mib(pid) if pid else None))
     return {
@@ -140,6 +150,7 @@ async def run_soak(config: SoakConfig, url: str, pid: int | None) -> dict:
         "tally": tally,
         "samples": samples,
         "leftovers": left,
+        "engine_step_ms": step_ms,
         "references": references,
     }
 
@@ -161,6 +172,7 @@ def verdict(result: dict, config: SoakConfig) -> tuple[list[str], list[str]]:
         f"5xx: {k.get('server_error', 0)}  lost: {k.get('lost', 0)}  wrong: {len(tally.wrong)}  "
         f"unexpected 4xx: {k.get('client_error', 0)}  429: {k.get('rate_limited', 0)}",
         f"left on the server after the run: {result['leftovers']}",
+        f"engine: mean step {result.get('engine_step_ms') or 0:.0f} ms (admissions + one decode, from /metrics)",
     ]
     if tally.codes:
         lines.append(f"codes: {dict(sorted(tally.codes.items()))}")
