@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import random
 import shlex
 import sys
@@ -63,7 +64,8 @@ async def sample_rss(pid: int | None, every_s: float, samples: list, stop, statu
         t = time.monotonic() - t0
         rss = rss_mib(pid) if pid else None
         samples.append((round(t, 1), rss))
-        print(f"  t={t:7.1f} s  rss={rss or 0:8.1f} MiB  {status()}", flush=True)
+        load = os.getloadavg()[0]  # the machine's: other work on it slows the server
+        print(f"  t={t:7.1f} s  rss={rss or 0:8.1f} MiB  load {load:4.1f}  {status()}", flush=True)
         try:
             await asyncio.wait_for(stop.wait(), every_s)
             return
