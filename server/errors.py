@@ -67,6 +67,12 @@ class QuotaExceeded(PrefixServerError):
     code = "quota_exceeded"
 
 
+class ClientDisconnected(PrefixServerError):
+    """The client left before its reply; nobody reads the answer (499 in the logs, as nginx says)."""
+
+    code = "client_closed_request"
+
+
 class InsufficientStorage(PrefixServerError):
     """The prefix store has no space left for an upload; nothing of it was stored."""
 

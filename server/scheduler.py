@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from server.errors import InvalidRequest, NotReady, Overloaded, PrefixServerError, RequestTimeout
-from server.request import FinishReason, Request, RequestStatus
+from server.request import FinishReason, Request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,6 +121,8 @@ class Scheduler:
         """Queue a request (429 if the queue is full); the caller then reads `events(request)`."""
         if not self._accepting or self._wakeup is None:
             raise NotReady("server is not accepting requests (starting or shutting down)")
+        if not self.loop_running:
+            raise NotReady("the scheduler loop stopped; see the server log")
         if self.num_waiting >= self.config.max_queue:
             raise Overloaded(f"queue is full ({self.config.max_queue} waiting requests); retry later")
         prefix_len = 0
@@ -171,12 +173,18 @@ class Scheduler:
         return request
 
     def abort(self, request: Request) -> None:
-        """Drop a request: from the queue now, or from the running batch at the next step."""
-        queue = self.waiting.get(request.fairness_key)
-        if request.status is RequestStatus.WAITING and queue is not None and request in queue:
+        """Drop a request: from its queue now, or (running, or planned and on its way into the batch) at the
+        engine worker's next step. Safe to call more than once."""
+        if request.finished:
+            return
+        key = request.fairness_key
+        queue = self.waiting.get(key)
+        if queue is not None and request in queue:
             queue.remove(request)
+            if not queue:  # an empty queue left in the rotation would stop plan() (it reads queue[0])
+                self._forget(key)
             request.finish(FinishReason.ABORT)
-        elif request.status is RequestStatus.RUNNING:
+        else:
             self._aborts.add(request)
             self._wake()
 
@@ -193,61 +201,99 @@ class Scheduler:
         budget = self.config.max_batch_tokens - self.running_tokens
         admitted: list[Request] = []
         blocked = 0  # tasks whose next request does not fit the budget this round
-        while free and self._rr and blocked < len(self._rr):
-            key = self._rr[0]
-            self._rr.rotate(-1)
-            queue = self.waiting[key]
-            if queue[0].budget_tokens > budget:
-                blocked += 1
-                continue
-            request = queue.popleft()
-            admitted.append(request)
-            free -= 1
-            budget -= request.budget_tokens
-            blocked = 0
-            if not queue:
-                del self.waiting[key]
-                self._rr.remove(key)
+        key = None
+        try:
+            while free and self._rr and blocked < len(self._rr):
+                key = self._rr[0]
+                self._rr.rotate(-1)
+                queue = self.waiting[key]
+                if queue[0].budget_tokens > budget:
+                    blocked += 1
+                    continue
+                request = queue.popleft()
+                admitted.append(request)
+                free -= 1
+                budget -= request.budget_tokens
+                blocked = 0
+                if not queue:
+                    self._forget(key)
+        except Exception as e:  # a bookkeeping bug: fail what it touched, repair the rotation, go on
+            log.exception("planning failed at queue %r: failing the requests it touched", key)
+            self._fail_planned(admitted, key, e)
+            return []
         self.running_tokens += sum(r.budget_tokens for r in admitted)
         return admitted
 
     # ---- internals ----
+    def _forget(self, key: str) -> None:
+        """A fairness key with no waiters leaves both the queues and the rotation."""
+        self.waiting.pop(key, None)
+        with contextlib.suppress(ValueError):
+            self._rr.remove(key)
+
+    def _fail_planned(self, admitted: list[Request], key: str | None, error: Exception) -> None:
+        failure = PrefixServerError(
+            f"the scheduler failed to plan this request ({type(error).__name__}); see the server log"
+        )
+        doomed = [*admitted, *self.waiting.pop(key, ())] if key is not None else list(admitted)
+        for request in doomed:
+            self._fail(request, failure)
+            self._send_final(request)
+        self.waiting = {k: q for k, q in self.waiting.items() if q}
+        self._rr = collections.deque(k for k in self._rr if k in self.waiting)
+        self._rr.extend(k for k in self.waiting if k not in self._rr)
+
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    @property
+    def loop_running(self) -> bool:
+        """Whether the loop that drives the engine is alive (/ready says 503 otherwise)."""
+        return self._task is not None and not self._task.done()
+
     async def _loop(self) -> None:
+        while True:
+            try:
+                if not await self._iteration():
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug outside the engine step: logged, and serving goes on
+                log.exception("scheduler iteration failed; the loop goes on")
+                await asyncio.sleep(0.01)  # never a hot loop on a repeating error
+
+    async def _iteration(self) -> bool:
+        """One turn of the loop: wait for work, plan, run the step, hand out results. False: loop ends."""
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while True:
-            if self._draining:
-                self._fail_waiting(NotReady("server is shutting down"))
-                self._aborts.update(self.engine.running)
-            if not self.num_waiting and not self.engine.running and not self._aborts:
-                if not self._accepting:
-                    return
+        if self._draining:
+            self._fail_waiting(NotReady("server is shutting down"))
+            self._aborts.update(self.engine.running)
+        if not self.num_waiting and not self.engine.running and not self._aborts:
+            if not self._accepting:
+                return False
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return True
+        if not self.engine.running:
+            # An idle engine waits a moment so that requests arriving together share the first prefill.
+            deadline = loop.time() + self.config.max_batch_wait_ms / 1000
+            while (
+                self.num_waiting < self.config.max_batch_size and self._accepting and loop.time() < deadline
+            ):
                 self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if not self.engine.running:
-                # An idle engine waits a moment so that requests arriving together share the first prefill.
-                deadline = loop.time() + self.config.max_batch_wait_ms / 1000
-                while (
-                    self.num_waiting < self.config.max_batch_size
-                    and self._accepting
-                    and loop.time() < deadline
-                ):
-                    self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), deadline - loop.time())
-            admits, aborts = self.plan(), list(self._aborts)
-            self._aborts.clear()
-            try:
-                finished = await loop.run_in_executor(self._executor, self._step, admits, aborts)
-            except Exception as e:  # an engine bug: fail every row it held, keep serving
-                log.exception("engine step failed")
-                finished = self._fail_running(admits, e)
-            self._postprocess(finished)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - loop.time())
+        admits, aborts = self.plan(), list(self._aborts)
+        self._aborts.clear()
+        try:
+            finished = await loop.run_in_executor(self._executor, self._step, admits, aborts)
+        except Exception as e:  # an engine bug: fail every row it held, keep serving
+            log.exception("engine step failed")
+            finished = self._fail_running(admits, e)
+        self._postprocess(finished)
+        return True
 
     def _step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
         """Worker thread: abort, acquire + admit joiners, one decode step. Returns finished requests."""
@@ -260,7 +306,12 @@ class Scheduler:
     def _run_step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
         finished = self.engine.abort(aborts)
         runnable = []
+        gone = set(aborts)
         for request in admits:
+            if request in gone:  # its client left between planning and now: never admitted
+                request.finish(FinishReason.ABORT)
+                finished.append(request)
+                continue
             try:
                 if request.task_id is not None and self.registry is not None:
                     record, prefix = self.registry.acquire(request.task_id)

@@ -309,3 +309,109 @@ async def test_drain_timeout_aborts_with_an_explicit_error():
     with pytest.raises(NotReady, match="shut down before the request finished"):
         await a
     assert registry.pinned() == 0
+
+
+async def _served(sched, *requests, timeout=5.0):
+    """Each request submitted and waited for, all within `timeout` seconds (a dead loop would hang)."""
+    return await asyncio.wait_for(asyncio.gather(*(sched.generate(r) for r in requests)), timeout)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_abandoned_queued_request_leaves_the_others_served(running, stream):
+    """The batch is full; A's queued request is abandoned (client gone, or its timeout); then requests of
+    other tasks (and of A) are served, and the queue holds nothing of A."""
+    engine, registry, sched = make(slots=1, delay=0.005, max_batch_wait_ms=0.0)
+    await running(sched)
+    blocker = asyncio.create_task(sched.generate(req("B", n=20)))
+    await asyncio.sleep(0.02)
+    assert engine.running  # the only slot is taken
+    queued = req("A", n=3, stream=stream)
+    sched.submit(queued)
+    events = sched.events(queued)
+    consumer = asyncio.create_task(anext(events))
+    await asyncio.sleep(0.01)
+    consumer.cancel()  # the client goes away while its request waits
+    await asyncio.gather(consumer, return_exceptions=True)
+    await events.aclose()
+    assert queued.finish_reason is FinishReason.ABORT and "A" not in sched.waiting and "A" not in sched._rr
+    later = await _served(sched, req("t1", n=2), req("A", n=2), req("t2", n=2))
+    assert [len(r.output_token_ids) for r in later] == [2, 2, 2]
+    await blocker
+    assert registry.pinned() == 0 and sched.num_waiting == 0
+
+
+async def test_a_request_timing_out_in_the_queue_leaves_the_others_served(running):
+    from server.errors import RequestTimeout
+
+    _engine, registry, sched = make(slots=1, delay=0.005, max_batch_wait_ms=0.0, request_timeout_s=0.05)
+    await running(sched)
+    blocker = asyncio.create_task(sched.generate(req("B", n=5)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(RequestTimeout):
+        await sched.generate(req("A", n=1000))  # waits behind B, then times out while still queued
+    await asyncio.gather(blocker, return_exceptions=True)
+    (done,) = await _served(sched, req("t3", n=2))
+    assert len(done.output_token_ids) == 2 and registry.pinned() == 0
+
+
+async def test_a_request_abandoned_between_planning_and_admission_is_never_run(running):
+    """The client leaves while its request is planned but not yet in the batch (the engine worker is busy
+    with the step that admits it): the row is dropped at once, not run to max_new_tokens."""
+    engine, registry, sched = make(slots=4, delay=0.05, max_batch_wait_ms=0.0)
+    await running(sched)
+    r = req("A", n=10_000, stream=True)
+    sched.submit(r)
+    await asyncio.sleep(0.01)  # planned; the worker is inside the step that admits it
+    assert r not in sched.waiting.get("A", ())
+    sched.abort(r)
+    for _ in range(200):
+        if r.finished:
+            break
+        await asyncio.sleep(0.01)
+    assert r.finish_reason is FinishReason.ABORT and not engine.running and registry.pinned() == 0
+    assert len(r.output_token_ids) <= 2
+
+
+async def test_a_planning_bug_fails_the_requests_it_touched_and_the_loop_goes_on(running):
+    _engine, registry, sched = make(slots=2, delay=0.0, max_batch_wait_ms=0.0)
+    await running(sched)
+    broken = req("A", n=2)
+    sched.submit(broken)
+    broken.budget_tokens = None  # planning compares it with the budget: TypeError inside plan()
+    event = await asyncio.wait_for(anext(sched.events(broken)), 5)
+    assert event.kind == "error" and "failed to plan this request" in str(event.error)
+    assert sched.loop_running and not sched.waiting and not sched._rr
+    (ok,) = await _served(sched, req("B", n=3))
+    assert len(ok.output_token_ids) == 3 and registry.pinned() == 0
+
+
+async def test_a_failing_iteration_is_logged_and_the_loop_goes_on(running, caplog, monkeypatch):
+    _engine, _, sched = make(slots=2, delay=0.0, max_batch_wait_ms=0.0)
+    await running(sched)
+    calls = {"n": 0}
+    postprocess = sched._postprocess
+
+    def flaky(finished):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("postprocess bug")
+        postprocess(finished)
+
+    monkeypatch.setattr(sched, "_postprocess", flaky)
+    sched.submit(first := req("A", n=3))
+    (ok,) = await _served(sched, req("B", n=3))
+    assert len(ok.output_token_ids) == 3 and sched.loop_running
+    assert "scheduler iteration failed" in caplog.text
+    del first
+
+
+async def test_submit_refuses_when_the_loop_is_not_running():
+    _engine, _, sched = make()
+    await sched.start()
+    sched._task.cancel()
+    await asyncio.gather(sched._task, return_exceptions=True)
+    assert not sched.loop_running
+    with pytest.raises(NotReady, match="scheduler loop stopped"):
+        sched.submit(req("A"))
+    sched._task = None
+    await sched.stop()

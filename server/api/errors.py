@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
+    ClientDisconnected,
     InsufficientStorage,
     InvalidRequest,
     NotReady,
@@ -33,6 +34,7 @@ from server.errors import (
 log = logging.getLogger(__name__)
 
 STATUS_CODES: dict[type[PrefixServerError], int] = {
+    ClientDisconnected: 499,
     InvalidRequest: 422,
     PrefixFormatError: 422,
     PrefixNotFound: 404,

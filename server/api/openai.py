@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from server.api import routes
 from server.api.auth import Caller, get_caller
+from server.api.disconnect import unless_disconnected
 from server.api.errors import json_error_message, shown_input, status_for
 from server.api.openai_schemas import (
     CHAT_FIELDS,
@@ -40,7 +41,7 @@ from server.api.openai_schemas import (
     refused_extras,
 )
 from server.api.schemas import TASK_ID_PATTERN
-from server.errors import InvalidRequest, PrefixNotFound, PrefixServerError, shown
+from server.errors import ClientDisconnected, InvalidRequest, PrefixNotFound, PrefixServerError, shown
 from server.registry.store import PrefixRecord
 from server.request import FinishReason, SamplingParams
 from server.request import Request as GenRequest
@@ -79,13 +80,14 @@ class Call:
     state: ServerState
     caller: Caller
     request_id: str  # X-Request-ID
+    http: Request  # the HTTP request: a plain reply is aborted when its client leaves
 
 
 async def _call(request: Request) -> Call:
     """Who calls: 401 without a valid key when keys are set, then 503 while the model loads."""
     caller = await get_caller(request)
     request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex[:16]
-    return Call(routes._state(request), caller, request_id)
+    return Call(routes._state(request), caller, request_id, request)
 
 
 def _visible_tasks(call: Call) -> list[tuple[str, PrefixRecord]]:
@@ -320,13 +322,21 @@ async def _run(call: Call, body, record, prompts, max_tokens: int, param: str, *
             reply.stream(scheduler, include_usage, finished), media_type="text/event-stream"
         )
     try:
-        async with contextlib.aclosing(_merged_events(scheduler, requests)) as events:
-            async for _, event in events:
-                if event.kind == "error":
-                    raise event.error
+        await unless_disconnected(call.http, _wait_all(scheduler, requests))
+    except ClientDisconnected as e:
+        for req in requests:
+            req.error = req.error or e  # logged and counted as the client's leaving
+        raise
     finally:
         finished()
     return reply.full()
+
+
+async def _wait_all(scheduler, requests: list[GenRequest]) -> None:
+    async with contextlib.aclosing(_merged_events(scheduler, requests)) as events:
+        async for _, event in events:
+            if event.kind == "error":
+                raise event.error
 
 
 async def _merged_events(scheduler, requests: list[GenRequest]) -> AsyncIterator[tuple[int, Event]]:

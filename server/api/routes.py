@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, Upl
 from fastapi.responses import StreamingResponse
 
 from server.api.auth import Caller, get_caller
+from server.api.disconnect import unless_disconnected
 from server.api.schemas import (
     TASK_ID_PATTERN,
     ErrorResponse,
@@ -27,6 +28,7 @@ from server.api.schemas import (
     Usage,
 )
 from server.errors import (
+    ClientDisconnected,
     InvalidRequest,
     NotReady,
     PayloadTooLarge,
@@ -113,8 +115,10 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/ready", response_model=Ready, responses={503: _ERR}, tags=["ops"])
 async def ready(request: Request) -> Ready:
-    """The model is loaded and the server accepts work."""
+    """The model is loaded and the server accepts work (its scheduler loop is running)."""
     state = _state(request)
+    if not state.scheduler.loop_running:
+        raise NotReady("not ready: the scheduler loop stopped; see the server log")
     return Ready(status="ready", model=state.components.model_name)
 
 
@@ -147,12 +151,19 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
     if body.stream:
         return StreamingResponse(_sse(state, req, caller), media_type="text/event-stream")
     try:
-        async for event in state.scheduler.events(req):
-            if event.kind == "error":
-                raise event.error
+        await unless_disconnected(request, _wait(state.scheduler, req))
+    except ClientDisconnected as e:
+        req.error = e  # logged and counted as the client's leaving
+        raise
     finally:
         _finished(state, req, caller)
     return _reply(req, caller)
+
+
+async def _wait(scheduler, req: GenRequest) -> None:
+    async for event in scheduler.events(req):
+        if event.kind == "error":
+            raise event.error
 
 
 def _finished(state, req: GenRequest, caller: Caller) -> None:
