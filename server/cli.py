@@ -154,6 +154,9 @@ def serve(args: argparse.Namespace) -> None:
     from server.api.logs import configure_logging
 
     settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
+    # torch.compile's artifacts beside the converted models, so a restart reuses them (see --compile).
+    # Before anything imports torch: inductor fixes its folder the first time it is asked for it.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.model_cache_dir / "inductor"))
     if settings.prefix_store:  # an unreachable bucket fails here, naming its URL, not in the model load
         from server.registry.s3_store import S3PrefixStore
 
@@ -172,7 +175,10 @@ def serve(args: argparse.Namespace) -> None:
         # uvicorn has no deadline for a request head nor a cap on idle sockets: see api/connections.py
         http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
     )
-    _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
+    try:
+        _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and re-raises it; no traceback for that
+        logging.getLogger(__name__).info("interrupted (SIGINT): stopped")
     _exit_now_if_compiling()
 
 

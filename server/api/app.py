@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 
@@ -62,8 +61,6 @@ def build_components(settings: Settings) -> Components:
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, cache_dir=settings.model_cache_dir
     )
-    # torch.compile's artifacts beside the converted models, so a restart reuses them (see --compile).
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.model_cache_dir / "inductor"))
     engine = Engine(
         loaded.model,
         loaded.tokenizer,

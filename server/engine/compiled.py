@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.engine import kernels
+from server.engine import compile_cache, kernels
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ class CompiledDecode:
         keys, values = torch.zeros_like(slots_like), torch.zeros_like(slots_like)
         # No automatic dynamic shapes: one static graph per batch bucket, only the lengths are dynamic.
         with (
+            compile_cache.writing(compile_cache.inductor_cache_dir()),
             torch._inductor.config.patch(INDUCTOR_OPTIONS),
             # Dynamo counts graphs per code object, i.e. across every CompiledDecode in this process
             # (tests make several); the warm-up bounds what it adds, and afterwards nothing recompiles.

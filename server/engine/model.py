@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from server.errors import UnsupportedModel
@@ -66,8 +67,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF file into a safetensors folder once; return the folder."""
+def convert_gguf(gguf_path: Path, cache_dir: Path, lock_timeout_s: float = 600.0) -> Path:
+    """Dequantize a GGUF file into a safetensors folder once; return the folder.
+
+    Safe against a process killed at any instruction: the folder is written under a temporary name and
+    renamed into place whole (a later start finds all of it or none), one conversion at a time under a
+    file lock that dies with its holder (`filelock`, fcntl.flock), and the next holder removes the
+    temporary folders of conversions that died."""
     # Keyed by content (size + first MiB), so a reinstalled wheel or a fresh clone reuses the cache.
     with gguf_path.open("rb") as f:
         head = f.read(1 << 20)
@@ -75,6 +81,24 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     target = cache_dir / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(cache_dir / f"{target.name}.lock", timeout=lock_timeout_s):
+            if (target / "config.json").is_file():
+                return target  # converted by another process while we waited
+            for stale in cache_dir.glob(f".converting-{target.name}-*"):  # conversions that died
+                log.info("removing %s, left by a conversion that did not finish", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            _convert(gguf_path, cache_dir, target)
+    except Timeout as e:
+        raise UnsupportedModel(
+            f"another process has been converting {gguf_path.name} into {cache_dir} for over "
+            f"{lock_timeout_s:.0f} s; wait for it, or pass another --model-cache-dir"
+        ) from e
+    return target
+
+
+def _convert(gguf_path: Path, cache_dir: Path, target: Path) -> None:
     log.info("converting %s to a safetensors cache at %s (once; ~20 s)", gguf_path, target)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -84,15 +108,14 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".converting-{target.name}-", dir=cache_dir))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
         os.replace(tmp, target)  # atomic: a crash mid-save never leaves a half folder at `target`
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path) -> LoadedModel:

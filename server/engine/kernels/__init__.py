@@ -1,18 +1,30 @@
-"""CPU kernels for the compiled decode step (`cpu_decode.cpp`): built on first use with torch's extension
-builder (a C++ compiler and ninja, as torch.compile's inductor needs anyway; about 30 s once, then cached
-under TORCH_EXTENSIONS_DIR) and loaded as the torch ops `torch.ops.prefix_server.*`:
+"""CPU kernels for the compiled decode step (`cpu_decode.cpp`), loaded as the torch ops
+`torch.ops.prefix_server.*`:
 
     pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32, N a multiple of 16
     linear(x [..., K], packed, bias?) -> [..., N]         float32, AVX-512
     write_kv(keys!, values!, layer, columns [b], k, v)    any dtype: each row's new K/V into its slot
     decode_attention(q [b, heads, d], keys, values, layer, lengths [b], scale) -> [b, heads, d]
                                                           float32, AVX-512
+
+Built once per machine (a C++ compiler and ninja, as inductor needs anyway; ~15-30 s) by `build.py` in a
+child process, and kept under TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) in a folder named by a
+hash of the source, torch, Python and flags. The build can be killed at any instruction and leave
+nothing a later process trusts or waits on: it runs in a fresh temporary folder renamed into place only
+when whole (atomic), under an `fcntl.flock` that the kernel releases when its holder dies (torch's own
+builder guards its folder with a lock *file* that a killed build leaves behind, and every later build
+then waits on it forever). A build that does not finish within `timeout_s` is killed, and the decode
+step stays eager, with one log line saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -20,18 +32,23 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+NAME = "prefix_server_cpu_decode"
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+CFLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
+LDFLAGS = ("-fopenmp",)
+BUILD_TIMEOUT_S = 600.0  # a cold build takes 15-30 s here; 10 minutes covers a busy or slow machine
+
 _lock = threading.Lock()
 _loaded: bool | None = None
 
 
-def load() -> bool:
+def load(timeout_s: float = BUILD_TIMEOUT_S) -> bool:
     """Build (once per machine) and load the kernels (once per process). False, logged, where they cannot
-    be built (the decode step then stays eager)."""
+    be built in `timeout_s` (the decode step then stays eager)."""
     global _loaded
     with _lock:
         if _loaded is None:
-            _loaded = _build()
+            _loaded = _load(timeout_s)
         return _loaded
 
 
@@ -40,27 +57,77 @@ def avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def _build() -> bool:
+def build_root() -> Path:
+    """Where built kernels are kept: TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions (torch's rule)."""
     from torch.utils import cpp_extension
 
-    try:
-        import ninja  # the pip package: its binary, for machines without a system ninja
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
 
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    except ImportError:
-        pass
-    try:
-        cpp_extension.load(
-            name="prefix_server_cpu_decode",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for runs on torch's threads
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
+
+def library_path(root: Path | None = None) -> Path:
+    """The built library for this source, torch, Python and flags (a new folder when any changes)."""
+    key = hashlib.sha256(
+        b"\0".join(
+            [SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(CFLAGS).encode()]
         )
-    except Exception as e:  # no compiler, no ninja, a build error: all mean "not here"
-        log.warning("CPU decode kernels could not be built (%s); the decode step stays eager", e)
+    ).hexdigest()[:16]
+    return (root or build_root()) / f"{NAME}-{key}" / f"{NAME}.so"
+
+
+def _load(timeout_s: float) -> bool:
+    library = library_path()
+    if not library.is_file():
+        log.info(
+            "building the CPU decode kernels into %s (once per machine, ~15-30 s; or waiting for the build "
+            "of another process)",
+            library.parent,
+        )
+        if not _build_in_child(library, timeout_s):
+            return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as e:
+        log.warning(
+            "CPU decode kernels at %s could not be loaded (%s); the decode step stays eager", library, e
+        )
         return False
     _register_fakes()
+    return True
+
+
+def _build_in_child(library: Path, timeout_s: float) -> bool:
+    """Run build.py in its own process group, so that a timeout kills the compiler with it. Its output
+    goes to a file, not a pipe: if this process dies, the build goes on and finishes for the next one."""
+    cmd = [sys.executable, "-m", "server.engine.kernels.build", str(library), str(timeout_s)]
+    repo = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    library.parent.parent.mkdir(parents=True, exist_ok=True)
+    output = library.parent.with_name(f"{library.parent.name}.{os.getpid()}.log")
+    with open(output, "w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.warning(
+                "CPU decode kernels: the build did not finish within %.0f s (a slow machine, or another "
+                "process's build holding the lock); the decode step stays eager",
+                timeout_s,
+            )
+            return False
+        except BaseException:  # e.g. KeyboardInterrupt in the main thread: the build stops with us
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            output.unlink(missing_ok=True)
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    if proc.returncode != 0 or not library.is_file():
+        why = lines[-1] if lines else f"exit code {proc.returncode}"
+        log.warning("CPU decode kernels could not be built (%s); the decode step stays eager", why)
+        return False
     return True
 
 
