@@ -133,11 +133,13 @@ def test_abandoned_requests_leave_the_server_serving_everyone(server):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5, r.text
     assert ops.get("/ready").status_code == 200
 
-    # A stream left after its first tokens frees its row too.
-    with acme.stream("POST", "/generate", json={**ask, "task_id": "alpha", "max_new_tokens": LONG}) as resp:
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                break
+    # Streams left within their first tokens, one after another as the row frees: none keeps its row.
+    for i in range(4):
+        body = {**ask, "task_id": "alpha", "prompt": f"s{i}", "max_new_tokens": LONG, "stream": True}
+        with acme.stream("POST", "/generate", json=body) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    break
     wait_for(ops, queue=0, running=0, timeout_s=10)
 
     proc.send_signal(signal.SIGTERM)
