@@ -1,4 +1,12 @@
-"""`prefix-server serve | convert | train`: argparse in, Settings out; nothing else reads the command line."""
+"""prefix-server: one base model, many tasks, each a prefix-tuning prefix.
+
+  prefix-server serve      run the HTTP server (the default model needs no flags)
+  prefix-server train      train a task's prefix from JSONL examples
+  prefix-server convert    convert a prefix between the native and the PEFT format
+
+`prefix-server COMMAND --help` lists each command's flags with their defaults.
+"""
+# argparse in, Settings out: nothing else reads the command line.
 
 from __future__ import annotations
 
@@ -35,7 +43,11 @@ SERVE_FLAGS = {
         "open connections; a new one beyond this closes the oldest connection still waiting for its "
         "request head, or gets 503 if every one is running a request (default 1000)",
     ),
-    "prefix_dir": (Path, "prefix store folder (default: the repo's prefixes/)"),
+    "prefix_dir": (
+        Path,
+        "prefix store folder (default: prefixes/ of the source checkout when run from inside it, as "
+        "`make serve` does; else $XDG_DATA_HOME/prefix-server/prefixes, i.e. ~/.local/share/...)",
+    ),
     "prefix_store": (
         str,
         "s3://bucket[/key/prefix]: keep prefixes in an S3-compatible object store shared by every server "
@@ -80,7 +92,9 @@ SERVE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefix-server", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="prefix-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -88,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every flag can also be set as "
         "PREFIX_SERVER_<FLAG> in the environment (e.g. PREFIX_SERVER_PORT=9000).",
     )
+    defaults = Settings()
     for name, (kind, text) in SERVE_FLAGS.items():
+        if "(default" not in text:  # every flag shows its default
+            value = getattr(defaults, name)
+            text = f"{text} (default: {'none' if value in (None, '') else value})"
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
 
     convert = sub.add_parser("convert", help="convert a prefix between the native and the PEFT format")
@@ -96,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         "input", type=Path, help="a native prefix file, or a PEFT adapter folder / .safetensors"
     )
     convert.add_argument("output", type=Path, help="native: a .safetensors file; peft: a folder")
-    convert.add_argument("--to", choices=["native", "peft"], required=True)
+    convert.add_argument(
+        "--to",
+        choices=["native", "peft"],
+        required=True,
+        help="native: a PEFT adapter (folder or adapter_model.safetensors) -> one prefix file the server "
+        "takes; peft: a native prefix file -> a PEFT adapter folder (adapter_model.safetensors + "
+        "adapter_config.json)",
+    )
     convert.add_argument("--model", default="default", help="base model (needed to read a PEFT adapter)")
     convert.add_argument("--config", type=Path, help="PEFT adapter_config.json (default: beside the input)")
 
@@ -120,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
     train.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     train.add_argument("--max-steps", type=int, help="stop after this many steps (default: all epochs)")
-    train.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and the split")
+    train.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and the split (default 0)")
     train.add_argument(
         "--prefix-projection", action="store_true", help="train through PEFT's reparametrizing MLP"
     )

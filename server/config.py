@@ -21,6 +21,16 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefix-server" / "models"
 
 
+def _default_prefix_dir() -> Path:
+    """The checkout's prefixes/ when run from inside the source checkout (`make serve`), else a per-user
+    data folder, so an installed server never writes into its package's folder."""
+    checkout = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "prefixes").is_dir()
+    if checkout and Path.cwd().resolve().is_relative_to(REPO_ROOT):
+        return REPO_ROOT / "prefixes"
+    data = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return data / "prefix-server" / "prefixes"
+
+
 @dataclass(frozen=True)
 class Settings:
     # base model
@@ -38,7 +48,7 @@ class Settings:
     body_timeout_s: float = 60.0  # the whole body must arrive within this of the head; 0 = none
     max_connections: int = 1000  # beyond it the oldest connection still waiting for its head is closed
     # prefix registry
-    prefix_dir: Path = REPO_ROOT / "prefixes"
+    prefix_dir: Path = field(default_factory=_default_prefix_dir)
     prefix_store: str = ""  # "" = the folder prefix_dir; s3://bucket[/key/prefix] = an S3-compatible store
     prefix_store_ttl_s: float = 1.0  # S3 store: how long an index entry is trusted before a check
     prefix_cache_bytes: int = 512 * 1024 * 1024
@@ -98,7 +108,9 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"setting {name} must be > 0 seconds, got {getattr(self, name)!r}")
         if self.body_timeout_s < 0:
-            raise InvalidRequest(f"setting body_timeout_s must be >= 0 (0 = none), got {self.body_timeout_s!r}")
+            raise InvalidRequest(
+                f"setting body_timeout_s must be >= 0 (0 = none), got {self.body_timeout_s!r}"
+            )
         if self.log_format not in ("json", "text"):
             raise InvalidRequest(f"setting log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.prefix_store and not S3_URL_RE.fullmatch(self.prefix_store):

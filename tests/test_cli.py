@@ -42,3 +42,27 @@ def test_convert_reports_a_bad_file_cleanly(tmp_path, capsys):
         main(["convert", str(tmp_path / "junk.safetensors"), str(tmp_path / "out"), "--to", "peft"])
     assert exc.value.code == 2
     assert "prefix-server: error:" in capsys.readouterr().err
+
+
+def test_every_serve_flag_shows_its_default():
+    from server.cli import SERVE_FLAGS, build_parser
+
+    serve = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve")
+    )
+    helps = {a.dest: a.help for a in serve._actions if a.dest in SERVE_FLAGS}
+    assert set(helps) == set(SERVE_FLAGS)
+    missing = [name for name, text in helps.items() if "default" not in text]
+    assert missing == []
+
+
+def test_the_prefix_store_is_the_checkouts_only_when_run_from_it(tmp_path, monkeypatch):
+    from server.config import REPO_ROOT, Settings
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(REPO_ROOT)
+    assert Settings().prefix_dir == REPO_ROOT / "prefixes"  # make serve
+    monkeypatch.chdir(tmp_path)
+    assert Settings().prefix_dir == tmp_path / "data" / "prefix-server" / "prefixes"
+    monkeypatch.setenv("PREFIX_SERVER_PREFIX_DIR", str(tmp_path / "mine"))
+    assert Settings.from_env().prefix_dir == tmp_path / "mine"
