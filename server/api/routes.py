@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from server.api.auth import Caller, get_caller
 from server.api.disconnect import unless_disconnected
 from server.api.schemas import (
+    TASK_ID_PATH_PATTERN,
     TASK_ID_PATTERN,
     ErrorResponse,
     FromTextRequest,
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 CallerDep = Annotated[Caller, Depends(get_caller)]
 # The pattern is in the OpenAPI schema too, so a client can tell a valid task id from the schema alone.
 TaskIdForm = Annotated[str, Form(pattern=TASK_ID_PATTERN, description="1-64 of A-Za-z0-9._-")]
-TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="1-64 of A-Za-z0-9._-")]
+TaskIdPath = Annotated[
+    str, Path(pattern=TASK_ID_PATH_PATTERN, description="1-64 of A-Za-z0-9._-, not '.' or '..'")
+]
 
 _ERR = {"model": ErrorResponse}
 ERRORS = {400: _ERR, 401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}

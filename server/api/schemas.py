@@ -9,6 +9,14 @@ from pydantic_core import PydanticCustomError
 
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
+# The same in a URL path, less "." and "..": no folder names (the store refuses them), and no path
+# segments either, as HTTP clients drop them from a URL before sending it (RFC 3986 dot segments):
+# DELETE /prefixes/. arrives as DELETE /prefixes/. Written as alternatives: the Rust regex engine that
+# checks patterns has no lookahead.
+_TASK_NAME_NO_DOTS = (
+    r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})"
+)
+TASK_ID_PATH_PATTERN = rf"^(?:[A-Za-z0-9_-]{{1,32}}~)?{_TASK_NAME_NO_DOTS}$"
 StopString = Annotated[str, Field(min_length=1)]  # an empty one would match everywhere
 
 
