@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from server.registry.format import PrefixKV
 
 _ids = itertools.count()
+MAX_TOP_LOGPROBS = 20  # most alternatives a request may ask for per token (as OpenAI and vLLM allow)
 
 
 class RequestStatus(enum.Enum):
@@ -41,6 +42,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None: no logprobs; k >= 0: each generated token's logprob and its top k alternatives (0 = none).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -55,10 +58,25 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
+        if self.logprobs is not None and (
+            type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise InvalidRequest(f"logprobs must be null or 0-{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw next-token distribution (log_softmax
+    of the logits in float32 over the whole vocabulary, before temperature, top-k and top-p), and the
+    most likely tokens of that distribution, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), as many as the request asked for
 
 
 @dataclass(eq=False)
@@ -76,6 +94,7 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked
     text: str = ""
     finish_reason: FinishReason | None = None
     error: Exception | None = None

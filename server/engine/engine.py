@@ -12,11 +12,12 @@ from transformers import DynamicCache, PreTrainedModel
 from server.engine.batch import BatchMetadata, build_prefill_inputs, build_prefix_cache
 from server.engine.compiled import CompiledDecode, bucket_for
 from server.engine.compiled import supports as compiled_supports
+from server.engine.logprobs import token_logprobs
 from server.engine.sampling import make_generator, sample
 from server.engine.slots import SlotKV
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
-from server.request import FinishReason, Request, RequestStatus
+from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,13 @@ class Engine:
         logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
         generators = [make_generator(r.sampling, self.device) for r in requests]
         tokens = sample(logits, [r.sampling for r in requests], generators)
+        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
         finished = []
         needed = max(r.prefix_len + r.num_prompt_tokens + r.sampling.max_new_tokens for r in requests)
         self.slots.ensure_capacity(needed)
         for row, (request, token, gen) in enumerate(zip(requests, tokens, generators, strict=True)):
             request.status = RequestStatus.RUNNING
-            self._append_token(request, token)
+            self._append_token(request, token, logprobs[row])
             if request.finished:
                 finished.append(request)
                 continue
@@ -150,9 +152,11 @@ class Engine:
         """One token for every running row: one forward over the active slots. Returns rows that finished."""
         if not self.running:
             return []
-        tokens = sample(self.decode_logits(), [r.sampling for r in self.running], self._generators)
-        for request, token in zip(self.running, tokens, strict=True):
-            self._append_token(request, token)
+        logits = self.decode_logits()  # [n, vocab]
+        tokens = sample(logits, [r.sampling for r in self.running], self._generators)
+        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in self.running])
+        for request, token, logprob in zip(self.running, tokens, logprobs, strict=True):
+            self._append_token(request, token, logprob)
         return self._remove([r for r in self.running if r.finished])
 
     @torch.inference_mode()
@@ -240,8 +244,10 @@ class Engine:
         self.slots.num_active = len(self.running)
         return done
 
-    def _append_token(self, request: Request, token: int) -> None:
+    def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         request.output_token_ids.append(token)
+        if logprob is not None:
+            request.output_logprobs.append(logprob)
         params = request.sampling
         # Detokenizing is O(output) per token: do it every step only when stop strings or a stream
         # need the text as it grows, otherwise once when the request finishes.
