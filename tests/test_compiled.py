@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, peft_greedy, peft_prefix_model
 from test_engine import make_requests, random_prefix
+from test_logprobs import assert_matches_reference, reference_logprobs
 from torch._dynamo.utils import counters
 
 import server.engine.compiled as compiled_module
@@ -21,6 +22,7 @@ from server.engine import kernels
 from server.engine.compiled import batch_buckets, bucket_for, supports
 from server.engine.engine import Engine
 from server.registry.format import load_prefix
+from server.request import SamplingParams
 
 pytestmark = pytest.mark.slow
 FAMILIES = ["llama-gqa", "qwen2"]  # GQA without and with q/k/v biases
@@ -120,6 +122,20 @@ def test_compiled_equals_peft_reference(compiled, tokenizer, tmp_path):
     engine.generate(reqs)
     for (peft_model, _), r in zip(rows, reqs, strict=True):
         assert r.output_token_ids == peft_greedy(peft_model, r.prompt_token_ids, 10)
+
+
+def test_compiled_logprobs_equal_the_models_own_forward(compiled):
+    """Logprobs come from the compiled step's logits (padded rows cut off) for the rows that ask."""
+    _, engine = compiled
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 6, 2)]
+    reqs = make_requests(prefixes, [5, 9, 4], [8, 6, 8], logprobs=4)
+    reqs[1].sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)  # 3 rows: bucket 4, one asks not
+    engine.generate(reqs)
+    assert reqs[1].output_logprobs == [] and len(reqs[1].output_token_ids) == 6
+    for r, prefix in ((reqs[0], prefixes[0]), (reqs[2], prefixes[2])):
+        ref = reference_logprobs(engine.model, prefix, r.prompt_token_ids, r.output_token_ids)
+        assert_matches_reference(r.output_logprobs, r.output_token_ids, ref, 4)
 
 
 @pytest.mark.skipif(not kernels.avx512(), reason="the packed linears need AVX-512")
