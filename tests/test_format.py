@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -384,6 +385,7 @@ def test_read_metadata_rejects_garbage() -> None:
     [
         (peft_blob(), {"adapter_config": peft_config(peft_type="L" * 100_000)}),
         (peft_blob(), {"adapter_config": peft_config(num_layers="9" * 100_000)}),
+        (peft_blob(), {"adapter_config": peft_config(num_layers=int("9" * 4000))}),  # an int, 4000 digits
         (tensors(None, **{"k" * 100_000: torch.zeros(1)}), {}),
         (
             tensors({**NATIVE_MD, "architecture": "a" * 100_000}, keys=torch.zeros(1), values=torch.zeros(1)),
@@ -391,10 +393,10 @@ def test_read_metadata_rejects_garbage() -> None:
         ),
         (tensors({"format": "prefix-server/" + "v" * 100_000}, keys=torch.zeros(1)), {}),
     ],
-    ids=["peft_type", "num_layers", "tensor_name", "architecture", "format"],
+    ids=["peft_type", "num_layers", "num_layers_int", "tensor_name", "architecture", "format"],
 )
 def test_long_values_are_quoted_short(data: bytes, kwargs: dict) -> None:
     """A file's own strings in a message are cut (with their length): replies once reached ~1 MB."""
     with pytest.raises(PrefixFormatError) as e:
         load_prefix(data, LLAMA_FP, **kwargs)
-    assert len(str(e.value)) < 500 and "... (100" in str(e.value), str(e.value)[:600]
+    assert len(str(e.value)) < 500 and re.search(r"\.\.\. \(\d+ characters", str(e.value)), str(e.value)[:600]

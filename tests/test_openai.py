@@ -380,7 +380,8 @@ async def test_tokenizer_errors_stay_inside(api, engine):
 
 async def test_long_values_are_echoed_short(api):
     long = "m" * 100_000
-    for body in ({**COMPLETION, "model": long}, {**COMPLETION, "best_of": long}, {**COMPLETION, "n": long}):
+    bodies = [{**COMPLETION, key: long} for key in ("model", "best_of", "n")] + [{**COMPLETION, long: 1}]
+    for body in bodies:  # a long value, or a long unknown field's name
         resp = await api.post("/v1/completions", json=body)
         assert resp.status_code in (400, 404) and len(resp.content) < 1000, resp.content[:300]
         assert "... (100000 characters)" in resp.json()["error"]["message"], resp.text

@@ -41,7 +41,8 @@ CHAT_FIELDS = set(NEUTRAL_VALUES) - {"best_of", "echo", "suffix"}
 def refused_extras(extra: dict[str, Any], known: set[str]) -> tuple[str, str, str] | None:
     """The first extra field to refuse, as (param, code, message); None if every one is harmless."""
     for name, value in extra.items():
-        if name not in known:
+        if name not in known:  # the name is the client's: shown capped, as any value is
+            name = shown(name, quoted=False)
             return name, "unknown_parameter", f"unrecognized request argument: {name}"
         neutral = NEUTRAL_VALUES[name]
         if neutral and not any(type(value) is type(v) and value == v for v in neutral):

@@ -174,7 +174,7 @@ def _load_tensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error types
-        raise PrefixFormatError(f"cannot read safetensors data: {e}") from e
+        raise PrefixFormatError(f"cannot read safetensors data: {shown(str(e), quoted=False)}") from e
 
 
 def _check_tokens(n: int, limit: int) -> None:
@@ -217,7 +217,7 @@ def _check_adapter_config(raw: bytes, fp: ModelFingerprint, num_virtual_tokens: 
             raise PrefixFormatError(f"{key} must be an integer, got {shown(got)} ({_json_kind(got)})")
     if cfg.get("num_transformer_submodules") not in (None, 1):
         raise PrefixFormatError(
-            f"adapter has num_transformer_submodules={cfg['num_transformer_submodules']}, "
+            f"adapter has num_transformer_submodules={shown(cfg['num_transformer_submodules'])}, "
             "expected 1 (decoder-only model)"
         )
     wants = {
@@ -229,7 +229,7 @@ def _check_adapter_config(raw: bytes, fp: ModelFingerprint, num_virtual_tokens: 
     for key, message in _CONFIG_COUNTS.items():
         got = cfg.get(key)
         if got is not None and got != wants[key]:
-            raise PrefixFormatError(message.format(got=got, want=wants[key], fp=fp))
+            raise PrefixFormatError(message.format(got=shown(got), want=wants[key], fp=fp))
 
 
 def load_prefix(
