@@ -264,7 +264,9 @@ def _make_requests(
     """One Request per choice: prompt-major, then n; choice j of a prompt samples with seed + j."""
     settings, engine = call.state.settings, call.state.components.engine
     if max_tokens > settings.max_new_tokens:
-        raise OpenAIError(400, f"{param} must be <= {settings.max_new_tokens}, got {max_tokens}", param)
+        raise OpenAIError(
+            400, f"{param} must be <= {settings.max_new_tokens}, got {shown(max_tokens)}", param
+        )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     task_id = None if record is None else record.task_id  # the stored (tenant-namespaced) id
     requests = []
