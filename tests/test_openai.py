@@ -266,7 +266,7 @@ COMPLETION = {"model": "tiny", "prompt": "hi"}
         ("completions", {**COMPLETION, "n": 0}, 400, "n", "invalid_request", "greater than or equal to 1"),
         ("completions", {**COMPLETION, "best_of": 2}, 400, "best_of", "unsupported_parameter", "best_of=2"),
         ("completions", {**COMPLETION, "echo": True}, 400, "echo", "unsupported_parameter", "not supported"),
-        ("completions", {**COMPLETION, "logprobs": 0}, 400, "logprobs", "unsupported_parameter", ""),
+        ("completions", {**COMPLETION, "logprobs": 21}, 400, "logprobs", "invalid_request", "0-20"),
         ("completions", {**COMPLETION, "suffix": "x"}, 400, "suffix", "unsupported_parameter", ""),
         ("completions", {**COMPLETION, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter", ""),
         ("completions", {**COMPLETION, "bogus": 1}, 400, "bogus", "unknown_parameter", "bogus"),
@@ -290,7 +290,7 @@ COMPLETION = {"model": "tiny", "prompt": "hi"}
         ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages[0].content", "invalid_request", "only text content parts"),
         ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 400, "messages[0].tool_calls", "invalid_request", ""),
         ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter", ""),
-        ("chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter", ""),
+        ("chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", "invalid_request", "needs logprobs: true"),
         ("chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter", ""),
         ("chat/completions", {**CHAT, "echo": True}, 400, "echo", "unknown_parameter", ""),
         ("chat/completions", {**CHAT, "stream": True, "n": 2, "model": "nope"}, 404, "model", "model_not_found", ""),
@@ -656,6 +656,6 @@ def test_client_sees_openai_errors(server, client):
     assert e.value.code == "unsupported_parameter" and e.value.param == "best_of"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
-            model=BASE, messages=[{"role": "user", "content": "hi"}], logprobs=True
+            model=BASE, messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=21
         )
-    assert e.value.param == "logprobs"
+    assert e.value.param == "top_logprobs"

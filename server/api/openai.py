@@ -29,6 +29,7 @@ from server.api import routes
 from server.api.auth import Caller, get_caller
 from server.api.disconnect import unless_disconnected
 from server.api.errors import json_error_message, shown_input, status_for
+from server.api.logprobs import chat_logprobs, completion_logprobs
 from server.api.openai_schemas import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -284,6 +285,7 @@ def _make_requests(
                 seed=None if body.seed is None else (body.seed + j) % 2**63,
                 stop=stop,
                 ignore_eos=body.ignore_eos,
+                logprobs=body.num_top_logprobs,
             )
             req = GenRequest(prompt_token_ids=list(prompt_ids), sampling=sampling, task_id=task_id)
             req.tenant, req.stream = call.caller.tenant, body.stream
@@ -317,7 +319,8 @@ async def _run(call: Call, body, record, prompts, max_tokens: int, param: str, *
         for req in requests:
             routes._finished(state, req, caller)  # quotas given back, metrics, a log line
 
-    reply = Reply(body.model, chat, requests, sum(len(p) for p in prompts), caller)
+    tokenizer = state.components.engine.tokenizer
+    reply = Reply(body.model, chat, requests, sum(len(p) for p in prompts), caller, tokenizer)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
@@ -373,10 +376,16 @@ class Reply:
     """The OpenAI objects for a set of choices: one reply, or its SSE chunks."""
 
     def __init__(
-        self, model: str, chat: bool, requests: list[GenRequest], num_prompt_tokens: int, caller: Caller
+        self,
+        model: str,
+        chat: bool,
+        requests: list[GenRequest],
+        num_prompt_tokens: int,
+        caller: Caller,
+        tokenizer=None,  # names the tokens of logprobs
     ):
         self.model, self.chat, self.requests = model, chat, requests
-        self.num_prompt_tokens, self.caller = num_prompt_tokens, caller
+        self.num_prompt_tokens, self.caller, self.tokenizer = num_prompt_tokens, caller, tokenizer
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -399,11 +408,28 @@ class Reply:
                 choice["message"] = {"role": "assistant", "content": req.text}
             else:
                 choice["text"] = req.text
-            choices.append({**choice, "logprobs": None, "finish_reason": _finish_reason(req)})
+            logprobs = self._logprobs(req, 0, len(req.output_logprobs))
+            choices.append({**choice, "logprobs": logprobs, "finish_reason": _finish_reason(req)})
         kind = "chat.completion" if self.chat else "text_completion"
         return {**self._head(kind), "choices": choices, "usage": self.usage()}
 
-    def _chunk(self, index: int, text: str | None, finish_reason: str | None, usage: bool) -> str:
+    def _logprobs(self, req: GenRequest, start: int, end: int) -> dict | None:
+        """A choice's `logprobs` for its tokens start..end-1; None if it asked for none or there are none."""
+        if req.sampling.logprobs is None or start >= end:
+            return None
+        entries = req.output_logprobs[start:end]
+        if self.chat:
+            return chat_logprobs(self.tokenizer, entries)
+        return completion_logprobs(self.tokenizer, entries, req.output_token_ids, start, req.text)
+
+    def _chunk(
+        self,
+        index: int,
+        text: str | None,
+        finish_reason: str | None,
+        usage: bool,
+        logprobs: dict | None = None,
+    ) -> str:
         choice: dict = {"index": index}
         if self.chat:  # the first chunk (text None) carries the role, the last ("") an empty delta
             if text is None:
@@ -412,7 +438,7 @@ class Reply:
                 choice["delta"] = {"content": text} if text else {}
         else:
             choice["text"] = text or ""
-        choice.update(logprobs=None, finish_reason=finish_reason)
+        choice.update(logprobs=logprobs, finish_reason=finish_reason)
         chunk = {
             **self._head("chat.completion.chunk" if self.chat else "text_completion"),
             "choices": [choice],
@@ -421,18 +447,27 @@ class Reply:
 
     async def stream(self, scheduler, include_usage: bool, on_end: Callable[[], None]) -> AsyncIterator[str]:
         """Role chunks (chat), a chunk per text delta, a finish_reason chunk per choice, the usage chunk
-        when asked for, then `data: [DONE]`. An error after the first byte is an `error` event."""
+        when asked for, then `data: [DONE]`. An error after the first byte is an `error` event.
+        A chunk carries the logprobs of its tokens; tokens whose text is held back (part of a character,
+        maybe a stop string) go with the next chunk."""
+        num_seen = [0] * len(self.requests)  # tokens the events announced, per choice
+        num_sent = [0] * len(self.requests)  # ... and those whose logprobs went out
         try:
             if self.chat:
                 for index in range(len(self.requests)):
                     yield self._chunk(index, None, None, include_usage)
             async with contextlib.aclosing(_merged_events(scheduler, self.requests)) as events:
                 async for index, event in events:
-                    if event.kind == "token" and event.text:
-                        yield self._chunk(index, event.text, None, include_usage)
+                    req = self.requests[index]
+                    if event.kind == "token":
+                        num_seen[index] += len(event.token_ids or [])
+                        if event.text:
+                            logprobs = self._logprobs(req, num_sent[index], num_seen[index])
+                            num_sent[index] = num_seen[index]
+                            yield self._chunk(index, event.text, None, include_usage, logprobs)
                     elif event.kind == "done":
-                        reason = _finish_reason(self.requests[index])
-                        yield self._chunk(index, "", reason, include_usage)
+                        logprobs = self._logprobs(req, num_sent[index], len(req.output_logprobs))
+                        yield self._chunk(index, "", _finish_reason(req), include_usage, logprobs)
                     elif event.kind == "error":
                         raise event.error
             if include_usage:

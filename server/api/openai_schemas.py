@@ -2,15 +2,16 @@
 
 Fields these routes act on are declared; any other field lands in `model_extra` and is sorted by
 `refused_extras`: harmless ones (`user`, a penalty of 0, ...) are ignored, features the server lacks
-(`logprobs`, `tools`, ...) are refused as unsupported, and names OpenAI does not define as unknown.
+(`tools`, `echo`, ...) are refused as unsupported, and names OpenAI does not define as unknown.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
 from server.api.schemas import StopString, TextCheck, check_text
 from server.errors import shown
 
@@ -19,8 +20,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "user": (),  # any value: a client-side label
     "best_of": (None, 1),
     "echo": (None, False),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
@@ -33,7 +32,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}),
 }
 COMPLETION_FIELDS = {
-    *("user", "best_of", "echo", "logprobs", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
+    *("user", "best_of", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
 }
 CHAT_FIELDS = set(NEUTRAL_VALUES) - {"best_of", "echo", "suffix"}
 
@@ -88,6 +87,11 @@ class SamplingFields(_OpenAIBody):
             return value
         raise ValueError(f"expected a string or a list of strings, got {shown(value)}")
 
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None for none, else how many alternatives per token."""
+        return None
+
 
 _TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # The prompt as the schema describes it (the validator below checks the same, with clearer messages).
@@ -119,6 +123,16 @@ class CompletionRequest(SamplingFields):
             "expected a string, a non-empty list of strings, a list of token ids, or a list of "
             f"token id lists; got {shown(value)}"
         )
+
+    logprobs: NumTopLogprobs = Field(
+        None,
+        description="null: none; 0-20: choices[].logprobs lists each token's logprob and the most likely "
+        f"tokens at its step (that many, and the chosen one); {RAW_DISTRIBUTION}",
+    )
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -159,6 +173,23 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    logprobs: bool | None = Field(
+        None, description=f"true: choices[].logprobs.content lists each token's logprob; {RAW_DISTRIBUTION}"
+    )
+    top_logprobs: NumTopLogprobs = Field(
+        None, description="0-20: how many of the most likely tokens at each step to list (needs logprobs)"
+    )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def body_schema(model: type[BaseModel]) -> dict:

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from server.api.auth import Caller, get_caller
 from server.api.disconnect import unless_disconnected
+from server.api.logprobs import generate_entries
 from server.api.schemas import (
     TASK_ID_PATH_PATTERN,
     TASK_ID_PATTERN,
@@ -26,6 +27,7 @@ from server.api.schemas import (
     PrefixList,
     Ready,
     StreamEvent,
+    TokenLogprobInfo,
     Usage,
 )
 from server.errors import (
@@ -160,7 +162,7 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
         raise
     finally:
         _finished(state, req, caller)
-    return _reply(req, caller)
+    return _reply(req, caller, state.components.engine.tokenizer)
 
 
 async def _wait(scheduler, req: GenRequest) -> None:
@@ -214,6 +216,7 @@ def _build_request(body: GenerateRequest, state, caller: Caller) -> GenRequest:
         seed=body.seed,
         stop=stop,
         ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
     )
     task_id = caller.stored_id(body.task_id) if body.task_id is not None else None
     req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=task_id, prompt=body.prompt)
@@ -222,7 +225,10 @@ def _build_request(body: GenerateRequest, state, caller: Caller) -> GenRequest:
     return req
 
 
-def _reply(req: GenRequest, caller: Caller) -> GenerateResponse:
+def _reply(req: GenRequest, caller: Caller, tokenizer) -> GenerateResponse:
+    logprobs = None
+    if req.sampling.logprobs is not None:
+        logprobs = [TokenLogprobInfo(**e) for e in generate_entries(tokenizer, req.output_logprobs)]
     return GenerateResponse(
         request_id=req.request_id,
         task_id=caller.visible_id(req.task_id) if req.task_id is not None else None,
@@ -231,6 +237,7 @@ def _reply(req: GenRequest, caller: Caller) -> GenerateResponse:
         token_ids=req.output_token_ids,
         finish_reason=req.finish_reason.value,
         usage=Usage(prompt_tokens=req.num_prompt_tokens, completion_tokens=len(req.output_token_ids)),
+        logprobs=logprobs,
     )
 
 
@@ -240,17 +247,24 @@ def _sse_line(payload: dict) -> str:
 
 async def _sse(state, req: GenRequest, caller: Caller) -> AsyncIterator[str]:
     """One `data:` event per generated token, then a final `done` (or `error`) event."""
+    tokenizer = state.components.engine.tokenizer
+    num_sent = 0  # tokens sent: their logprobs are req.output_logprobs[:num_sent]
     try:
         async for event in state.scheduler.events(req):
             if event.kind == "token":
                 ids = event.token_ids or []
+                entries = req.output_logprobs[num_sent : num_sent + len(ids)]
                 for i, token_id in enumerate(ids):
                     text = event.text if i == len(ids) - 1 else ""
-                    yield _sse_line({"type": "token", "token_id": token_id, "text": text})
+                    line = {"type": "token", "token_id": token_id, "text": text}
+                    if req.sampling.logprobs is not None:
+                        line["logprobs"] = generate_entries(tokenizer, entries[i : i + 1])
+                    yield _sse_line(line)
+                num_sent += len(ids)
             elif event.kind == "error":
                 yield _error_event(event.error, caller)
             else:
-                yield _sse_line({"type": "done", **_reply(req, caller).model_dump()})
+                yield _sse_line({"type": "done", **_reply(req, caller, tokenizer).model_dump()})
     except PrefixServerError as e:  # e.g. the request timeout
         req.error = req.error or e
         yield _error_event(e, caller)

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
+
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
 # The same in a URL path, less "." and "..": no folder names (the store refuses them), and no path
@@ -67,11 +69,28 @@ class GenerateRequest(_Strict):
     )
     ignore_eos: bool = False
     stream: bool = Field(False, description="answer text/event-stream: a token event per token, then done")
+    logprobs: NumTopLogprobs = Field(
+        None,
+        description="null: none; 0-20: each generated token's logprob and that many of the most likely "
+        f"tokens at its step (0: the chosen token's only); {RAW_DISTRIBUTION}",
+    )
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    text: str = Field(description="the token alone, decoded ('\ufffd' for part of a character)")
+    logprob: float = Field(description="natural log; -9999.0 stands for -inf")
+
+
+class TokenLogprobInfo(TopLogprob):
+    """A generated token's logprob, and the most likely tokens at its step, most likely first."""
+
+    top: list[TopLogprob] = Field(description="as many as the request's logprobs asked for")
 
 
 class GenerateResponse(BaseModel):
@@ -82,6 +101,9 @@ class GenerateResponse(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length", "abort", "error"]
     usage: Usage
+    logprobs: list[TokenLogprobInfo] | None = Field(
+        None, description="with the request's logprobs: one per generated token (token_ids), else null"
+    )
 
 
 class StreamEvent(BaseModel):
@@ -93,6 +115,9 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     error: ErrorDetail | None = None
+    logprobs: list[TokenLogprobInfo] | None = Field(
+        None, description="token events of a request with logprobs: the event's token; done: every token"
+    )
 
 
 class FromTextRequest(_Strict):
