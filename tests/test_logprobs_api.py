@@ -4,9 +4,11 @@ and the 4xx for values out of range."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
+from typing import ClassVar
 
 import httpx
 import openai
@@ -16,11 +18,13 @@ from conftest import byte_tokenizer, make_tiny_model
 from test_logprobs import reference_logprobs
 from test_openai import CHAT_TEMPLATE, with_openai
 
+from server.api import logprobs as logprobs_api
 from server.api.app import Components, create_app
 from server.config import Settings
 from server.engine.engine import Engine
 from server.registry.format import save_native
 from server.registry.registry import PrefixRegistry
+from server.request import TokenLogprob
 
 ATOL = 1e-4
 PROMPT = "The review was"
@@ -235,3 +239,74 @@ async def test_openai_logprobs_out_of_range_are_400(api, path, extra, param, fra
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and fragment in error["message"], error
+
+
+async def test_concurrent_requests_of_other_tasks_each_get_their_own(api, engine):
+    """Requests batched together (two tasks and the base model, with and without logprobs) answer as
+    each does alone."""
+    await add_task(api, engine, "sentiment")
+    bodies = [
+        {"task_id": "sentiment", "prompt": PROMPT, "logprobs": 2},
+        {"prompt": "Another prompt", "logprobs": None},
+        {"task_id": "sentiment", "prompt": "A third one", "logprobs": 0},
+        {"prompt": PROMPT, "logprobs": 5, "temperature": 0.9, "seed": 3},
+    ]
+    bodies = [{**b, "max_new_tokens": 5, "ignore_eos": True} for b in bodies]
+    together = await asyncio.gather(*(api.post("/generate", json=b) for b in bodies))
+    for body, reply in zip(bodies, together, strict=True):
+        alone = (await api.post("/generate", json=body)).json()
+        assert reply.json()["token_ids"] == alone["token_ids"]
+        if body["logprobs"] is None:
+            assert reply.json()["logprobs"] is None
+            continue
+        for got, want in zip(reply.json()["logprobs"], alone["logprobs"], strict=True):
+            assert got["token_id"] == want["token_id"] and abs(got["logprob"] - want["logprob"]) < ATOL
+            assert [t["token_id"] for t in got["top"]] == [t["token_id"] for t in want["top"]]
+
+
+# ---- rendering ----
+class SentencePieceLike:
+    """decode / convert_ids_to_tokens of a tokenizer with byte-fallback tokens (<0xE2>) and specials."""
+
+    pieces: ClassVar[dict[int, str]] = {0: "</s>", 1: "<0xE2>", 2: "▁positive", 3: "<0x82>"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        text = "".join(self.pieces[i] for i in ids)
+        text = re.sub(r"(<0x[0-9A-F]{2}>)+", lambda m: _from_bytes(m[0]), text)
+        return text.replace("▁", " ").replace("</s>", "" if skip_special_tokens else "</s>")
+
+    def convert_ids_to_tokens(self, token_id):
+        return self.pieces[token_id]
+
+
+def _from_bytes(run: str) -> str:
+    return bytes(int(h, 16) for h in re.findall(r"<0x([0-9A-F]{2})>", run)).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "tokenizer, token_id, text, raw, shown",
+    [
+        (SentencePieceLike(), 1, "\ufffd", b"\xe2", "bytes:\\xe2"),
+        (SentencePieceLike(), 2, " positive", b" positive", " positive"),
+        (SentencePieceLike(), 0, "</s>", b"</s>", "</s>"),
+        (byte_tokenizer(), 160, "\ufffd", b"\xe2", "bytes:\\xe2"),  # GPT-2's byte-level symbol for 0xe2
+        (byte_tokenizer(), 0, "<|endoftext|>", b"<|endoftext|>", "<|endoftext|>"),
+    ],
+)
+def test_token_text_bytes_and_openai_name(tokenizer, token_id, text, raw, shown):
+    assert logprobs_api.token_text(tokenizer, token_id) == text
+    assert logprobs_api.token_bytes(tokenizer, token_id) == raw
+    assert logprobs_api.shown_token(tokenizer, token_id) == shown
+
+
+def test_infinite_and_nan_logprobs_are_json_numbers():
+    """-inf (probability 0) and NaN (a broken prefix) would make invalid JSON: both are -9999.0."""
+    entry = TokenLogprob(2, float("-inf"), ((2, float("nan")), (1, -0.5)))
+    tokenizer = SentencePieceLike()
+    shapes = [
+        logprobs_api.generate_entries(tokenizer, [entry]),
+        logprobs_api.completion_logprobs(tokenizer, [entry], [2], 0, " positive"),
+        logprobs_api.chat_logprobs(tokenizer, [entry]),
+    ]
+    text = json.dumps(shapes, allow_nan=False)
+    assert text.count("-9999.0") == 6 and text.count("-0.5") == 3  # each shape: the token and top[0]
