@@ -384,3 +384,35 @@ async def test_full_queue_answers_429_with_retry_after(api):
     resp = await api.post("/generate", json={"prompt": "x"})
     assert_error(resp, 429, "overloaded", "queue is full")
     assert resp.headers["retry-after"] == "1"
+
+
+async def test_a_body_not_sent_as_json_says_which_content_type_to_send(api):
+    body = json.dumps({"prompt": "hi", "max_new_tokens": 2})
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}):
+        resp = await api.post("/generate", content=body, headers=headers)
+        assert_error(resp, 422, "invalid_request", "content-type: application/json", headers["content-type"])
+        assert "prompt" not in resp.json()["error"]["message"]  # the raw body is not dumped back
+
+
+async def test_training_data_uploaded_as_a_prefix_is_named(api):
+    jsonl = b'{"prompt": "Review: good\\nSentiment:", "completion": " positive"}\n' * 3
+    resp = await upload(api, "oops", jsonl)
+    assert_error(resp, 422, "invalid_prefix", "starts like JSON text", "prefix-server train")
+    assert "8390326431219982971" not in resp.json()["error"]["message"]
+
+
+async def test_an_unknown_task_gets_a_hint_of_the_known_ones(api, engine):
+    assert_error(
+        await api.post("/generate", json={"prompt": "hi", "task_id": "x"}),
+        404,
+        "task_not_found",
+        "task 'x' not found; there are no tasks yet",
+    )
+    for task in ("sentiment", "booking"):
+        assert (await upload(api, task, random_native(engine, 3, 0))).status_code == 201
+    assert_error(
+        await api.post("/generate", json={"prompt": "hi", "task_id": "sentimnet"}),
+        404,
+        "task_not_found",
+        "known tasks: booking, sentiment (GET /prefixes lists them)",
+    )

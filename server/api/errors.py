@@ -101,6 +101,30 @@ def _is_form(request: Request) -> bool:
     return kind.startswith(("multipart/", "application/x-www-form-urlencoded"))
 
 
+def _not_json(request: Request, errors: list[dict]) -> bool:
+    """A JSON route's body arrived as raw bytes: it was not sent as application/json."""
+    kind = request.headers.get("content-type", "").lower()
+    return "json" not in kind and any(
+        tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), (bytes, str)) for e in errors
+    )
+
+
+def _known_tasks(request: Request) -> str:
+    """For a 404 on a task: the tasks this caller can use (a few), so a typo is easy to see."""
+    caller = getattr(request.state, "caller", None)
+    components = getattr(getattr(request.app.state, "server", None), "components", None)
+    if caller is None or components is None:
+        return ""
+    try:
+        names = sorted(caller.visible_id(r.task_id) for r in components.registry.list() if caller.owns(r.task_id))
+    except PrefixServerError:  # e.g. the store is unreachable: the 404 stands alone
+        return ""
+    if not names:
+        return "; there are no tasks yet (POST /prefixes uploads one)"
+    more = f", ... ({len(names)} in all)" if len(names) > 10 else ""
+    return f"; known tasks: {', '.join(names[:10])}{more} (GET /prefixes lists them)"
+
+
 def _caller_message(request: Request, message: str) -> str:
     """The message as the caller names things: a tenant sees its task ids without the namespace."""
     caller = getattr(request.state, "caller", None)
@@ -116,10 +140,13 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         if status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return error_response(status, exc.code, _caller_message(request, str(exc)), headers)
+        message = _caller_message(request, str(exc))
+        if isinstance(exc, PrefixNotFound):
+            message += _known_tasks(request)
+        return error_response(status, exc.code, message, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         for e in errors:
             if e.get("type") == "json_invalid":
@@ -128,6 +155,15 @@ def install_error_handlers(app: FastAPI) -> None:
                 return error_response(
                     400, "malformed_json", f"request body is not valid JSON: {detail} at character {at}"
                 )
+        if _not_json(request, errors):
+            kind = request.headers.get("content-type") or "none"
+            return error_response(
+                422,
+                "invalid_request",
+                f"expected a JSON object body with content-type: application/json, got content-type "
+                f"{shown(kind)} (curl -d sends application/x-www-form-urlencoded unless given "
+                "-H 'content-type: application/json')",
+            )
         return error_response(422, "invalid_request", "; ".join(_describe(e) for e in errors))
 
     @app.exception_handler(StarletteHTTPException)

@@ -116,6 +116,24 @@ class PrefixKV:
         )
 
 
+def _looks_like(data: bytes) -> str:
+    """What a file whose first 8 bytes are no safetensors header length seems to be, and what to do."""
+    head = data[:64].lstrip()
+    if head[:1] in (b"{", b"["):
+        return (
+            "it starts like JSON text (a .json or .jsonl file?), but a prefix file is a .safetensors file "
+            "(an 8-byte header length, a JSON header, then tensors). Training examples (JSONL) are for "
+            "`prefix-server train`, which writes the .safetensors file to upload"
+        )
+    if head.startswith(b"PK"):
+        return "it is a zip archive (torch.save?); expected a .safetensors file"
+    size = struct.unpack("<Q", data[:8])[0]
+    return (
+        f"header length {size} bytes, expected at most {MAX_HEADER_BYTES} (the first 8 bytes of a "
+        f".safetensors file; this one starts with {shown(data[:16])})"
+    )
+
+
 def _parse_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
     """Parse and sanity-check a safetensors header without touching tensor data: (entries, metadata)."""
     if len(data) < 8:
@@ -124,9 +142,7 @@ def _parse_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
         )
     (size,) = struct.unpack("<Q", data[:8])
     if size > MAX_HEADER_BYTES:
-        raise PrefixFormatError(
-            f"not a safetensors file: header length {size} bytes, expected at most {MAX_HEADER_BYTES}"
-        )
+        raise PrefixFormatError(f"not a safetensors file: {_looks_like(data)}")
     if 8 + size > len(data):
         raise PrefixFormatError(
             f"not a safetensors file or truncated: header length {size} bytes, "
