@@ -20,10 +20,7 @@ from server.request import MAX_TOP_LOGPROBS, TokenLogprob
 # JSON has no infinities or NaN: a logprob of -inf (a probability of 0) or NaN (a broken prefix) is
 # reported as vLLM reports it.
 FLOOR = -9999.0
-RANGE_MESSAGE = (
-    f"expected null or an integer 0-{MAX_TOP_LOGPROBS} "
-    "(how many of the most likely tokens to list for each generated token)"
-)
+_MEANING = "how many of the most likely tokens to list for each generated token"
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
@@ -38,7 +35,9 @@ def check_num_top(value: object) -> int | None:
     validator: JSON's true is not 1)."""
     if value is None or (type(value) is int and 0 <= value <= MAX_TOP_LOGPROBS):
         return value
-    raise ValueError(RANGE_MESSAGE)
+    if type(value) is not int:  # pydantic's words for a wrong type, as every other integer field has them
+        raise ValueError(f"Input should be a valid integer (null or 0-{MAX_TOP_LOGPROBS}: {_MEANING})")
+    raise ValueError(f"Input should be null or an integer 0-{MAX_TOP_LOGPROBS} ({_MEANING})")
 
 
 # A request field: null (no logprobs) or how many alternatives to list per token; its range in the schema.
