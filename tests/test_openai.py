@@ -111,7 +111,9 @@ async def test_models_lists_the_base_model_and_the_tasks(api, engine):
     assert listing["object"] == "list"
     assert [m["id"] for m in listing["data"]] == ["tiny", "pirate"]
     for card in listing["data"]:
-        assert set(card) == {"id", "object", "created", "owned_by"} and card["object"] == "model"
+        # OpenAI's fields, plus what this server says of the model (tests/test_frame.py)
+        assert set(card) == {"id", "object", "created", "owned_by", "prefix_server"}
+        assert card["object"] == "model"
     assert (await api.get("/v1/models/pirate")).json()["id"] == "pirate"
     assert (await api.get("/v1/models/tiny")).json()["id"] == "tiny"
     assert_openai_error(await api.get("/v1/models/nope"), 404, "model", "model_not_found", "nope")

@@ -111,6 +111,10 @@ _ALLOWED_REJECTIONS = [
     ("POST /prefixes/from-text", "invalid_request", r"prefix text is empty"),
     # Whether a file is a valid prefix for this model is a question of its bytes, not of the form.
     ("POST /prefixes", "invalid_prefix", r""),
+    # A prompt frame's template holds {input} exactly once: a count no schema pattern here can state
+    # (no lookahead); `input` needs a task whose stored frame has a template (tests/test_frame.py).
+    ("*", "invalid_request", r"template must contain \{input\} exactly once"),
+    ("POST /generate", "invalid_request", r"input needs a task with a template|has no template to fill"),
     # The task-id pattern admits an admin's "tenant~task"; other callers may not use '~' (auth.py).
     ("*", "invalid_request", r"task_id must be .*\(no '~'\)"),
     # "." and ".." in a body or a form match the pattern but are not folder names (in a path, the

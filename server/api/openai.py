@@ -43,6 +43,7 @@ from server.api.openai_schemas import (
 )
 from server.api.schemas import TASK_ID_PATTERN
 from server.errors import ClientDisconnected, InvalidRequest, PrefixNotFound, PrefixServerError, shown
+from server.registry.frame import TaskFrame
 from server.registry.store import PrefixRecord
 from server.request import FinishReason, SamplingParams
 from server.request import Request as GenRequest
@@ -146,7 +147,7 @@ async def list_models(request: Request):
     try:
         call = await _call(request)
         cards = [_model_card(call.state.components.model_name, STARTED)]
-        cards += [_model_card(name, record.created_at) for name, record in _visible_tasks(call)]
+        cards += [_model_card(name, record.created_at, record) for name, record in _visible_tasks(call)]
         return {"object": "list", "data": cards}
     except Exception as e:
         return error_response(e, request)
@@ -157,20 +158,28 @@ async def get_model(model: str, request: Request):
     """One model: the base model or one of the caller's tasks."""
     try:
         record = _find_task(await _call(request), model)
-        return _model_card(model, STARTED if record is None else record.created_at)
+        return _model_card(model, STARTED if record is None else record.created_at, record)
     except Exception as e:
         return error_response(e, request)
 
 
 @router.post("/completions", responses={**ERRORS, 200: _STREAMED}, openapi_extra=_body(CompletionRequest))
 async def completions(request: Request):
-    """Complete prompts with a task's prefix (`model` = task id) or the base model; SSE with `stream`."""
+    """Complete prompts with a task's prefix (`model` = task id) or the base model; SSE with `stream`.
+
+    The prompt is used as given, also for a task with a template (this is the raw route: send the
+    filled template, or use /v1/chat/completions, which fills it); a task's default max_tokens and
+    stop apply when the request gives none."""
     try:
         call = await _call(request)
         body = await _parse(request, CompletionRequest, COMPLETION_FIELDS)
         record = _find_task(call, body.model)
+        body = _with_task_stop(body, record)
         prompts = _completion_prompts(body.prompt, call.state.components.engine.tokenizer)
-        max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        limit = call.state.settings.max_new_tokens
+        max_tokens = body.max_tokens or routes.default_max_new_tokens(
+            _frame(record), limit, COMPLETION_DEFAULT_MAX_TOKENS
+        )
         return await _run(call, body, record, prompts, max_tokens, "max_tokens", chat=False)
     except Exception as e:
         return error_response(e, request)
@@ -180,15 +189,28 @@ async def completions(request: Request):
     "/chat/completions", responses={**ERRORS, 200: _STREAMED}, openapi_extra=_body(ChatCompletionRequest)
 )
 async def chat_completions(request: Request):
-    """Answer a conversation, formatted with the model's chat template; SSE with `stream`."""
+    """Answer a conversation, formatted with the model's chat template; SSE with `stream`.
+
+    A task with a template (its `prefix_server.frame` in /v1/models) was trained on that prompt, not on
+    the chat template: the last message, which must be the user's, fills the template, and earlier
+    messages (a system prompt, former turns) are ignored. The task's default max_tokens and stop apply
+    when the request gives none. A task without a template, and the base model, get the chat template."""
     try:
         call = await _call(request)
         state = call.state
         body = await _parse(request, ChatCompletionRequest, CHAT_FIELDS)
         record = _find_task(call, body.model)
-        prompt_ids = _chat_prompt_ids(state.components.engine.tokenizer, body.messages)
+        body = _with_task_stop(body, record)
+        frame = _frame(record)
+        tokenizer = state.components.engine.tokenizer
+        if frame is not None and frame.template is not None:
+            prompt_ids = tokenizer(frame.fill(_last_user_text(body.messages)))["input_ids"]
+        else:
+            prompt_ids = _chat_prompt_ids(tokenizer, body.messages)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None and frame is not None and frame.max_new_tokens is not None:
+            max_tokens = routes.default_max_new_tokens(frame, state.settings.max_new_tokens, 0)
         if max_tokens is None:  # as much as the context leaves, up to the server's limit
             prefix_len = 0 if record is None else record.num_virtual_tokens
             room = _context_limit(state) - prefix_len - len(prompt_ids)
@@ -221,6 +243,31 @@ def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
     if all(isinstance(t, int) for t in prompt):
         return [list(prompt)]
     return [list(p) for p in prompt]
+
+
+def _frame(record: PrefixRecord | None) -> TaskFrame | None:
+    return None if record is None else record.frame
+
+
+def _with_task_stop(body: SamplingFields, record: PrefixRecord | None) -> SamplingFields:
+    """The body with the task's default stop strings when it gives none."""
+    frame = _frame(record)
+    if body.stop is not None or frame is None or frame.stop is None:
+        return body
+    return body.model_copy(update={"stop": list(frame.stop)})
+
+
+def _last_user_text(messages: list[ChatMessage]) -> str:
+    """What a templated task answers: the last message, which must be the user's."""
+    last = messages[-1]
+    if last.role != "user":
+        raise OpenAIError(
+            400,
+            f"this task fills its template with the last message, which must be the user's; it is "
+            f"{last.role!r}",
+            param=f"messages[{len(messages) - 1}].role",
+        )
+    return last.content
 
 
 def _chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
@@ -484,8 +531,22 @@ def _finish_reason(req: GenRequest) -> str:
     return "length" if req.finish_reason is FinishReason.LENGTH else "stop"
 
 
-def _model_card(name: str, created: float) -> dict:
-    return {"id": name, "object": "model", "created": int(created), "owned_by": "prefix-server"}
+def _model_card(name: str, created: float, record: PrefixRecord | None = None) -> dict:
+    """OpenAI's model object, plus `prefix_server`: what this model is and how it takes prompts."""
+    if record is None:
+        extra = {"kind": "base_model", "chat": "chat_template"}
+    else:
+        frame = record.frame
+        templated = frame is not None and frame.template is not None
+        extra = {
+            "kind": "task",
+            "version": record.version,
+            "num_virtual_tokens": record.num_virtual_tokens,
+            "chat": "template" if templated else "chat_template",  # how /v1/chat/completions prompts it
+            "frame": None if frame is None else frame.to_dict(),
+        }
+    card = {"id": name, "object": "model", "created": int(created), "owned_by": "prefix-server"}
+    return {**card, "prefix_server": extra}
 
 
 def _sse(payload: dict) -> str:

@@ -4,6 +4,7 @@ Never runs the model. Task ids are translated between the caller's names and sto
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from server.api.schemas import (
     TASK_ID_PATH_PATTERN,
     TASK_ID_PATTERN,
     ErrorResponse,
+    FrameStop,
     FromTextRequest,
     GenerateRequest,
     GenerateResponse,
@@ -39,6 +41,8 @@ from server.errors import (
     PrefixServerError,
     Unauthorized,
 )
+from server.registry import frame as frame_limits
+from server.registry.frame import TaskFrame
 from server.request import Request as GenRequest
 from server.request import SamplingParams
 from server.threads import in_own_thread
@@ -51,6 +55,19 @@ TaskIdForm = Annotated[str, Form(pattern=TASK_ID_PATTERN, description="1-64 of A
 TaskIdPath = Annotated[
     str, Path(pattern=TASK_ID_PATH_PATTERN, description="1-64 of A-Za-z0-9._-, not '.' or '..'")
 ]
+
+# An upload's prompt frame (server/registry/frame.py); its limits are in the schema too.
+TemplateForm = Form(
+    max_length=frame_limits.MAX_TEMPLATE_CHARS,
+    description="the task's prompt, {input} exactly once where the input goes",
+)
+DescriptionForm = Form(max_length=frame_limits.MAX_DESCRIPTION_CHARS, description="what the task does")
+MaxNewTokensForm = Form(
+    ge=1, le=frame_limits.MAX_DEFAULT_NEW_TOKENS, description="default of requests that omit it"
+)
+StopForm = Form(
+    max_length=frame_limits.MAX_STOP_STRINGS, description="default stop strings (repeat the field)"
+)
 
 _ERR = {"model": ErrorResponse}
 ERRORS = {400: _ERR, 401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR}
@@ -198,18 +215,22 @@ def _finished(state, req: GenRequest, caller: Caller) -> None:
 
 def _build_request(body: GenerateRequest, state, caller: Caller) -> GenRequest:
     settings, engine = state.settings, state.components.engine
-    if body.max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequest(
-            f"max_new_tokens must be <= {settings.max_new_tokens}, got {body.max_new_tokens}"
-        )
-    prompt_ids = engine.tokenizer(body.prompt)["input_ids"]
+    task_id = caller.stored_id(body.task_id) if body.task_id is not None else None
+    frame = task_frame(state, task_id)
+    prompt = body.prompt if body.input is None else fill_input(frame, body.task_id, body.input)
+    max_new_tokens = body.max_new_tokens or default_max_new_tokens(frame, settings.max_new_tokens, 64)
+    if max_new_tokens > settings.max_new_tokens:
+        raise InvalidRequest(f"max_new_tokens must be <= {settings.max_new_tokens}, got {max_new_tokens}")
+    prompt_ids = engine.tokenizer(prompt)["input_ids"]
     if len(prompt_ids) > settings.max_prompt_tokens:
         raise InvalidRequest(
             f"prompt has {len(prompt_ids)} tokens, the limit is {settings.max_prompt_tokens}"
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if body.stop is None and frame is not None:
+        stop = frame.stop or ()
     sampling = SamplingParams(
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -218,11 +239,48 @@ def _build_request(body: GenerateRequest, state, caller: Caller) -> GenRequest:
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
     )
-    task_id = caller.stored_id(body.task_id) if body.task_id is not None else None
-    req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=task_id, prompt=body.prompt)
+    req = GenRequest(prompt_token_ids=prompt_ids, sampling=sampling, task_id=task_id, prompt=prompt)
     req.tenant, req.stream = caller.tenant, body.stream
     engine.validate(req)  # prompt and length checks now (the prefix is checked again when admitted)
     return req
+
+
+def task_frame(state, stored_id: str | None) -> TaskFrame | None:
+    """The prompt frame of a task's latest version (None for the base model or a task without one);
+    PrefixNotFound (404) for an unknown task. A request admitted after an upload runs the newer
+    version's prefix with the frame read here: hot swap is per request, frames included."""
+    if stored_id is None:
+        return None
+    return state.components.registry.get(stored_id).frame
+
+
+def fill_input(frame: TaskFrame | None, task_name: str | None, text: str) -> str:
+    """`text` filled into the task's template; InvalidRequest saying what to do when there is none."""
+    if task_name is None:
+        raise InvalidRequest(
+            "input needs a task with a template (task_id); for the base model send the whole text as prompt"
+        )
+    if frame is None or frame.template is None:
+        raise InvalidRequest(
+            f"task {task_name!r} has no template to fill input into: send the whole text as prompt, or "
+            "upload the task again with a template (e.g. form field template='Review: {input}\\nSentiment:')"
+        )
+    return frame.fill(text)
+
+
+def default_max_new_tokens(frame: TaskFrame | None, server_limit: int, fallback: int) -> int:
+    """A request's max_new_tokens when it gives none: the task's default (within the server's limit)."""
+    if frame is not None and frame.max_new_tokens is not None:
+        return min(frame.max_new_tokens, server_limit)
+    return fallback
+
+
+def frame_fields(
+    template: str | None, description: str | None, max_new_tokens: int | None, stop: list[str] | None
+) -> TaskFrame | None:
+    """An upload's frame fields as a TaskFrame (None if it sets none); InvalidRequest (422) if invalid."""
+    frame = TaskFrame(template, description, max_new_tokens, None if stop is None else tuple(stop))
+    return None if frame.empty else frame
 
 
 def _reply(req: GenRequest, caller: Caller, tokenizer) -> GenerateResponse:
@@ -303,9 +361,18 @@ async def upload_prefix(
     file: Annotated[UploadFile, File(description="a native prefix file or a PEFT adapter_model.safetensors")],
     # A file part, or a text part: `curl -F 'config=<adapter_config.json'` sends the JSON without a filename.
     config: Annotated[UploadFile | str | None, File(description="optional PEFT adapter_config.json")] = None,
+    # Typed without None, so the schema offers no null (a form cannot send one); absent is None.
+    template: Annotated[str, TemplateForm] = None,  # noqa: RUF013
+    description: Annotated[str, DescriptionForm] = None,  # noqa: RUF013
+    max_new_tokens: Annotated[int, MaxNewTokensForm] = None,  # noqa: RUF013
+    stop: Annotated[list[FrameStop], StopForm] = None,  # noqa: RUF013
 ) -> PrefixInfo:
-    """Add a task, or a new version of it (hot swap: new requests use it at once)."""
+    """Add a task, or a new version of it (hot swap: new requests use it at once).
+
+    A native file's prompt frame (template, description, max_new_tokens, stop) is kept; the form fields
+    of the same names set or replace it."""
     state = _state(request)
+    frame = frame_fields(template, description, max_new_tokens, stop)
     stored_id = caller.stored_id(task_id)
     data = await _read_limited(file, state.settings.max_upload_bytes, "file")
     if _looks_like_pickle(data, file.filename or ""):
@@ -314,9 +381,9 @@ async def upload_prefix(
         )
     config_bytes = await _read_limited(config, 1 << 20, "config") if config is not None else None
     registry = state.components.registry
-    record = await in_own_thread(  # parses tensors: not on a long-lived thread (see server/threads.py)
-        _store, state, caller, stored_id, len(data), lambda: registry.upload(stored_id, data, config_bytes)
-    )
+    put = functools.partial(registry.upload, stored_id, data, config_bytes, frame)
+    # parses tensors: not on a long-lived thread (see server/threads.py)
+    record = await in_own_thread(_store, state, caller, stored_id, len(data), put)
     return _info(record, caller)
 
 
@@ -331,12 +398,12 @@ async def prefix_from_text(body: FromTextRequest, request: Request, caller: Call
     """Make a task's prefix from an instruction text: its K/V under the base model (no training)."""
     state = _state(request)
     stored_id = caller.stored_id(body.task_id)
+    frame = frame_fields(body.template, body.description, body.max_new_tokens, body.stop)
     engine, registry = state.components.engine, state.components.registry
     token_ids = engine.tokenizer(body.text)["input_ids"]
     prefix = await state.scheduler.run_exclusive(lambda: engine.encode_prefix(token_ids))
-    record = await in_own_thread(
-        _store, state, caller, stored_id, prefix.nbytes, lambda: registry.add(stored_id, prefix, "text")
-    )
+    put = functools.partial(registry.add, stored_id, prefix, "text", frame)
+    record = await in_own_thread(_store, state, caller, stored_id, prefix.nbytes, put)
     return _info(record, caller)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
+from server.registry import frame
 
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
@@ -20,6 +21,7 @@ _TASK_NAME_NO_DOTS = (
 )
 TASK_ID_PATH_PATTERN = rf"^(?:[A-Za-z0-9_-]{{1,32}}~)?{_TASK_NAME_NO_DOTS}$"
 StopString = Annotated[str, Field(min_length=1)]  # an empty one would match everywhere
+FrameStop = Annotated[str, Field(min_length=1, max_length=frame.MAX_STOP_CHARS)]
 
 
 def check_text(value: object) -> object:
@@ -58,14 +60,23 @@ class _Strict(BaseModel):
 
 class GenerateRequest(_Strict):
     task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="null or absent: the base model")
-    prompt: Annotated[str, TextCheck] = Field(description="tokenized as tokenizer(prompt) would by default")
-    max_new_tokens: int = Field(64, ge=1)
+    # Exactly one of prompt and input (the oneOf below); absent is None, null is refused.
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["input"]}]}
+    )
+    prompt: Annotated[str, TextCheck] = Field(
+        None, description="tokenized as tokenizer(prompt) would by default; give this or `input`"
+    )
+    input: Annotated[str, TextCheck] = Field(
+        None, description="filled into the task's template (its {input}); give this or `prompt`"
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, else 64")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Annotated[list[StopString] | StopString | None, TextCheck] = Field(
-        None, description="stop strings; the text ends before the first match"
+        None, description="stop strings; the text ends before the first match; default: the task's"
     )
     ignore_eos: bool = False
     stream: bool = Field(False, description="answer text/event-stream: a token event per token, then done")
@@ -74,6 +85,15 @@ class GenerateRequest(_Strict):
         description="null: none; 0-20: each generated token's logprob and that many of the most likely "
         f"tokens at its step (0: the chosen token's only); {RAW_DISTRIBUTION}",
     )
+
+    @model_validator(mode="after")
+    def _prompt_or_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.input is None):
+            raise ValueError(
+                "give exactly one of prompt (the text as the model sees it) and input (filled into the "
+                "task's template)"
+            )
+        return self
 
 
 class Usage(BaseModel):
@@ -120,9 +140,46 @@ class StreamEvent(BaseModel):
     )
 
 
-class FromTextRequest(_Strict):
+class FrameFields(_Strict):
+    """A task's prompt frame as an upload sets it (see server/registry/frame.py); each field optional."""
+
+    template: Annotated[str | None, TextCheck] = Field(
+        None,
+        max_length=frame.MAX_TEMPLATE_CHARS,
+        description="the prompt with {input} exactly once where the client's input goes",
+    )
+    description: Annotated[str | None, TextCheck] = Field(
+        None, max_length=frame.MAX_DESCRIPTION_CHARS, description="what the task does"
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=frame.MAX_DEFAULT_NEW_TOKENS, description="default of requests that do not say"
+    )
+    stop: Annotated[list[FrameStop] | None, TextCheck] = Field(
+        None,
+        max_length=frame.MAX_STOP_STRINGS,
+        description="default stop strings of requests that do not say",
+    )
+
+
+class FromTextRequest(FrameFields):
     task_id: str = TaskId
     text: Annotated[str, TextCheck] = Field(min_length=1)
+
+
+class TaskScoresInfo(BaseModel):
+    eval_before: float = Field(description="held-out exact match of the base model, in [0, 1]")
+    eval_after: float = Field(description="held-out exact match with the prefix, in [0, 1]")
+    num_eval: int | None = Field(None, description="held-out examples")
+
+
+class FrameInfo(BaseModel):
+    """How a task wants its prompts: `input` fills `template`; the defaults apply when a request is silent."""
+
+    template: str | None
+    description: str | None
+    max_new_tokens: int | None
+    stop: list[str] | None
+    scores: TaskScoresInfo | None
 
 
 class PrefixInfo(BaseModel):
@@ -133,6 +190,7 @@ class PrefixInfo(BaseModel):
     sha256: str
     created_at: float
     source: str
+    frame: FrameInfo | None = Field(None, description="the task's prompt frame; null if it has none")
 
 
 class PrefixList(BaseModel):

@@ -24,6 +24,7 @@ from server.registry.format import (
     read_metadata,
     save_native,
 )
+from server.registry.frame import TaskFrame
 from server.registry.store import PrefixRecord, PrefixStore, validate_task_id
 
 T = TypeVar("T")
@@ -84,8 +85,17 @@ class PrefixRegistry:
             store.on_change = registry.cache.drop
         return registry
 
-    def upload(self, task_id: str, data: bytes, adapter_config: bytes | None = None) -> PrefixRecord:
-        """Validate a native or PEFT prefix file against the model and store it, as native float32, as a new version."""
+    def upload(
+        self,
+        task_id: str,
+        data: bytes,
+        adapter_config: bytes | None = None,
+        frame: TaskFrame | None = None,
+    ) -> PrefixRecord:
+        """Validate a native or PEFT prefix file against the model and store it, as native float32, as a new version.
+
+        A native file's prompt frame is kept; each field `frame` sets replaces the file's (a PEFT file has none).
+        """
         validate_task_id(task_id)
         prefix = load_prefix(
             data,
@@ -95,11 +105,15 @@ class PrefixRegistry:
             dtype=torch.float32,
         )
         # load_prefix accepted it, so the header parses and the format says which kind it was.
-        source = "native" if read_metadata(data).get("format") == FORMAT_NAME else "peft"
-        return self._put(task_id, prefix, source)
+        metadata = read_metadata(data)
+        source = "native" if metadata.get("format") == FORMAT_NAME else "peft"
+        stored = TaskFrame.from_metadata(metadata) if source == "native" else None
+        return self._put(task_id, prefix, source, (stored or TaskFrame()).merged(frame))
 
-    def add(self, task_id: str, prefix: PrefixKV, source: str = "text") -> PrefixRecord:
-        """Store a prefix made in process (prefix-from-text) as a new version."""
+    def add(
+        self, task_id: str, prefix: PrefixKV, source: str = "text", frame: TaskFrame | None = None
+    ) -> PrefixRecord:
+        """Store a prefix made in process (prefix-from-text) as a new version, with its prompt frame if any."""
         validate_task_id(task_id)
         self.fingerprint.check(prefix.fingerprint)
         if prefix.num_virtual_tokens > self.max_virtual_tokens:
@@ -108,7 +122,7 @@ class PrefixRegistry:
             )
         if not (torch.isfinite(prefix.keys).all() and torch.isfinite(prefix.values).all()):
             raise PrefixFormatError("prefix contains NaN or Inf values")
-        return self._put(task_id, prefix.to("cpu", torch.float32), source)
+        return self._put(task_id, prefix.to("cpu", torch.float32), source, frame)
 
     def get(self, task_id: str) -> PrefixRecord:
         """The latest version of a task; PrefixNotFound otherwise."""
@@ -155,9 +169,11 @@ class PrefixRegistry:
         """Cache counters (see PrefixCache.stats) plus the number of tasks."""
         return {"num_tasks": len(self.store.list()), **self.cache.stats()}
 
-    def _put(self, task_id: str, prefix: PrefixKV, source: str) -> PrefixRecord:
+    def _put(self, task_id: str, prefix: PrefixKV, source: str, frame: TaskFrame | None) -> PrefixRecord:
+        frame_metadata = {} if frame is None else frame.to_metadata()
+
         def encode(version: int) -> bytes:
-            extra = {"task_id": task_id, "version": str(version), "source": source}
+            extra = {**frame_metadata, "task_id": task_id, "version": str(version), "source": source}
             return save_native(prefix, extra)
 
         record = self.store.put(task_id, encode, num_virtual_tokens=prefix.num_virtual_tokens, source=source)

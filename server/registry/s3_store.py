@@ -33,7 +33,14 @@ from collections.abc import Callable
 
 from server.errors import PrefixNotFound, PrefixServerError, StoreUnavailable
 from server.registry.s3_bucket import Listing, TaskObjects
-from server.registry.store import SOURCES, PrefixRecord, check_version_bytes, validate_task_id, verified
+from server.registry.store import (
+    SOURCES,
+    PrefixRecord,
+    check_version_bytes,
+    frame_of,
+    validate_task_id,
+    verified,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +112,14 @@ class S3PrefixStore:
                 data = encode(version)  # may raise: nothing of this version is written yet
                 sha256 = hashlib.sha256(data).hexdigest()
                 record = PrefixRecord(
-                    task_id, version, sha256, num_virtual_tokens, len(data), time.time(), source
+                    task_id,
+                    version,
+                    sha256,
+                    num_virtual_tokens,
+                    len(data),
+                    time.time(),
+                    source,
+                    frame_of(data),
                 )
                 meta = json.dumps(record.to_dict(), indent=1).encode()
                 if self.objects.create(task_id, f"v{version}.safetensors", data) and self.objects.create(

@@ -31,6 +31,7 @@ from server.errors import (
     StoreReadOnly,
 )
 from server.registry.format import read_metadata
+from server.registry.frame import TaskFrame
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +75,20 @@ class PrefixRecord:
     bytes: int  # size of the .safetensors file
     created_at: float  # unix seconds
     source: str  # "native" | "peft" | "text"
+    # The task's prompt frame, read from the file's metadata (the file is its one source of truth).
+    frame: TaskFrame | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "frame": None if self.frame is None else self.frame.to_dict()}
 
     @classmethod
     def from_dict(cls, d: object) -> PrefixRecord:
         """Parse `to_dict` output; ValueError naming the first missing or mistyped field."""
         if not isinstance(d, dict):
             raise ValueError(f"metadata is a JSON {type(d).__name__}, expected an object")
-        fields = dataclasses.fields(cls)  # f.type is a string: annotations are postponed
+        # f.type is a string: annotations are postponed. The frame is not read here: it comes from
+        # the file's own metadata (`frame_of`).
+        fields = [f for f in dataclasses.fields(cls) if f.name != "frame"]
         for f in fields:
             value = d.get(f.name)
             if not isinstance(value, _JSON_TYPES[f.type]) or isinstance(value, bool):
@@ -132,7 +137,7 @@ class PrefixStore:
             data = encode(version)  # may raise: nothing is written yet
             sha256 = hashlib.sha256(data).hexdigest()
             record = PrefixRecord(
-                task_id, version, sha256, num_virtual_tokens, len(data), time.time(), source
+                task_id, version, sha256, num_virtual_tokens, len(data), time.time(), source, frame_of(data)
             )
             with self._lock:
                 self._max_version[task_id] = version
@@ -345,10 +350,15 @@ def check_version_bytes(
             f"metadata says {record.bytes} bytes, sha256 {record.sha256[:16]}..."
         )
     try:
-        read_metadata(data)
+        frame = frame_of(data)
     except PrefixFormatError as e:
         return None, str(e)
-    return record, ""
+    return dataclasses.replace(record, frame=frame), ""
+
+
+def frame_of(data: bytes) -> TaskFrame | None:
+    """The prompt frame in a prefix file's metadata, None if it has none; PrefixFormatError if unreadable."""
+    return TaskFrame.from_metadata(read_metadata(data))
 
 
 def _read_tombstone(folder: Path, newest_on_disk: int, warnings: list[str]) -> int:
