@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wrap prompts as a user turn of the model's chat template (clients must send them so too)",
     )
+    train.add_argument(
+        "--template",
+        help="the task's prompt with {input} where a client's input goes, stored with the prefix so that "
+        "/generate's `input` and chat requests fill it (default: inferred from the training prompts' "
+        "common start and end, e.g. 'Review: {input}\\nSentiment:')",
+    )
+    train.add_argument("--description", help="what the task does, shown in GET /prefixes and /v1/models")
     train.add_argument("--output", type=Path, help="native prefix file (default <task>.safetensors)")
     train.add_argument("--peft-output", type=Path, help="also save a PEFT adapter folder here")
     train.add_argument("--model", help="base model, as for serve (default: 'default')")
@@ -290,13 +297,16 @@ def train(args: argparse.Namespace) -> None:
 
     from server.engine.model import load_model
     from server.errors import InvalidRequest
+    from server.registry.frame import TaskFrame, TaskScores
     from server.registry.store import validate_task_id
     from server.training.data import read_jsonl, split_examples
     from server.training.export import summarize, write_outputs
+    from server.training.frame import frame_from_data
     from server.training.trainer import TrainConfig, train_prefix
 
     started = time.perf_counter()
     validate_task_id(args.task)
+    TaskFrame(template=args.template, description=args.description)  # refused now, not after training
     output = args.output or Path(f"{args.task}.safetensors")
     if output.suffix != ".safetensors":
         raise InvalidRequest(
@@ -334,7 +344,18 @@ def train(args: argparse.Namespace) -> None:
         result, config, task_id=args.task, base_model=loaded.name, num_train=len(train_set), held_out=held_out
     )
     summary["command_seconds"] = round(time.perf_counter() - started, 1)  # with model load and evals
-    for path in write_outputs(result, summary, output, args.peft_output):
+    scores = TaskScores(float(summary["eval_before"]), float(summary["eval_after"]), len(held_out))
+    frame = frame_from_data(
+        train_set,
+        loaded.tokenizer,
+        chat_template=args.chat_template,
+        template=args.template,
+        description=args.description,
+        scores=scores,
+    )
+    how = "given" if args.template is not None else "inferred from the training prompts"
+    print(f"template: {frame.template!r} ({how}); max_new_tokens {frame.max_new_tokens}; stop {frame.stop}")
+    for path in write_outputs(result, summary, output, args.peft_output, frame):
         print(f"wrote {path}")
     print(f"serve it: curl -F task_id={args.task} -F file=@{output} http://HOST:PORT/prefixes")
 

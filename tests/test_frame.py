@@ -1,5 +1,6 @@
 """Prompt frames: a task's template and answer defaults, stored in its prefix file's metadata, set at
-upload, and applied by /generate (`input`) and the OpenAI routes; in-process on a tiny model."""
+upload, inferred by training, and applied by /generate (`input`) and the OpenAI routes; in-process on a
+tiny model."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from server.registry.format import PrefixKV, read_metadata, save_native
 from server.registry.frame import TaskFrame, TaskScores
 from server.registry.registry import PrefixRegistry
 from server.registry.store import PrefixStore
+from server.training.data import Example
+from server.training.frame import default_max_new_tokens, default_stop, frame_from_data, infer_template
 
 FAMILY = "llama-gqa"
 CHAT_TEMPLATE = (
@@ -107,6 +110,41 @@ def test_fill_is_plain_text_replacement():
     assert FULL.fill("great {food}") == 'Review: great {food}\nSentiment {"json": true}:'
     assert FULL.merged(TaskFrame(max_new_tokens=3)) == TaskFrame(**{**FULL.__dict__, "max_new_tokens": 3})
     assert FULL.merged(None) == FULL and FULL.merged(TaskFrame()) == FULL
+
+
+# ---- what training infers ----
+@pytest.mark.parametrize(
+    ("prompts", "template"),
+    [
+        (["Review: Good food.\nSentiment:", "Review: Bad.\nSentiment:"], "Review: {input}\nSentiment:"),
+        (["Request: a\nJSON:", "Request: bb\nJSON:", "Request: ccc\nJSON:"], "Request: {input}\nJSON:"),
+        (["Q: What is 2+2?\nA:", "Q: Who are you?\nA:"], "Q: {input}\nA:"),  # "What"/"Who": no "W"
+        (["abc=", "xyz="], "{input}="),
+        (["Translate: hi", "Translate: bye"], "Translate: {input}"),
+        (["The cat", "The dog"], "The {input}"),
+        (["x: \nA:", "x: y\nA:"], "x: {input}\nA:"),  # an empty input is still an input
+        (["hello world", "goodbye moon"], None),  # nothing in common
+        (["same", "same"], None),  # one distinct prompt: nothing varies
+        (["only one"], None),
+        ([" a ", " b "], None),  # only blanks in common
+        (["{input} a", "{input} b"], None),  # a literal slot in the frame text
+    ],
+)
+def test_infer_template(prompts, template):
+    assert infer_template(prompts) == template
+
+
+def test_defaults_from_completions(tokenizer):
+    # one token per byte: the longest is 9 tokens, + 1 EOS + max(4, 9 // 4)
+    assert default_max_new_tokens([" positive", " no"], tokenizer) == 9 + 1 + 4
+    assert default_max_new_tokens(["x" * 40], tokenizer) == 40 + 1 + 10
+    assert default_stop([" a\n", " bb\n"]) == ("\n",)
+    assert default_stop([" a\n", " bb"]) is None
+    assert default_stop([" a\nb\n"]) is None  # several lines: EOS ends it, not the first newline
+    frame = frame_from_data([Example("n: 1\nA:", " one"), Example("n: 22\nA:", " two")], tokenizer)
+    assert (frame.template, frame.max_new_tokens, frame.stop) == ("n: {input}\nA:", 9, None)
+    given = frame_from_data([Example("a", "b")], tokenizer, template="<{input}>", description="d")
+    assert (given.template, given.description) == ("<{input}>", "d")
 
 
 # ---- store and registry ----

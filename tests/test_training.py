@@ -15,6 +15,7 @@ from server.cli import main
 from server.engine.engine import Engine
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV, load_prefix, read_metadata, save_native
+from server.registry.frame import TaskFrame, TaskScores
 from server.registry.registry import PrefixRegistry
 from server.request import Request, SamplingParams
 from server.training.data import (
@@ -159,8 +160,10 @@ def test_cli_train_writes_native_summary_and_peft(tmp_path, capsys, flags):
     out = tmp_path / "out" / "demo.safetensors"
     argv = ["train", "--data", str(data), "--eval-data", str(held), "--task", "demo"]
     argv += ["--num-virtual-tokens", "8", "--epochs", "5", "--lr", "1e-1", "--model", str(tmp_path / "model")]
-    main([*argv, *flags, "--output", str(out), "--peft-output", str(tmp_path / "peft")])
-    assert "held-out exact match after training" in capsys.readouterr().out
+    main([*argv, *flags, "--output", str(out), "--peft-output", str(tmp_path / "peft"), "--description", "d"])
+    printed = capsys.readouterr().out
+    assert "held-out exact match after training" in printed
+    assert "template: '{input}=' (inferred from the training prompts)" in printed
 
     fp = ModelFingerprint.from_config(model.config)
     native = load_prefix(out.read_bytes(), fp)
@@ -169,6 +172,11 @@ def test_cli_train_writes_native_summary_and_peft(tmp_path, capsys, flags):
     assert float(metadata["eval_before"]) <= 0.1 and float(metadata["eval_after"]) >= 0.9
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["eval_after"] == float(metadata["eval_after"]) and summary["num_steps"] == 40
+    # the prompt frame: prompts "<letters>=", completions " ok" (3 tokens, + EOS, + a margin of 4)
+    frame = TaskFrame.from_metadata(metadata)
+    assert (frame.template, frame.description, frame.max_new_tokens, frame.stop) == ("{input}=", "d", 8, None)
+    assert frame.scores == TaskScores(summary["eval_before"], summary["eval_after"], 12)
+    assert summary["frame"] == frame.to_dict()
 
     peft_dir = tmp_path / "peft"
     adapter = (peft_dir / "adapter_model.safetensors").read_bytes()
@@ -193,6 +201,9 @@ def test_cli_train_rejects_bad_task_id(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(data), "--task", "no/slash"])
     assert "task_id must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before any training
+        main(["train", "--data", str(data), "--task", "t", "--template", "no slot"])
+    assert "template must contain {input} exactly once" in capsys.readouterr().err
 
 
 # ---- registration of the shipped examples ----

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server.registry.format import save_native
+from server.registry.frame import TaskFrame
 from server.training.data import Example, answer
 from server.training.trainer import TrainConfig, TrainResult
 
@@ -55,12 +56,20 @@ def summarize(
 
 
 def write_outputs(
-    result: TrainResult, summary: dict, output: Path, peft_output: Path | None = None
+    result: TrainResult,
+    summary: dict,
+    output: Path,
+    peft_output: Path | None = None,
+    frame: TaskFrame | None = None,
 ) -> list[Path]:
-    """Native prefix at `output` (summary scores in its metadata), summary at output.with_suffix('.json'),
-    and PEFT's save_pretrained folder at `peft_output` if given. Returns the paths written."""
+    """Native prefix at `output` (summary scores and the prompt frame in its metadata), summary at
+    output.with_suffix('.json'), and PEFT's save_pretrained folder at `peft_output` if given.
+    Returns the paths written."""
     keys = ("task_id", "base_model", "num_train", "num_eval", "eval_before", "eval_after", "chat_template")
     metadata = {k: str(summary[k]).lower() if isinstance(summary[k], bool) else str(summary[k]) for k in keys}
+    if frame is not None:
+        metadata.update(frame.to_metadata())
+        summary = {**summary, "frame": frame.to_dict()}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(save_native(result.prefix, metadata))
