@@ -111,8 +111,9 @@ class Engine:
     # ---- the two kinds of step ----
     @torch.inference_mode()
     def admit(self, requests: Sequence[Request]) -> list[Request]:
-        """Prefill `requests` (each after its own prefix), sample their first tokens, and give the
-        unfinished ones a slot. Returns the requests that finished already (e.g. max_new_tokens=1)."""
+        """Prefill `requests` (each after its own prefix), sample their first tokens (with their logprobs
+        where asked), and give the unfinished ones a slot. Returns the requests that finished already
+        (e.g. max_new_tokens=1)."""
         if len(requests) > self.num_free_slots:
             raise ValueError(f"{len(requests)} requests for {self.num_free_slots} free slots")
         if not requests:
@@ -149,7 +150,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One token for every running row: one forward over the active slots. Returns rows that finished."""
+        """One token for every running row (and its logprobs where asked): one forward over the active
+        slots. Returns rows that finished."""
         if not self.running:
             return []
         logits = self.decode_logits()  # [n, vocab]
