@@ -57,6 +57,7 @@ examples: install
 	$(BIN)/prefix-server train --task booking --data prefixes/examples/booking/train.jsonl \
 		--eval-data prefixes/examples/booking/eval.jsonl --num-virtual-tokens 16 --epochs 1 --lr 1e-2 \
 		--batch-size 8 --seed 0 --output prefixes/examples/booking/prefix.safetensors
+	$(BIN)/python prefixes/examples/write_frames.py
 	$(BIN)/python prefixes/examples/report.py
 
 clean:

@@ -1,10 +1,12 @@
 """Prompt frames: a task's template and answer defaults, stored in its prefix file's metadata, set at
 upload, inferred by training, and applied by /generate (`input`) and the OpenAI routes; in-process on a
-tiny model."""
+tiny model, then the shipped examples on the real default model (slow)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +27,8 @@ from server.registry.format import PrefixKV, read_metadata, save_native
 from server.registry.frame import TaskFrame, TaskScores
 from server.registry.registry import PrefixRegistry
 from server.registry.store import PrefixStore
-from server.training.data import Example
+from server.training.data import Example, answer, read_jsonl
+from server.training.examples import register_examples
 from server.training.frame import default_max_new_tokens, default_stop, frame_from_data, infer_template
 
 FAMILY = "llama-gqa"
@@ -40,6 +43,7 @@ FULL = TaskFrame(
     stop=("\n", "END"),
     scores=TaskScores(0.08, 1.0, 50),
 )
+EXAMPLES = Path(__file__).resolve().parent.parent / "prefixes" / "examples"
 
 
 # ---- the frame itself ----
@@ -421,3 +425,70 @@ async def test_chat_with_a_task_without_template_keeps_the_chat_template(api, en
     body = {"model": "plain", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     chat = (await api.post("/v1/chat/completions", json=body)).json()
     assert chat["choices"][0]["message"]["content"] == gen["text"]
+
+
+# ---- the shipped examples ----
+def test_register_examples_gives_a_stored_example_its_frame(tmp_path, registry):
+    prefix = PrefixKV(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16), STORE_FP)
+    examples = tmp_path / "examples"
+    for task in ("old", "users", "framed"):
+        (examples / task).mkdir(parents=True)
+        (examples / task / "prefix.safetensors").write_bytes(save_native(prefix, FULL.to_metadata()))
+    registry.upload("old", save_native(prefix, {"task_id": "old"}))  # registered before frames
+    users = registry.upload("users", native_bytes(3))  # the user's own tensors
+    framed = registry.upload("framed", save_native(prefix), frame=TaskFrame(description="mine"))
+
+    assert register_examples(registry, examples) == ["old"]
+    assert registry.get("old").version == 2 and registry.get("old").frame == FULL
+    assert registry.get("users") == users and registry.get("framed") == framed
+    assert register_examples(registry, examples) == []  # idempotent
+
+
+@pytest.mark.parametrize("task", ["sentiment", "booking"])
+def test_shipped_examples_carry_their_frames(task):
+    md = read_metadata((EXAMPLES / task / "prefix.safetensors").read_bytes())
+    frame = TaskFrame.from_metadata(md)
+    prompts = [e.prompt for e in read_jsonl(EXAMPLES / task / "eval.jsonl")]
+    head, tail = frame.template.split("{input}")
+    assert all(p.startswith(head) and p.endswith(tail) for p in prompts)
+    assert frame.description and frame.max_new_tokens >= 5 and frame.scores.eval_after == 1.0
+    assert json.loads((EXAMPLES / task / "prefix.json").read_text())["frame"] == frame.to_dict()
+
+
+@pytest.mark.slow
+async def test_shipped_examples_answer_by_input_and_by_openai_chat(tmp_path):
+    """The default model as `prefix-server serve` starts it (loaded in the background, the examples
+    registered): each example answers its held-out prompts by `input`, and the official client's chat
+    call, which fills the template, answers the same."""
+    import openai
+
+    real_app = create_app(Settings(prefix_dir=tmp_path / "prefixes", compile="off"))
+    async with real_app.router.lifespan_context(real_app):
+        transport = httpx.ASGITransport(app=real_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=300) as api:
+            for _ in range(600):
+                if (await api.get("/ready")).status_code == 200:
+                    break
+                assert not real_app.state.server.load_error
+                await asyncio.sleep(0.5)
+            client = openai.AsyncOpenAI(
+                base_url="http://t/v1",
+                api_key="x",
+                http_client=httpx.AsyncClient(transport=transport, base_url="http://t", timeout=300),
+            )
+            models = {m.id: m for m in (await client.models.list()).data}
+            for task in ("sentiment", "booking"):
+                frame = (await api.get(f"/prefixes/{task}")).json()["frame"]
+                assert models[task].model_extra["prefix_server"]["frame"] == frame
+                template = frame["template"]
+                head, tail = template.split("{input}")
+                for example in read_jsonl(EXAMPLES / task / "eval.jsonl")[:3]:
+                    text = example.prompt[len(head) : len(example.prompt) - len(tail)]
+                    assert head + text + tail == example.prompt
+                    out = (await api.post("/generate", json={"task_id": task, "input": text})).json()
+                    assert answer(out["text"]) == answer(example.completion), (task, text, out)
+                    assert out["finish_reason"] == "stop"  # EOS within the task's max_new_tokens
+                    chat = await client.chat.completions.create(
+                        model=task, messages=[{"role": "user", "content": text}], temperature=0
+                    )
+                    assert chat.choices[0].message.content == out["text"], (task, text)
