@@ -295,16 +295,22 @@ def convert(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     import time
 
+    from server.training.data import read_jsonl
+
+    started = time.perf_counter()
+    # The data first: a file with a wrong field is reported in a second, not after torch and the model load.
+    examples = read_jsonl(args.data)
+    eval_examples = read_jsonl(args.eval_data) if args.eval_data is not None else None
+
     from server.engine.model import load_model
     from server.errors import InvalidRequest
     from server.registry.frame import TaskFrame, TaskScores
     from server.registry.store import validate_task_id
-    from server.training.data import read_jsonl, split_examples
+    from server.training.data import split_examples
     from server.training.export import summarize, write_outputs
     from server.training.frame import frame_from_data
     from server.training.trainer import TrainConfig, train_prefix
 
-    started = time.perf_counter()
     validate_task_id(args.task)
     TaskFrame(template=args.template, description=args.description)  # refused now, not after training
     output = args.output or Path(f"{args.task}.safetensors")
@@ -325,9 +331,8 @@ def train(args: argparse.Namespace) -> None:
         init="text" if args.init_text else args.init,
         init_text=args.init_text,
     )
-    examples = read_jsonl(args.data)
-    if args.eval_data is not None:
-        train_set, held_out = examples, read_jsonl(args.eval_data)
+    if eval_examples is not None:
+        train_set, held_out = examples, eval_examples
     else:
         train_set, held_out = split_examples(examples, args.eval_fraction, args.seed)
     overrides = {"model": args.model, "device": args.device, "model_cache_dir": args.model_cache_dir}

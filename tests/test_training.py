@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,7 @@ def write_jsonl(path: Path, examples: list[Example]) -> Path:
     [
         ("not json", "not valid JSON"),
         ('["a", "b"]', "expected"),
-        ('{"prompt": "a"}', "completion must be a non-empty string"),
+        ('{"prompt": "a"}', "no \"completion\" field"),
         ('{"prompt": "a", "completion": "  "}', "completion must be a non-empty string"),
         ('{"completion": "b"}', "expected"),
     ],
@@ -257,3 +259,30 @@ def test_shipped_examples_change_the_default_model():
         assert answer(tuned.text) == answer(example.completion), folder.name
         assert answer(base.text) != answer(tuned.text), folder.name
         assert summary["eval_after"] >= 0.9 and summary["eval_before"] <= 0.5, folder.name
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (
+            '{"prompt": "a", "output": "b"}',
+            "no \"completion\" field (expected {\"prompt\": str, \"completion\": str}; this line has 'prompt', 'output'); rename 'output' to 'completion'",
+        ),
+        ('{"question": "a", "completion": "b"}', "rename 'question' to 'prompt'"),
+        ('{"prompt": "a"}', "this line has 'prompt')"),
+        ('["a", "b"]', "expected an object"),
+        ('{"prompt": 3, "completion": "b"}', "prompt must be a string, got int"),
+    ],
+)
+def test_bad_training_data_is_named_before_anything_loads(tmp_path, line, says):
+    """The data file is read first: its error comes before torch, the model or PEFT are imported."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "ok", "completion": "fine"}\n' + line + "\n")
+    code = (
+        "import sys\nfrom server.cli import main\n"
+        f"try:\n    main(['train', '--task', 't', '--data', {str(data)!r}])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
+    assert f"{data}:2: " in run.stderr and says in run.stderr, run.stderr

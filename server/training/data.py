@@ -9,11 +9,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from server.errors import PrefixServerError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are made: reading and checking a data file must not wait for it.
 IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, padding)
 
 
@@ -58,9 +61,19 @@ def read_jsonl(path: Path) -> list[Example]:
             row = json.loads(line)
         except ValueError as e:
             raise TrainingDataError(f"{path}:{number}: not valid JSON ({e})") from e
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
-            raise TrainingDataError(f'{path}:{number}: expected {{"prompt": str, "completion": str}}')
-        if not isinstance(row.get("completion"), str) or not row["completion"].strip():
+        if not isinstance(row, dict):
+            raise TrainingDataError(
+                f'{path}:{number}: expected an object {{"prompt": str, "completion": str}}, got a JSON '
+                f"{type(row).__name__}"
+            )
+        for key in ("prompt", "completion"):
+            if key not in row:
+                raise TrainingDataError(f"{path}:{number}: {_missing(key, row)}")
+        if not isinstance(row["prompt"], str):
+            raise TrainingDataError(
+                f"{path}:{number}: prompt must be a string, got {type(row['prompt']).__name__}"
+            )
+        if not isinstance(row["completion"], str) or not row["completion"].strip():
             raise TrainingDataError(f"{path}:{number}: completion must be a non-empty string")
         examples.append(Example(row["prompt"], row["completion"]))
     if not examples:
@@ -68,10 +81,26 @@ def read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
+_OTHER_NAMES = {
+    "prompt": ("input", "question", "instruction", "text", "source"),
+    "completion": ("output", "answer", "response", "target", "label"),
+}
+
+
+def _missing(key: str, row: dict) -> str:
+    """A missing field, the keys the line has, and the likely rename."""
+    found = [k for k in _OTHER_NAMES[key] if k in row]
+    hint = f"; rename {found[0]!r} to {key!r}" if found else ""
+    keys = ", ".join(repr(k) for k in list(row)[:8]) or "none"
+    return f'no "{key}" field (expected {{"prompt": str, "completion": str}}; this line has {keys}){hint}'
+
+
 def split_examples(
     examples: Sequence[Example], eval_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
     """(train, held-out): a seeded shuffle, then the last ceil(fraction * n) examples are held out."""
+    import torch
+
     if not 0 < eval_fraction < 1:
         raise TrainingDataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -111,6 +140,8 @@ def encode(examples: Sequence[Example], tokenizer, chat_template: bool, eos_id: 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
     """Right-pad a batch: padding only follows the real tokens, so their positions are unchanged."""
+    import torch
+
     seq = max(len(e.token_ids) for e in examples)
     input_ids = torch.full((len(examples), seq), pad_id, dtype=torch.long)  # [batch, seq]
     attention_mask = torch.zeros((len(examples), seq), dtype=torch.long)  # [batch, seq]
