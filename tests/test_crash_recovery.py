@@ -207,10 +207,25 @@ def test_a_server_killed_during_its_first_build_leaves_the_next_one_compiling(
     library = kernels.library_path(ext)
     building = lambda: next((p for p in ext.glob(".*-*") if (p / "build.ninja").exists()), None)  # noqa: E731
 
+    started: list[subprocess.Popen] = []
+
     def serve(*extra: str):
         log = open(tmp_path / "server.log", "a+")  # noqa: SIM115 (closed below)
         proc, base = serverproc.start([*args, *extra], log=log, timeout_s=600)
+        started.append(proc)
         return proc, base, log
+
+    try:
+        _kill_during_builds_then_serve(serve, library, building, caches)
+    finally:
+        for proc in started:  # whatever failed, no server outlives the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        kill_builds(library)
+
+
+def _kill_during_builds_then_serve(serve, library: Path, building, caches: Path) -> None:
 
     # 1: SIGKILL the server and its build mid-build.
     proc, _, log = serve("--compile", "auto")
@@ -265,13 +280,15 @@ def test_a_server_killed_during_the_first_model_conversion_starts_next_time(tmp_
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
         )
         deadline, temp = time.monotonic() + 180, None
-        while temp is None and proc.poll() is None and time.monotonic() < deadline:
-            # The weights are written in well under a second: look often.
-            temp = next((p for p in caches.glob(".converting-*") if any(p.glob("*.safetensors"))), None)
-            time.sleep(0.002)
+        try:
+            while temp is None and proc.poll() is None and time.monotonic() < deadline:
+                # The weights are written in well under a second: look often.
+                temp = next((p for p in caches.glob(".converting-*") if any(p.glob("*.safetensors"))), None)
+                time.sleep(0.002)
+        finally:
+            proc.kill()
+            proc.wait()
         assert temp is not None, "never caught the conversion writing its weights"
-        proc.kill()
-        proc.wait()
         # The weights were being written: no model folder, only the temporary one (which nobody loads) and
         # the lock file (a flock lock: nobody holds it now, nobody waits on it).
         assert [p for p in caches.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
