@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of several families, a byte-level tokenizer, PEFT helpers.
+"""Shared fixtures: tiny random models of several families, a byte-level tokenizer, PEFT helpers, the app
+in-process on a tiny engine.
 
 Nothing is downloaded: every model is built from a config with a fixed seed.
 """
@@ -6,9 +7,11 @@ Nothing is downloaded: every model is built from a config with a fixed seed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 
+import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -161,3 +164,34 @@ async def wait_for_load_error(app, timeout_s: float = 5.0) -> str:
             break
         await asyncio.sleep(0.02)
     return app.state.server.load_error or ""
+
+
+def tiny_app(engine, prefix_dir, model_name: str = "tiny", **settings):
+    """The real app serving `engine` (already built, so it is ready at once), its prefixes in a
+    PrefixRegistry over the folder `prefix_dir`; `settings`: other Settings fields."""
+    from server.api.app import Components, create_app
+    from server.config import Settings
+    from server.registry.registry import PrefixRegistry
+
+    config = Settings(prefix_dir=prefix_dir, **settings)
+    registry = PrefixRegistry.open(
+        config.prefix_dir,
+        engine.fingerprint,
+        cache_bytes=10_000_000,
+        dtype=engine.dtype,
+        device=engine.device,
+    )
+    return create_app(config, Components(engine=engine, registry=registry, model_name=model_name))
+
+
+@contextlib.asynccontextmanager
+async def app_client(app, base_url: str = "http://t"):
+    """An httpx client of `app` in process (ASGITransport), inside the app's lifespan; `.app` is the app,
+    `.root` its prefix folder."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client,
+    ):
+        client.app = app
+        client.root = app.state.server.settings.prefix_dir
+        yield client

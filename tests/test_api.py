@@ -6,16 +6,21 @@ import asyncio
 import dataclasses
 import json
 
-import httpx
 import pytest
 import torch
-from conftest import make_tiny_model, peft_greedy, peft_prefix_model, wait_for_load_error
+from conftest import (
+    app_client,
+    make_tiny_model,
+    peft_greedy,
+    peft_prefix_model,
+    tiny_app,
+    wait_for_load_error,
+)
 
-from server.api.app import Components, create_app
+from server.api.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine
 from server.registry.format import save_native
-from server.registry.registry import PrefixRegistry
 from server.request import Request, SamplingParams
 
 FAMILY = "llama-gqa"
@@ -32,23 +37,11 @@ def engine(tokenizer):
 
 @pytest.fixture
 async def api(tmp_path, engine):
-    settings = Settings(
-        prefix_dir=tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=300.0, max_upload_bytes=100_000
+    app = tiny_app(
+        engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=300.0, max_upload_bytes=100_000
     )
-    registry = PrefixRegistry.open(
-        settings.prefix_dir,
-        engine.fingerprint,
-        cache_bytes=10_000_000,
-        dtype=engine.dtype,
-        device=engine.device,
-    )
-    app = create_app(settings, Components(engine=engine, registry=registry, model_name="tiny"))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            client.app = app
-            client.root = settings.prefix_dir
-            yield client
+    async with app_client(app, base_url="http://test") as client:
+        yield client
 
 
 def random_native(engine, num_virtual_tokens: int, seed: int) -> bytes:
@@ -315,10 +308,7 @@ async def test_stop_string_and_sampling_over_http(api):
 async def test_not_ready_while_loading(tmp_path):
     settings = Settings(model=str(tmp_path / "no-such-model"), prefix_dir=tmp_path / "p")
     app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
-    ):
+    async with app_client(app, base_url="http://test") as client:
         assert (await client.get("/health")).status_code == 200
         assert await wait_for_load_error(app)
         resp = await client.get("/ready")

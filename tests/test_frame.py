@@ -13,13 +13,15 @@ import pytest
 import torch
 from conftest import (
     STORE_FP,
+    app_client,
     byte_tokenizer,
     make_tiny_model,
     native_bytes,
     peft_prefix_model,
+    tiny_app,
 )
 
-from server.api.app import Components, create_app
+from server.api.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine
 from server.errors import InvalidRequest, PrefixFormatError
@@ -195,20 +197,8 @@ def engine():
 
 @pytest.fixture
 async def api(tmp_path, engine):
-    settings = Settings(prefix_dir=tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=50.0)
-    registry = PrefixRegistry.open(
-        settings.prefix_dir,
-        engine.fingerprint,
-        cache_bytes=10_000_000,
-        dtype=engine.dtype,
-        device=engine.device,
-    )
-    app = create_app(settings, Components(engine=engine, registry=registry, model_name="tiny"))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as c,
-    ):
+    app = tiny_app(engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=50.0)
+    async with app_client(app) as c:
         yield c
 
 

@@ -5,25 +5,20 @@ and the 4xx for values out of range."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 from typing import ClassVar
 
-import httpx
 import openai
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_model
+from conftest import app_client, byte_tokenizer, make_tiny_model, tiny_app
 from test_logprobs import reference_logprobs
 from test_openai import CHAT_TEMPLATE, with_openai
 
 from server.api import logprobs as logprobs_api
-from server.api.app import Components, create_app
-from server.config import Settings
 from server.engine.engine import Engine
 from server.registry.format import save_native
-from server.registry.registry import PrefixRegistry
 from server.request import TokenLogprob
 
 ATOL = 1e-4
@@ -40,20 +35,8 @@ def engine():
 @pytest.fixture
 async def api(tmp_path, engine):
     """An httpx client of an app with the OpenAI routes; .openai: the official client over the same app."""
-    settings = Settings(prefix_dir=tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=50.0)
-    registry = PrefixRegistry.open(
-        settings.prefix_dir,
-        engine.fingerprint,
-        cache_bytes=10_000_000,
-        dtype=engine.dtype,
-        device=engine.device,
-    )
-    app = with_openai(create_app(settings, Components(engine=engine, registry=registry, model_name="tiny")))
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(app.router.lifespan_context(app))
-        client = await stack.enter_async_context(
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-        )
+    app = tiny_app(engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=50.0)
+    async with app_client(with_openai(app)) as client:
         client.openai = openai.AsyncOpenAI(
             base_url="http://t/v1", api_key="none", http_client=client, max_retries=0
         )

@@ -14,15 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_model, wait_for_load_error
+from conftest import app_client, byte_tokenizer, make_tiny_model, tiny_app, wait_for_load_error
 
 from loadtest import serverproc
 from server.api import openai as openai_routes
-from server.api.app import Components, create_app
+from server.api.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine
 from server.registry.format import save_native
-from server.registry.registry import PrefixRegistry
 from server.request import Request, SamplingParams
 
 FAMILY = "llama-gqa"
@@ -52,25 +51,10 @@ async def make_api(tmp_path, engine):
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(**overrides):
-            settings = Settings(
-                prefix_dir=tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=100.0, **overrides
+            app = tiny_app(
+                engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=100.0, **overrides
             )
-            registry = PrefixRegistry.open(
-                settings.prefix_dir,
-                engine.fingerprint,
-                cache_bytes=10_000_000,
-                dtype=engine.dtype,
-                device=engine.device,
-            )
-            components = Components(engine=engine, registry=registry, model_name="tiny")
-            app = with_openai(create_app(settings, components))
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            transport = httpx.ASGITransport(app=app)
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(transport=transport, base_url="http://t")
-            )
-            client.app = app
-            return client
+            return await stack.enter_async_context(app_client(with_openai(app)))
 
         yield make
 
@@ -428,10 +412,7 @@ async def test_full_queue_is_429_and_leaves_nothing_queued(api):
 
 async def test_not_ready_is_503_in_openai_shape(tmp_path):
     app = with_openai(create_app(Settings(model=str(tmp_path / "no-such-model"), prefix_dir=tmp_path / "p")))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
-    ):
+    async with app_client(app, base_url="http://test") as client:
         assert await wait_for_load_error(app)
         assert_openai_error(await client.get("/v1/models"), 503, None, "not_ready", "startup failed")
         assert_openai_error(await client.post("/v1/completions", json=COMPLETION), 503, None, "not_ready")

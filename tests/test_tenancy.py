@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 
-import httpx
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import app_client, make_tiny_model, tiny_app
 
-from server.api.app import Components, create_app
+from server.api.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine
 from server.errors import InvalidRequest, PrefixNotFound
 from server.registry.format import save_native
-from server.registry.registry import PrefixRegistry
 
 ADMIN, ACME, GLOBEX = "admin-secret", "acme-secret", "globex-secret"
 
@@ -39,32 +38,16 @@ def engine(tokenizer):
     return Engine(make_tiny_model("llama-gqa"), tokenizer)
 
 
-async def _client(tmp_path, engine, **settings):
-    root = tmp_path / "prefixes"
-    s = Settings(prefix_dir=root, max_batch_wait_ms=1.0, **settings)
-    registry = PrefixRegistry.open(
-        root, engine.fingerprint, cache_bytes=10**7, dtype=engine.dtype, device=engine.device
-    )
-    app = create_app(s, Components(engine=engine, registry=registry, model_name="tiny"))
-    return app
-
-
 @pytest.fixture
 async def make_api(tmp_path, engine):
-    contexts = []
+    """make_api(**settings): an in-process client of the app on the tiny model."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def make(**settings):
-        app = await _client(tmp_path, engine, **settings)
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-        contexts.append((lifespan, client))
-        return client
+        async def make(**settings):
+            app = tiny_app(engine, tmp_path / "prefixes", max_batch_wait_ms=1.0, **settings)
+            return await stack.enter_async_context(app_client(app))
 
-    yield make
-    for lifespan, client in contexts:
-        await client.aclose()
-        await lifespan.__aexit__(None, None, None)
+        yield make
 
 
 def auth(key):

@@ -10,31 +10,20 @@ import statistics
 
 import httpx
 import pytest
-from conftest import byte_tokenizer, make_tiny_model
+from conftest import byte_tokenizer, make_tiny_model, tiny_app
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from loadtest import serverproc
 from loadtest.__main__ import main
 from loadtest.versus import VersusConfig, format_versus, load_tokenizer, make_texts, run_versus
-from server.api.app import Components, create_app
-from server.config import Settings
 from server.engine.engine import Engine
-from server.registry.registry import PrefixRegistry
 
 
-def tiny_app(tmp_path, name: str, seed: int) -> FastAPI:
+def seeded_app(tmp_path, name: str, seed: int) -> FastAPI:
     """Our real app on a tiny random model called `name` (its base model id in /v1/models)."""
     engine = Engine(make_tiny_model("llama-gqa", seed=seed), byte_tokenizer())
-    settings = Settings(prefix_dir=tmp_path / name, max_batch_size=8, max_batch_wait_ms=2.0)
-    registry = PrefixRegistry.open(
-        settings.prefix_dir,
-        engine.fingerprint,
-        cache_bytes=10_000_000,
-        dtype=engine.dtype,
-        device=engine.device,
-    )
-    return create_app(settings, Components(engine=engine, registry=registry, model_name=name))
+    return tiny_app(engine, tmp_path / name, model_name=name, max_batch_size=8, max_batch_wait_ms=2.0)
 
 
 class Hosts(httpx.AsyncBaseTransport):
@@ -72,7 +61,7 @@ SMALL += ["--prefix-tokens", "5", "--repeats", "2", "--no-progress"]
 
 
 def test_versus_between_two_real_apps(tmp_path, capsys, tokenizer_json):
-    apps = {"ours": tiny_app(tmp_path, "tiny", 0), "peer": tiny_app(tmp_path, "peer-tiny", 1)}
+    apps = {"ours": seeded_app(tmp_path, "tiny", 0), "peer": seeded_app(tmp_path, "peer-tiny", 1)}
     out = tmp_path / "res" / "versus.json"
     argv = ["--url", "http://ours", "--peer", "http://peer", "--tokenizer", tokenizer_json, *SMALL]
     assert main([*argv, "--json", str(out)], transport=Hosts(apps)) == 0
@@ -132,7 +121,7 @@ async def test_base_model_and_a_peer_that_refuses_ignore_eos(tmp_path, tokenizer
             return JSONResponse(detail, status_code=422)
         return {"choices": [{"text": "x"}], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
 
-    transport = Hosts({"ours": tiny_app(tmp_path, "tiny", 0), "peer": peer})
+    transport = Hosts({"ours": seeded_app(tmp_path, "tiny", 0), "peer": peer})
     config = VersusConfig(
         url="http://ours",
         peer_url="http://peer",
@@ -165,14 +154,14 @@ async def test_base_model_and_a_peer_that_refuses_ignore_eos(tmp_path, tokenizer
 def test_unreachable_peer_is_a_clear_error(tmp_path, capsys, tokenizer_json):
     url = f"http://127.0.0.1:{serverproc.free_port()}"
     argv = ["--url", "http://ours", "--peer", url, "--tokenizer", tokenizer_json, *SMALL]
-    assert main(argv, transport=Hosts({"ours": tiny_app(tmp_path, "tiny", 0)})) == 2
+    assert main(argv, transport=Hosts({"ours": seeded_app(tmp_path, "tiny", 0)})) == 2
     err = capsys.readouterr().err
     assert f"loadtest: peer: GET {url}/v1/models got no reply (ConnectError" in err
     assert "is it running?" in err and "Traceback" not in err
 
 
 def test_peer_that_answers_non_2xx_is_a_clear_error(tmp_path, capsys, tokenizer_json):
-    apps = {"ours": tiny_app(tmp_path, "tiny", 0), "peer": tiny_app(tmp_path, "peer-tiny", 1)}
+    apps = {"ours": seeded_app(tmp_path, "tiny", 0), "peer": seeded_app(tmp_path, "peer-tiny", 1)}
     argv = [
         "--url",
         "http://ours",
