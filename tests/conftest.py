@@ -166,6 +166,14 @@ async def wait_for_load_error(app, timeout_s: float = 5.0) -> str:
     return app.state.server.load_error or ""
 
 
+def save_model_folder(engine, folder):
+    """The engine's model and tokenizer saved as a Hugging Face folder (a server process loads it in
+    seconds); returns the folder."""
+    engine.model.save_pretrained(folder)
+    engine.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_app(engine, prefix_dir, model_name: str = "tiny", **settings):
     """The real app serving `engine` (already built, so it is ready at once), its prefixes in a
     PrefixRegistry over the folder `prefix_dir`; `settings`: other Settings fields."""
@@ -195,3 +203,19 @@ async def app_client(app, base_url: str = "http://t"):
         client.app = app
         client.root = app.state.server.settings.prefix_dir
         yield client
+
+
+def use_s3_endpoint(monkeypatch, endpoint_url: str, tmp_path) -> None:
+    """boto3 (here and in child processes) talks to `endpoint_url` with test credentials, and reads
+    nothing from this machine's ~/.aws."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(name, value)

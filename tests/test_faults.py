@@ -26,14 +26,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_model
+from conftest import app_client, byte_tokenizer, make_tiny_model, save_model_folder, tiny_app
 
 from loadtest import serverproc
-from server.api.app import Components, create_app
-from server.config import Settings
 from server.engine.engine import Engine
 from server.registry.format import PrefixKV, save_native, to_peft
-from server.registry.registry import PrefixRegistry
 from server.request import Request, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,10 +199,7 @@ class Server:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, engine) -> Path:
     """The reference model and tokenizer saved as a Hugging Face folder: the server starts in seconds."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    engine.model.save_pretrained(folder)
-    engine.tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(engine, tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture
@@ -452,16 +446,6 @@ def test_sigkill_at_random_times_during_upload_streams(server, engine):
 # ---- in process: hot swap under load, and a prefix that fails to load in a forming batch ----
 
 
-async def _app(tmp_path, engine, **settings):
-    root = tmp_path / "prefixes"
-    registry = PrefixRegistry.open(
-        root, engine.fingerprint, cache_bytes=10**7, dtype=engine.dtype, device=engine.device
-    )
-    components = Components(engine=engine, registry=registry, model_name="tiny")
-    app = create_app(Settings(prefix_dir=root, **settings), components)
-    return app, root
-
-
 @pytest.mark.timeout(120)  # a scheduler that stops answering must fail the test, not hang it
 async def test_hot_swap_under_load(tmp_path, engine):
     """One task re-uploaded 12 times while 8 clients keep asking for it: no errors; every reply names a
@@ -469,14 +453,11 @@ async def test_hot_swap_under_load(tmp_path, engine):
     prefixes = {v: make_prefix(engine, 2 + v % 5, seed=500 + v) for v in range(1, 13)}
     expected = {v: reference_output(engine, p) for v, p in prefixes.items()}
     assert len({tuple(t) for t in expected.values()}) >= 6, "the versions must be told apart by output"
-    app, _ = await _app(tmp_path, engine, max_batch_size=8, max_batch_wait_ms=1.0)
+    app = tiny_app(engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=1.0)
     replies: list[tuple[int, int, dict]] = []  # (newest version before the request, newest after, reply)
     uploaded: list[int] = [0]
     done = asyncio.Event()
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(app) as client:
 
         async def uploader() -> None:
             try:
@@ -520,16 +501,13 @@ async def test_a_prefix_failing_to_load_fails_its_own_request_only(tmp_path, eng
     good = {f"good-{i}": make_prefix(engine, 3 + i, seed=700 + i) for i in range(3)}
     expected = {task_id: reference_output(engine, prefix) for task_id, prefix in good.items()}
     expected[None] = reference_output(engine, None)
-    app, root = await _app(tmp_path, engine, max_batch_size=8, max_batch_wait_ms=300.0)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    app = tiny_app(engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=300.0)
+    async with app_client(app) as client:
         for task_id, prefix in {**good, "bad": make_prefix(engine, 4, seed=799)}.items():
             files = {"file": ("p.safetensors", save_native(prefix))}
             assert (await client.post("/prefixes", data={"task_id": task_id}, files=files)).status_code == 201
         assert ("bad", 1) not in app.state.server.components.registry.cache  # cold: loaded from disk
-        stored = root / "tasks" / "bad" / "v1.safetensors"
+        stored = client.root / "tasks" / "bad" / "v1.safetensors"
         if damage == "flipped":
             data = bytearray(stored.read_bytes())
             data[-3] ^= 0x40  # inside the tensor data: the sha256 no longer matches
@@ -564,11 +542,8 @@ async def test_a_prefix_of_extreme_values_breaks_no_other_row(tmp_path, engine):
     huge = torch.full((fp.num_layers, fp.kv_heads, 3, fp.head_dim), 3e38)  # [L, kv, P, D]
     good = make_prefix(engine, 4, seed=800)
     expected = {"good": reference_output(engine, good), None: reference_output(engine, None)}
-    app, _ = await _app(tmp_path, engine, max_batch_size=8, max_batch_wait_ms=300.0)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    app = tiny_app(engine, tmp_path / "prefixes", max_batch_size=8, max_batch_wait_ms=300.0)
+    async with app_client(app) as client:
         for task_id, prefix in {"huge": PrefixKV(huge, huge.clone(), fp), "good": good}.items():
             files = {"file": ("p.safetensors", save_native(prefix))}
             assert (await client.post("/prefixes", data={"task_id": task_id}, files=files)).status_code == 201

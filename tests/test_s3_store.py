@@ -15,7 +15,6 @@ import logging
 import threading
 import uuid
 
-import httpx
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
 from conftest import STORE_FP as FP  # noqa: E402
-from conftest import make_tiny_model, native_bytes  # noqa: E402
+from conftest import app_client, make_tiny_model, native_bytes, use_s3_endpoint  # noqa: E402
 from conftest import put_prefix as put  # noqa: E402
 
 from server.config import Settings  # noqa: E402
@@ -45,17 +44,7 @@ def endpoint():
 @pytest.fixture
 def aws_env(endpoint, monkeypatch, tmp_path):
     """boto3's standard sources, and nothing from this machine's ~/.aws."""
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }.items():
-        monkeypatch.setenv(name, value)
+    use_s3_endpoint(monkeypatch, endpoint, tmp_path)
     return endpoint
 
 
@@ -392,12 +381,7 @@ async def test_two_servers_on_one_bucket_serve_each_others_uploads(url, tokenize
     async with contextlib.AsyncExitStack() as stack:
         clients = []
         for c in components:
-            app = create_app(settings, c)
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            transport = httpx.ASGITransport(app=app)
-            clients.append(
-                await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://t"))
-            )
+            clients.append(await stack.enter_async_context(app_client(create_app(settings, c))))
         a, b = clients
         assert (await upload(a, prefix[0]))["version"] == 1
         through_b = (await b.post("/generate", json=body)).json()

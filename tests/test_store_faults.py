@@ -31,7 +31,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_model, native_bytes, put_prefix
+from conftest import (
+    byte_tokenizer,
+    make_tiny_model,
+    native_bytes,
+    put_prefix,
+    save_model_folder,
+    use_s3_endpoint,
+)
 
 from loadtest import serverproc
 from server.distributed.shared_store import SharedPrefixStore
@@ -55,10 +62,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, engine) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    engine.model.save_pretrained(folder)
-    engine.tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(engine, tmp_path_factory.mktemp("tiny-model"))
 
 
 def make_prefix(engine: Engine, num_virtual_tokens: int, seed: int) -> PrefixKV:
@@ -417,17 +421,7 @@ def s3(moto_endpoint, monkeypatch, tmp_path):
     boto3 = pytest.importorskip("boto3")
     forwarder = Forwarder(moto_endpoint)
     forwarder.up()
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {
-        "AWS_ENDPOINT_URL": forwarder.url,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }.items():
-        monkeypatch.setenv(name, value)
+    use_s3_endpoint(monkeypatch, forwarder.url, tmp_path)
     direct = boto3.client("s3", endpoint_url="http://{}:{}".format(*moto_endpoint))
     bucket = f"prefixes-{uuid.uuid4().hex[:12]}"
     direct.create_bucket(Bucket=bucket)
