@@ -174,6 +174,18 @@ def save_model_folder(engine, folder):
     return folder
 
 
+def run_joining(engine, requests, joins_at) -> None:
+    """Continuous batching by hand: each request is admitted at its decode step in `joins_at` (or as soon
+    after as a slot is free), and the engine steps until every request is done."""
+    pending, step = list(zip(requests, joins_at, strict=True)), 0
+    while pending or engine.running:
+        joining = [r for r, at in pending if at <= step][: engine.num_free_slots]
+        pending = [(r, at) for r, at in pending if r not in joining]
+        engine.admit(joining)
+        engine.step()
+        step += 1
+
+
 def tiny_app(engine, prefix_dir, model_name: str = "tiny", **settings):
     """The real app serving `engine` (already built, so it is ready at once), its prefixes in a
     PrefixRegistry over the folder `prefix_dir`; `settings`: other Settings fields."""

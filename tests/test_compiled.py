@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 import torch
-from conftest import make_tiny_model, peft_greedy, peft_prefix_model
+from conftest import make_tiny_model, peft_greedy, peft_prefix_model, run_joining
 from test_engine import make_requests, random_prefix
 from test_logprobs import assert_matches_reference, reference_logprobs
 from torch._dynamo.utils import counters
@@ -49,14 +49,7 @@ def compiled(request, tokenizer):
 
 def run_with_joins(engine, prefixes, prompt_lens, new_tokens, joins_at, **sampling):
     reqs = make_requests(prefixes, prompt_lens, new_tokens, **sampling)
-    pending = list(zip(reqs, joins_at, strict=True))
-    step = 0
-    while pending or engine.running:
-        joining = [r for r, at in pending if at <= step][: engine.num_free_slots]
-        pending = [(r, at) for r, at in pending if r not in joining]
-        engine.admit(joining)
-        engine.step()
-        step += 1
+    run_joining(engine, reqs, joins_at)
     return reqs
 
 

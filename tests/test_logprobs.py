@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_prompt
+from conftest import random_prompt, run_joining
 from test_engine import random_prefix
 from transformers import DynamicCache
 
@@ -141,14 +141,7 @@ def test_mixed_batch_logprobs_equal_the_models_own_forward(engine):
         request(6, 9, random_prefix(fp, 5, 3), 8, logprobs=3, temperature=0.7, top_p=0.8, seed=4),
     ]
     prefixes = [r.prefix for r in rows]  # the engine drops a request's prefix when it leaves its slot
-    joins_at = [0, 0, 0, 2, 3, 5]
-    pending, step = list(zip(rows, joins_at, strict=True)), 0
-    while pending or engine.running:
-        joining = [r for r, at in pending if at <= step][: engine.num_free_slots]
-        pending = [(r, at) for r, at in pending if r not in joining]
-        engine.admit(joining)
-        engine.step()
-        step += 1
+    run_joining(engine, rows, joins_at=[0, 0, 0, 2, 3, 5])
     assert rows[1].output_logprobs == []
     for r, prefix in zip(rows, prefixes, strict=True):
         assert len(r.output_token_ids) == r.sampling.max_new_tokens
