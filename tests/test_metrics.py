@@ -5,31 +5,18 @@ from __future__ import annotations
 import json
 import logging
 
-import httpx
 import pytest
-from conftest import make_tiny_model
+from conftest import app_client, make_tiny_model, tiny_app
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.api.app import Components, create_app
 from server.api.logs import JsonFormatter
-from server.config import Settings
 from server.engine.engine import Engine
-from server.registry.registry import PrefixRegistry
 
 
 @pytest.fixture
 async def api(tmp_path, tokenizer):
     engine = Engine(make_tiny_model("llama-gqa"), tokenizer)
-    root = tmp_path / "p"
-    registry = PrefixRegistry.open(
-        root, engine.fingerprint, cache_bytes=10**7, dtype=engine.dtype, device=engine.device
-    )
-    app = create_app(Settings(prefix_dir=root, max_batch_wait_ms=1.0), Components(engine, registry, "tiny"))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://t") as c,
-    ):
+    async with app_client(tiny_app(engine, tmp_path / "p", max_batch_wait_ms=1.0)) as c:
         yield c
 
 

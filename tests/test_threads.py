@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 
-import httpx
-from conftest import wait_for_load_error
+from conftest import app_client, wait_for_load_error
 
 import server.api.app as app_module
 from server.api.app import create_app
@@ -35,10 +34,7 @@ async def test_model_loading_thread_is_gone_once_ready(tmp_path, monkeypatch):
 
     monkeypatch.setattr(app_module, "build_components", fake_build)
     app = create_app(Settings(prefix_dir=tmp_path, compile="off"))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(app) as client:
         assert await wait_for_load_error(app)
         assert "stop after recording the thread" in (await client.get("/ready")).text
     (loader,) = loaders
