@@ -24,6 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from server.engine.engine import Engine
 from server.engine.model import freeze
 from server.registry.format import ModelFingerprint, PrefixKV, save_native
 
@@ -71,6 +72,21 @@ def make_tiny_model(family: str, seed: int = 0):
         for p in model.parameters():
             p.mul_(4.0) if p.dim() > 1 else None
     return freeze(model)
+
+
+# A chat template for the byte tokenizer (which has none; the chat routes need one): each message as
+# <role>content and a newline, then <assistant>.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def chat_engine(family: str = "llama-gqa") -> Engine:
+    """An Engine on the tiny model of `family`, its byte tokenizer carrying CHAT_TEMPLATE."""
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return Engine(make_tiny_model(family), tokenizer)
 
 
 @pytest.fixture(scope="session")

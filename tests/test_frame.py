@@ -14,7 +14,7 @@ import torch
 from conftest import (
     STORE_FP,
     app_client,
-    byte_tokenizer,
+    chat_engine,
     make_tiny_model,
     native_bytes,
     peft_prefix_model,
@@ -23,7 +23,6 @@ from conftest import (
 
 from server.api.app import create_app
 from server.config import Settings
-from server.engine.engine import Engine
 from server.errors import InvalidRequest, PrefixFormatError
 from server.registry.format import PrefixKV, read_metadata, save_native
 from server.registry.frame import TaskFrame, TaskScores
@@ -34,10 +33,6 @@ from server.training.examples import register_examples
 from server.training.frame import default_max_new_tokens, default_stop, frame_from_data, infer_template
 
 FAMILY = "llama-gqa"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 FULL = TaskFrame(
     template='Review: {input}\nSentiment {"json": true}:',  # other braces are plain text
     description="Sentiment of a review.",
@@ -190,9 +185,7 @@ def test_upload_keeps_the_file_frame_and_applies_overrides(registry):
 # ---- over HTTP ----
 @pytest.fixture
 def engine():
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return Engine(make_tiny_model(FAMILY), tokenizer)
+    return chat_engine(FAMILY)
 
 
 @pytest.fixture

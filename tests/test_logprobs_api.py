@@ -12,12 +12,11 @@ from typing import ClassVar
 import openai
 import pytest
 import torch
-from conftest import app_client, byte_tokenizer, make_tiny_model, tiny_app
+from conftest import app_client, byte_tokenizer, chat_engine, tiny_app
 from test_logprobs import reference_logprobs
-from test_openai import CHAT_TEMPLATE, with_openai
+from test_openai import with_openai
 
 from server.api import logprobs as logprobs_api
-from server.engine.engine import Engine
 from server.registry.format import save_native
 from server.request import TokenLogprob
 
@@ -27,9 +26,7 @@ PROMPT = "The review was"
 
 @pytest.fixture(scope="module")
 def engine():
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return Engine(make_tiny_model("llama-gqa"), tokenizer)
+    return chat_engine("llama-gqa")
 
 
 @pytest.fixture

@@ -14,21 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import app_client, byte_tokenizer, make_tiny_model, tiny_app, wait_for_load_error
+from conftest import app_client, chat_engine, tiny_app, wait_for_load_error
 
 from loadtest import serverproc
 from server.api import openai as openai_routes
 from server.api.app import create_app
 from server.config import Settings
-from server.engine.engine import Engine
 from server.registry.format import save_native
 from server.request import Request, SamplingParams
 
 FAMILY = "llama-gqa"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 
 
 def with_openai(app):
@@ -40,9 +35,7 @@ def with_openai(app):
 
 @pytest.fixture
 def engine():
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return Engine(make_tiny_model(FAMILY), tokenizer)
+    return chat_engine(FAMILY)
 
 
 @pytest.fixture
