@@ -28,10 +28,12 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
 
+from loadtest import machine
 from loadtest.loadgen import LoadConfig, LoadgenError, make_client, run_load
 from loadtest.plot import plot_result
 from loadtest.stats import compare_table, format_table, format_windows
@@ -89,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--label", default="run", help="name of this run, e.g. continuous / static")
     ap.add_argument("--task-prefix", default="lt", help="task ids are PREFIX-0, PREFIX-1, ...")
     ap.add_argument("--no-create", action="store_true", help="use existing tasks, create no prefixes")
-    ap.add_argument("--out", type=Path, help="writes OUT.json and OUT.png (default loadtest/results/LABEL)")
+    ap.add_argument(
+        "--keep-tasks",
+        action="store_true",
+        help="keep the tasks this run created (default: deleted at the end)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="writes OUT.json and OUT.png (default: LABEL.json / .png in a new temp folder)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     ap.add_argument(
         "--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print A vs B, B/A ratios"
@@ -199,12 +210,15 @@ def main(argv: list[str] | None = None, transport: httpx.AsyncBaseTransport | No
             label=args.label,
             task_prefix=args.task_prefix,
             create_tasks=not args.no_create,
+            keep_tasks=args.keep_tasks,
             window_s=args.window,
         )
     except ValueError as e:
         ap.error(str(e))
-    json_path, png_path = output_paths(args.out or Path("loadtest/results") / args.label)
+    out = args.out or Path(tempfile.mkdtemp(prefix="prefix-server-loadtest-")) / args.label
+    json_path, png_path = output_paths(out)
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    busy_before = machine.busy_share()
 
     def save(result: dict) -> None:  # after every rate, so an interrupted sweep keeps what it measured
         json_path.write_text(json.dumps(result, indent=1))
@@ -217,7 +231,10 @@ def main(argv: list[str] | None = None, transport: httpx.AsyncBaseTransport | No
     if isinstance(result, int):
         return result
     print(report(result))
+    result["machine"] = machine.summary(busy_before)
     save(result)
+    for warning in machine.warnings(result["machine"]):
+        print(f"loadtest: warning: {warning}", file=sys.stderr)
     print(
         f"wrote {json_path}"
         + (f" and {png_path}" if plot_result(result, png_path) else " (no matplotlib: no PNG)")

@@ -45,6 +45,7 @@ class LoadConfig:
     label: str = "run"
     task_prefix: str = "lt"
     create_tasks: bool = True
+    keep_tasks: bool = False  # False: the tasks this run created are deleted at its end
     window_s: float = 15.0
     ready_timeout_s: float = 60.0
 
@@ -232,6 +233,18 @@ async def create_prefixes(
     return infos
 
 
+async def delete_prefixes(client: httpx.AsyncClient, tasks: list[str]) -> None:
+    """Delete the tasks a run created; one that cannot be deleted is reported, not fatal."""
+    for task in tasks:
+        try:
+            resp = await client.delete(f"/prefixes/{task}")
+        except httpx.HTTPError as e:
+            print(f"loadtest: could not delete task {task!r}: {type(e).__name__}", file=sys.stderr)
+            continue
+        if resp.status_code not in (204, 404):
+            print(f"loadtest: could not delete task {task!r}: {resp.status_code}", file=sys.stderr)
+
+
 async def server_up(client: httpx.AsyncClient) -> bool:
     try:
         return (await client.get("/health", timeout=10)).status_code == 200
@@ -257,10 +270,12 @@ async def run_load(
     """
     own_client = client is None
     client = client or make_client(config.url, config.timeout_s)
+    created: list[str] = []  # tasks that did not exist before this run
     try:
         await wait_ready(client, config.ready_timeout_s)
         tasks = task_ids(config.num_tasks, config.task_prefix)
         if config.create_tasks and tasks:
+            created = [t for t in tasks if (await client.get(f"/prefixes/{t}")).status_code == 404]
             await create_prefixes(client, tasks)
             _log(verbose, f"created prefixes for {len(tasks)} tasks: {tasks[0]} .. {tasks[-1]}")
         plan_args = dict(
@@ -305,5 +320,8 @@ async def run_load(
                 on_run(result)
         return result
     finally:
+        if created and not config.keep_tasks:
+            await delete_prefixes(client, created)
+            _log(verbose, f"deleted the {len(created)} tasks this run created (--keep-tasks keeps them)")
         if own_client:
             await client.aclose()

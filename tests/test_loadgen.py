@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import statistics
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -238,6 +240,7 @@ def fake_app(num_tokens: int = 3) -> FastAPI:
     """/ready, /health, /prefixes/from-text and /generate (JSON or SSE); every 5th /generate gets a 429."""
     app = FastAPI()
     state = {"num_generate": 0, "versions": {}}
+    app.state.fake = state
 
     @app.get("/ready")
     @app.get("/health")
@@ -250,6 +253,17 @@ def fake_app(num_tokens: int = 3) -> FastAPI:
         assert set(body) == {"task_id", "text"} and body["text"]
         version = state["versions"][body["task_id"]] = state["versions"].get(body["task_id"], 0) + 1
         return {"task_id": body["task_id"], "version": version}
+
+    @app.get("/prefixes/{task_id}")
+    async def get_prefix(task_id: str):
+        if task_id not in state["versions"]:
+            return JSONResponse({"error": {"code": "task_not_found", "message": "no"}}, status_code=404)
+        return {"task_id": task_id, "version": state["versions"][task_id]}
+
+    @app.delete("/prefixes/{task_id}", status_code=204)
+    async def delete_prefix(task_id: str):
+        state["versions"].pop(task_id)
+        state.setdefault("deleted", []).append(task_id)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -385,3 +399,31 @@ async def test_not_ready_server_is_a_clear_error():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fake") as client:
         with pytest.raises(LoadgenError, match=r"did not answer 200 within 0.1 s \(HTTP 503\)"):
             await run_load(config, client, verbose=False)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_run_deletes_the_tasks_it_created_and_writes_outside_the_repo(tmp_path, capsys, monkeypatch, keep):
+    """lt-0 existed before the run (kept); lt-1, lt-2 were made by it (deleted unless --keep-tasks). With no
+    --out the results go to a new temporary folder, never into the checkout."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    app = fake_app()
+    app.state.fake["versions"]["lt-0"] = 1
+    argv = ["--url", "http://fake", "--rates", "200", "--num-requests", "5", "--tasks", "3", "--label", "t"]
+    code = main([*argv, "--keep-tasks"] if keep else argv, transport=httpx.ASGITransport(app=app))
+    assert code == 0
+    printed = capsys.readouterr()
+    assert sorted(app.state.fake["versions"]) == (["lt-0", "lt-1", "lt-2"] if keep else ["lt-0"])
+    assert app.state.fake.get("deleted", []) == ([] if keep else ["lt-1", "lt-2"])
+    (written,) = list(tmp_path.glob("prefix-server-loadtest-*/t.json"))
+    assert f"wrote {written}" in printed.out
+    assert json.loads(written.read_text())["machine"]["cores"] == os.cpu_count()
+
+
+def test_a_busy_machine_is_named():
+    from loadtest import machine
+
+    assert machine.warnings({"busy_before": 0.05, "load_1m_at_end": 2.5, "cores": 2}) == []
+    busy, loaded = machine.warnings({"busy_before": 0.6, "load_1m_at_end": 5.0, "cores": 2})
+    assert "60% of the CPU was busy just before the run" in busy
+    assert "load average was 5.0 on 2 cores" in loaded
+    assert machine.warnings({"busy_before": None, "load_1m_at_end": None, "cores": None}) == []
