@@ -235,7 +235,8 @@ async def reference_check(client, tally: Tally, prompts, count: int) -> int:
     latest: dict[str, int] = {}
     for task, version, _ in tally.first:
         latest[task] = max(version, latest.get(task, 0))
-    candidates = [key for key in tally.first if key[1] == latest[key[0]]][: 2 * count]
+    newest_first = reversed(list(tally.first))  # the oldest keys' versions are likelier replaced
+    candidates = [key for key in newest_first if key[1] == latest[key[0]]][: 2 * count]
     done = 0
     for task, version, prompt_index in candidates:
         if done >= count:
