@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 import torch
-from conftest import make_tiny_model, peft_greedy, peft_prefix_model, run_joining
+from conftest import app_client, make_tiny_model, peft_greedy, peft_prefix_model, run_joining
 from test_engine import make_requests, random_prefix
 from test_logprobs import assert_matches_reference, reference_logprobs
 from torch._dynamo.utils import counters
@@ -167,8 +167,6 @@ async def test_server_compile_modes(tmp_path, tokenizer):
     """--compile through the real start-up path (model loaded from a folder): `wait` compiles before
     /ready, `auto` is ready at once and switches when compiled, `off` never compiles; /metrics says
     which step runs, and the compiled servers' tokens equal the eager server's."""
-    import httpx
-
     from server.api.app import create_app
     from server.config import Settings
 
@@ -182,10 +180,7 @@ async def test_server_compile_modes(tmp_path, tokenizer):
             model=str(model_dir), compile=mode, max_batch_size=2, prefix_dir=tmp_path / f"prefixes-{mode}"
         )
         app = create_app(settings)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-        ):
+        async with app_client(app) as client:
             for _ in range(600):
                 if (await client.get("/ready")).status_code == 200:
                     break
