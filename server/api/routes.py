@@ -38,6 +38,7 @@ from server.errors import (
     NotReady,
     PayloadTooLarge,
     PrefixFormatError,
+    PrefixNotFound,
     PrefixServerError,
     Unauthorized,
 )
@@ -161,7 +162,11 @@ async def ready(request: Request) -> Ready:
 async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
     """Generate text for one prompt, with the task's current prefix (or the base model)."""
     state = _state(request)
-    req = _build_request(body, state, caller)
+    try:
+        req = _build_request(body, state, caller)  # looks the task up (its frame): 404 here
+    except PrefixNotFound as e:  # counted as before frames existed, when the 404 came from submit
+        state.metrics.requests.labels(caller.stored_id(body.task_id), e.code).inc()
+        raise
     req.request_id = request.state.request_id  # the reply, the X-Request-ID header and the logs agree
     state.limits.begin_request(caller)  # rate and concurrency quotas
     try:
