@@ -57,7 +57,7 @@ def write_jsonl(path: Path, examples: list[Example]) -> Path:
     [
         ("not json", "not valid JSON"),
         ('["a", "b"]', "expected"),
-        ('{"prompt": "a"}', "no \"completion\" field"),
+        ('{"prompt": "a"}', 'no "completion" field'),
         ('{"prompt": "a", "completion": "  "}', "completion must be a non-empty string"),
         ('{"completion": "b"}', "expected"),
     ],
@@ -286,3 +286,50 @@ def test_bad_training_data_is_named_before_anything_loads(tmp_path, line, says):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr
     assert f"{data}:2: " in run.stderr and says in run.stderr, run.stderr
+
+
+async def test_a_freshly_trained_task_answers_by_input_and_by_openai_chat(tmp_path):
+    """`prefix-server train` on a tiny model, the file it wrote uploaded as it is: the task answers its
+    held-out examples through /generate with `input` (its inferred frame) and through the official openai
+    client's chat call exactly as the training's own held-out evaluation scored them."""
+    import openai
+    from conftest import app_client, tiny_app
+
+    model, tokenizer = make_tiny_model("llama-gqa"), byte_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    held_out = synthetic(12, seed=2)
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic(64, seed=1))
+    held = write_jsonl(tmp_path / "eval.jsonl", held_out)
+    out = tmp_path / "demo.safetensors"
+    argv = ["train", "--data", str(data), "--eval-data", str(held), "--task", "demo", "--output", str(out)]
+    main(
+        [
+            *argv,
+            "--num-virtual-tokens",
+            "8",
+            "--epochs",
+            "5",
+            "--lr",
+            "1e-1",
+            "--model",
+            str(tmp_path / "model"),
+        ]
+    )
+    eval_after = float(read_metadata(out.read_bytes())["eval_after"])
+    assert eval_after >= 0.9
+
+    app = tiny_app(Engine(model, tokenizer), tmp_path / "prefixes")
+    async with app_client(app) as api:
+        files = {"file": ("demo.safetensors", out.read_bytes())}
+        assert (await api.post("/prefixes", data={"task_id": "demo"}, files=files)).status_code == 201
+        client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="none", http_client=api, max_retries=0)
+        right = 0
+        for example in held_out:
+            word = example.prompt.removesuffix("=")
+            reply = (await api.post("/generate", json={"task_id": "demo", "input": word})).json()
+            messages = [{"role": "user", "content": word}]
+            chat = await client.chat.completions.create(model="demo", messages=messages, temperature=0)
+            assert chat.choices[0].message.content == reply["text"]
+            right += answer(reply["text"]) == answer(example.completion)
+    assert right / len(held_out) == eval_after
