@@ -273,6 +273,7 @@ def versus(args: argparse.Namespace, ap: argparse.ArgumentParser, transport) -> 
             url=args.url,
             peer_url=args.peer,
             create_tasks=not args.no_create,
+            keep_tasks=args.keep_tasks,
             task_prefix=args.task_prefix,
             timeout_s=args.timeout,
             **{k: v for k, v in given.items() if v is not None},

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.loadgen import LoadgenError, create_prefixes, make_client
+from loadtest.loadgen import LoadgenError, create_prefixes, delete_prefixes, make_client
 from loadtest.workload import TEXT, make_prompt, task_ids
 
 WORDS_TOKENIZER = "words"  # --tokenizer words: prompts from the fixed word list (about a token a word)
@@ -48,6 +48,7 @@ class VersusConfig:
     prefix_tokens: int = 16
     repeats: int = 3
     create_tasks: bool = True
+    keep_tasks: bool = False  # False: the tasks this run created are deleted at its end
     task_prefix: str = "lt"
     tokenizer: str | None = None  # tokenizer.json or its folder; None: the default model's; "words"
     timeout_s: float = 300.0
@@ -256,6 +257,9 @@ async def run_versus(
         if config.model_tasks:
             tasks = task_ids(config.model_tasks, config.task_prefix)
             if config.create_tasks:
+                created = [t for t in tasks if (await ours.get(f"/prefixes/{t}")).status_code == 404]
+                if not config.keep_tasks:  # at the end, before the client closes (the stack is LIFO)
+                    stack.push_async_callback(delete_prefixes, ours, created)
                 texts = make_texts(tokenizer, len(tasks), config.prefix_tokens, 3, 0, "versus-prefixes")
                 prefixes = await create_prefixes(ours, tasks, texts)
                 lengths = sorted({p.get("num_virtual_tokens") for p in prefixes}, key=str)

@@ -68,6 +68,8 @@ def test_versus_between_two_real_apps(tmp_path, capsys, tokenizer_json):
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert lines[0] == "4 requests, 6-token prompts, 4 new tokens, greedy; median of 2 runs each"
+    registry = apps["ours"].state.server.components.registry
+    assert [r.task_id for r in registry.list()] == []  # the tasks it created are deleted at the end
     assert lines[2] == "| server | model | one at a time, tok/s | 4 concurrent, tok/s |"
     assert lines[4].startswith("| ours http://ours | 4 tasks lt-0..lt-3, 5-token prefixes | ")
     assert lines[5].startswith("| peer http://peer | peer-tiny | ")
