@@ -3,12 +3,14 @@ port, waited on until /ready, stopped with SIGTERM (the server's graceful drain)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import IO
 
 import httpx
@@ -51,6 +53,19 @@ def start(
             raise ServerNotReady(f"{' '.join(cmd)}: {why}\n{tail(log)}")
         time.sleep(0.5)
     return proc, base
+
+
+@contextlib.contextmanager
+def running(
+    args: list[str], *, log: IO | None = None, timeout_s: float = 180, launcher: list[str] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`start`, then `stop` when the block ends (however it ends): (process, base url)."""
+    proc, base = start(args, log=log, timeout_s=timeout_s, launcher=launcher)
+    try:
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            stop(proc)
 
 
 def ready(base: str) -> bool:

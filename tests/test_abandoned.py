@@ -57,14 +57,8 @@ def server(model_dir, tmp_path):
     args = ["--model", str(model_dir), "--prefix-dir", str(tmp_path / "prefixes")]
     args += ["--api-keys-file", str(tmp_path / "keys.json"), "--compile", "off", "--max-batch-size", "1"]
     args += ["--max-batch-wait-ms", "1", "--max-new-tokens", str(LONG), "--shutdown-timeout-s", "30"]
-    with open(tmp_path / "server.log", "w+") as log:
-        proc, base = serverproc.start(args, log=log, timeout_s=120)
-        try:
-            yield proc, base, log
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with open(tmp_path / "server.log", "w+") as log, serverproc.running(args, log=log, timeout_s=120) as run:
+        yield (*run, log)
 
 
 def raw_post(base: str, key: str, body: dict) -> socket.socket:

@@ -539,14 +539,13 @@ def server(tmp_path_factory):
     prefix_dir, keys = root / "prefixes", keys_file(root)
     with open(root / "server.log", "w+") as log:
         args = ["--prefix-dir", str(prefix_dir), "--api-keys-file", str(keys)]
-        proc, base = serverproc.start(args, log=log, launcher=[sys.executable, "-c", LAUNCH])
-        try:
-            with httpx.Client(base_url=base, timeout=120, headers=auth(ACME)) as client:
-                text = {"task_id": "pirate", "text": "You are a pirate. Answer like a pirate would."}
-                assert client.post("/prefixes/from-text", json=text).status_code == 201
-                yield base, client
-        finally:
-            serverproc.stop(proc)
+        with (
+            serverproc.running(args, log=log, launcher=[sys.executable, "-c", LAUNCH]) as (_, base),
+            httpx.Client(base_url=base, timeout=120, headers=auth(ACME)) as client,
+        ):
+            text = {"task_id": "pirate", "text": "You are a pirate. Answer like a pirate would."}
+            assert client.post("/prefixes/from-text", json=text).status_code == 201
+            yield base, client
 
 
 def openai_client(server, key: str):

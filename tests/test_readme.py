@@ -59,17 +59,9 @@ def test_the_front_page_has_examples():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
-    with open(work / "server.log", "w+") as log:
-        try:
-            proc, base = serverproc.start(
-                ["--prefix-dir", str(work / "prefixes"), "--compile", "off"], log=log
-            )
-        except serverproc.ServerNotReady as e:
-            pytest.fail(str(e))
-        try:
-            yield base
-        finally:
-            serverproc.stop(proc)
+    args = ["--prefix-dir", str(work / "prefixes"), "--compile", "off"]
+    with open(work / "server.log", "w+") as log, serverproc.running(args, log=log) as (_, base):
+        yield base
 
 
 @pytest.mark.parametrize("index", range(len(front_page_examples())))

@@ -45,15 +45,12 @@ def server(tmp_path_factory):
         "body-timeout-s": BODY_TIMEOUT_S,
         "max-connections": MAX_CONNECTIONS,
     }
-    with open(root / "server.log", "w+") as log:
-        try:
-            proc, base = serverproc.start([f"--{k}={v}" for k, v in flags.items()], log=log, timeout_s=120)
-        except serverproc.ServerNotReady as e:
-            pytest.fail(str(e))
-        try:
-            yield base
-        finally:
-            serverproc.stop(proc)
+    args = [f"--{k}={v}" for k, v in flags.items()]
+    with (
+        open(root / "server.log", "w+") as log,
+        serverproc.running(args, log=log, timeout_s=120) as (_, base),
+    ):
+        yield base
 
 
 def connect(base: str) -> socket.socket:
