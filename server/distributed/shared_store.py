@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from server.errors import StoreReadOnly
-from server.registry.store import PrefixRecord, PrefixStore, is_task_id, storage_error, validate_task_id
+from server.registry.store import PrefixRecord, PrefixStore, is_task_id, storage_errors, validate_task_id
 
 _LOCKS = "locks"
 
@@ -93,13 +93,9 @@ class SharedPrefixStore(PrefixStore):
     def task_file_lock(self, task_id: str) -> Iterator[None]:
         """Exclusive across processes (and threads: each call opens its own file description)."""
         folder = self.root / _LOCKS
-        try:
+        with storage_errors(self.root, f"a write to {task_id!r}"):  # 507 / 503, as PrefixStore's writes
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(folder / f"{task_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # a full or read-only store: 507 / 503, as PrefixStore's own writes
-            if (error := storage_error(e, self.root, f"a write to {task_id!r}")) is None:
-                raise
-            raise error from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -18,7 +18,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,18 +142,19 @@ class PrefixStore:
             with self._lock:
                 self._max_version[task_id] = version
             new_folder = not folder.is_dir()
-            try:
-                if new_folder:  # a new folder's entry (and tasks/'s) must survive a crash too
-                    folder.mkdir(parents=True)
-                    for parent in (self.tasks_dir, self.root):
-                        _fsync_dir(parent)
-                _write_atomic(folder / f"v{version}.safetensors", data)
-                _write_atomic(folder / f"v{version}.json", json.dumps(record.to_dict(), indent=1).encode())
-            except BaseException as e:
-                self._abandon(task_id, version, folder, new_folder)  # never committed, so never visible
-                if (error := storage_error(e, self.root, f"the upload of {task_id!r}")) is None:
+            with storage_errors(self.root, f"the upload of {task_id!r}"):
+                try:
+                    if new_folder:  # a new folder's entry (and tasks/'s) must survive a crash too
+                        folder.mkdir(parents=True)
+                        for parent in (self.tasks_dir, self.root):
+                            _fsync_dir(parent)
+                    _write_atomic(folder / f"v{version}.safetensors", data)
+                    _write_atomic(
+                        folder / f"v{version}.json", json.dumps(record.to_dict(), indent=1).encode()
+                    )
+                except BaseException:
+                    self._abandon(task_id, version, folder, new_folder)  # never committed, never visible
                     raise
-                raise error from e
             with self._lock:
                 self._latest[task_id] = record
             self._cleanup(folder, _versions_on_disk(folder) - {version})
@@ -169,12 +170,8 @@ class PrefixStore:
                 through = self._max_version[task_id]
             tombstone = {"task_id": task_id, "deleted_through": through, "deleted_at": time.time()}
             # Durable before any file goes, so a crash mid-delete cannot resurrect the task.
-            try:
+            with storage_errors(self.root, f"the delete of {task_id!r}"):
                 _write_atomic(folder / _TOMBSTONE, json.dumps(tombstone).encode())
-            except OSError as e:
-                if (error := storage_error(e, self.root, f"the delete of {task_id!r}")) is None:
-                    raise
-                raise error from e
             with self._lock:
                 del self._latest[task_id]
             self._cleanup(folder, _versions_on_disk(folder))
@@ -292,7 +289,19 @@ class PrefixStore:
             logger.warning("prefix store: could not remove old files in %s (%s); recovery will", folder, e)
 
 
-def storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError | None:
+@contextlib.contextmanager
+def storage_errors(root: Path, what: str) -> Iterator[None]:
+    """A write under `root` that fails for lack of space or permission raises its domain error (507 /
+    503, naming `what`); any other error passes through."""
+    try:
+        yield
+    except OSError as e:
+        if (error := _storage_error(e, root, what)) is None:
+            raise
+        raise error from e
+
+
+def _storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError | None:
     """The domain error for a failed write under `root` (no space, not writable), else None."""
     if isinstance(e, OSError) and e.errno in _NO_SPACE:
         return InsufficientStorage(
