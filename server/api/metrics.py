@@ -47,6 +47,10 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
+    def refused(self, task: str, status: str) -> None:
+        """Record a generate request refused before it became a request (e.g. an unknown task, 404)."""
+        self.requests.labels(task, status).inc()
+
     def observe(self, request: Request, task: str, status: str) -> None:
         """Record one finished (or failed) generate request."""
         self.requests.labels(task, status).inc()

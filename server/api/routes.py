@@ -165,7 +165,7 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
     try:
         req = _build_request(body, state, caller)  # looks the task up (its frame): 404 here
     except PrefixNotFound as e:  # counted as before frames existed, when the 404 came from submit
-        state.metrics.requests.labels(caller.stored_id(body.task_id), e.code).inc()
+        state.metrics.refused(caller.stored_id(body.task_id), e.code)
         raise
     req.request_id = request.state.request_id  # the reply, the X-Request-ID header and the logs agree
     state.limits.begin_request(caller)  # rate and concurrency quotas
