@@ -179,16 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> None:
+    settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
+    # torch.compile's artifacts beside the converted models, so a restart reuses them (see --compile).
+    # Before the imports below: importing the engine makes inductor fix its folder for good.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.model_cache_dir / "inductor"))
+
     import uvicorn
 
     from server.api.app import create_app
     from server.api.connections import guarded_protocol
     from server.api.logs import configure_logging
 
-    settings = Settings.from_env({name: getattr(args, name) for name in SERVE_FLAGS})
-    # torch.compile's artifacts beside the converted models, so a restart reuses them (see --compile).
-    # Before anything imports torch: inductor fixes its folder the first time it is asked for it.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.model_cache_dir / "inductor"))
     if settings.prefix_store:  # an unreachable bucket fails here, naming its URL, not in the model load
         from server.registry.s3_store import S3PrefixStore
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -66,3 +70,26 @@ def test_the_prefix_store_is_the_checkouts_only_when_run_from_it(tmp_path, monke
     assert Settings().prefix_dir == tmp_path / "data" / "prefix-server" / "prefixes"
     monkeypatch.setenv("PREFIX_SERVER_PREFIX_DIR", str(tmp_path / "mine"))
     assert Settings.from_env().prefix_dir == tmp_path / "mine"
+
+
+def test_serve_keeps_inductors_cache_beside_the_converted_models(tmp_path):
+    """Inductor fixes its cache folder the first time anything asks for it (importing the engine does):
+    `serve` must name it before that, or the cache silently lands in /tmp/torchinductor_<user>."""
+    code = f"""
+import sys
+import server.cli as cli
+
+class Stub:
+    def __init__(self, *args):
+        pass
+    def run(self):
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        print(cache_dir())
+
+cli._make_draining_server = lambda: Stub
+cli.main(["serve", "--model-cache-dir", {str(tmp_path / "models")!r}, "--prefix-dir", {str(tmp_path / "p")!r}])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == str(tmp_path / "models" / "inductor")
