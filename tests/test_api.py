@@ -406,3 +406,15 @@ async def test_an_unknown_task_gets_a_hint_of_the_known_ones(api, engine):
         "task_not_found",
         "known tasks: booking, sentiment (GET /prefixes lists them)",
     )
+
+
+async def test_ready_and_generate_say_503_when_the_scheduler_loop_is_not_running(api):
+    assert (await api.get("/ready")).status_code == 200
+    scheduler = api.app.state.server.scheduler
+    scheduler._task.cancel()  # as if the loop had died
+    await asyncio.gather(scheduler._task, return_exceptions=True)
+    assert_error(await api.get("/ready"), 503, "not_ready", "scheduler loop stopped")
+    assert_error(
+        await api.post("/generate", json={"prompt": "hi"}), 503, "not_ready", "scheduler loop stopped"
+    )
+    scheduler._task = None  # nothing left for the shutdown to wait on
