@@ -7,6 +7,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from server.errors import InvalidRequest
@@ -89,6 +90,9 @@ class Request:
     tenant: str | None = None
     prefix: PrefixKV | None = None
     prefix_version: int | None = None
+    # Names the prefix's content for the engine's page pool (rows with equal keys share its pages):
+    # (task_id, version, sha256) from the registry; None = the PrefixKV object itself.
+    prefix_key: Hashable | None = None
     prompt: str | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
