@@ -89,6 +89,18 @@ class Engine:
     def num_free_slots(self) -> int:
         return self.max_slots - len(self.running)
 
+    # Interim: the scheduler's page-based admission interface, before the page pool lands.
+    @property
+    def num_free_rows(self) -> int:
+        return self.num_free_slots
+
+    @property
+    def num_available_pages(self) -> int:
+        return 1 << 30
+
+    def pages_needed(self, request: Request, counted: set) -> int:
+        return 0
+
     # ---- validation (at submit and again when a row is admitted) ----
     def validate(self, request: Request) -> None:
         """Raise InvalidRequest if the request cannot run on this model."""
