@@ -59,6 +59,11 @@ SERVE_FLAGS = {
         "S3 store: seconds a server trusts what it knows of a task before checking the bucket; a new "
         "version reaches every server within this (default 1.0)",
     ),
+    "store_read_delay_ms": (
+        float,
+        "for benchmarks and tests: every read of a prefix file from the store first sleeps this long "
+        "(simulates a slow object store) (default 0)",
+    ),
     "dtype": (str, "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)"),
     "device": (str, "auto | cpu | cuda | cuda:N"),
     "compile": (
@@ -145,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
     train.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     train.add_argument("--max-steps", type=int, help="stop after this many steps (default: all epochs)")
-    train.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and the split (default 0)")
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed of init, shuffling and the split (default 0)"
+    )
     train.add_argument(
         "--prefix-projection", action="store_true", help="train through PEFT's reparametrizing MLP"
     )

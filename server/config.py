@@ -51,6 +51,7 @@ class Settings:
     prefix_dir: Path = field(default_factory=_default_prefix_dir)
     prefix_store: str = ""  # "" = the folder prefix_dir; s3://bucket[/key/prefix] = an S3-compatible store
     prefix_store_ttl_s: float = 1.0  # S3 store: how long an index entry is trusted before a check
+    store_read_delay_ms: float = 0.0  # benchmarks and tests: each prefix read from the store sleeps first
     prefix_cache_bytes: int = 512 * 1024 * 1024
     max_virtual_tokens: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -101,6 +102,7 @@ class Settings:
             "tenant_rate",
             "tenant_burst",
             "prefix_store_ttl_s",
+            "store_read_delay_ms",
         ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")

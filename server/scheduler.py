@@ -1,10 +1,11 @@
 """The scheduler: waiting queues, admission, and the loop that drives the engine one step at a time.
 
 Plain Python (no torch). Each iteration it *plans* (which waiting requests join the running batch now:
-free slots, the token budget, round-robin across tasks so one task cannot starve the others), the
-engine *runs* the plan in a worker thread (prefill of the joiners, then one decode step for every
-running row), and a *postprocess* step hands tokens and finished requests back to their waiters.
-Each request's prefix is acquired when it is admitted and released when it finishes.
+free rows, free K/V pages, the token budget, round-robin across tasks so one task cannot starve the
+others), the engine *runs* the plan in a worker thread (prefill of the joiners, then one decode step
+for every running row), and a *postprocess* step hands tokens and finished requests back to their
+waiters. Each request's prefix is pinned before it queues (server/prefetch.py: a cold load never runs
+on the engine thread) and released when it finishes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from server.errors import InvalidRequest, NotReady, Overloaded, PrefixServerError, RequestTimeout
+from server.prefetch import PrefixLoader
 from server.request import FinishReason, Request
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,14 @@ T = TypeVar("T")
 
 class EngineLike(Protocol):
     running: list[Request]
-    num_free_slots: int
+    num_free_rows: int  # rows that may still join: the row limit minus the running rows
+    num_available_pages: int  # K/V pages free now, plus those held only by idle resident prefixes
+
+    def pages_needed(self, request: Request, counted: set) -> int:
+        """Pages admitting `request` (its prefix pinned) takes from `num_available_pages`: its own
+        (prompt + max_new_tokens, reserved at admission), plus its prefix's unless a running row uses
+        them or its `prefix_key` is in `counted` (the engine adds it: one plan counts a prefix once)."""
+        ...
 
     def validate(self, request: Request) -> None: ...
     def admit(self, requests: list[Request]) -> list[Request]: ...
@@ -39,13 +48,14 @@ class EngineLike(Protocol):
 class RegistryLike(Protocol):
     def get(self, task_id: str) -> Any: ...
     def acquire(self, task_id: str) -> tuple[Any, Any]: ...
+    def acquire_cached(self, task_id: str) -> tuple[Any, Any] | None: ...
     def release(self, record: Any) -> None: ...
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_wait_ms: float = 5.0  # an idle engine waits this long for a first batch to fill
-    max_batch_size: int = 16  # = the engine's slots
+    max_batch_size: int = 16  # the row limit (= the engine's)
     max_batch_tokens: int = 32768  # sum of running rows' prefix + prompt + max_new_tokens
     max_queue: int = 256  # waiting requests beyond this get 429
     continuous: bool = True  # False: static batches (a batch runs to its end before the next starts)
@@ -65,9 +75,11 @@ class Event:
 class Scheduler:
     def __init__(self, engine: EngineLike, registry: RegistryLike | None, config: SchedulerConfig):
         self.engine, self.registry, self.config = engine, registry, config
-        self.waiting: dict[str, collections.deque[Request]] = {}  # per tenant (or task), arrival order
+        # Ready requests (prefix pinned) per tenant (or task), in the order they became ready.
+        self.waiting: dict[str, collections.deque[Request]] = {}
         self._rr: collections.deque[str] = collections.deque()  # round-robin order of keys with waiters
         self._aborts: set[Request] = set()
+        self.loader = PrefixLoader(registry, on_ready=self._enqueue, on_failed=self._fail_load)
         self.running_tokens = 0
         self.num_steps = 0
         self.engine_seconds = 0.0  # time the engine worker spent in steps (prefills + decodes)
@@ -90,6 +102,12 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
+        """Accepted requests not yet planned: ready ones and those whose prefix still loads."""
+        return self.num_ready + self.loader.num_loading
+
+    @property
+    def num_ready(self) -> int:
+        """Waiting requests plan() may admit (their prefix is pinned)."""
         return sum(len(q) for q in self.waiting.values())
 
     @property
@@ -118,7 +136,8 @@ class Scheduler:
 
     # ---- the request path ----
     def submit(self, request: Request) -> None:
-        """Queue a request (429 if the queue is full); the caller then reads `events(request)`."""
+        """Queue a request (404 for an unknown task, 429 if the queue is full); the caller then reads
+        `events(request)`. A request whose prefix is not cached queues once it has loaded."""
         if not self._accepting or self._wakeup is None:
             raise NotReady("server is not accepting requests (starting or shutting down)")
         if not self.loop_running:
@@ -136,12 +155,9 @@ class Scheduler:
             )
         request.sink = asyncio.Queue()
         request.arrival_time = time.monotonic()
-        key = request.fairness_key
-        if key not in self.waiting:
-            self.waiting[key] = collections.deque()
-            self._rr.append(key)
-        self.waiting[key].append(request)
-        self._wake()
+        if request.task_id is not None and self.registry is not None and not self.loader.start(request):
+            return  # loading: _enqueue (or _fail_load) follows
+        self._enqueue(request)
 
     async def events(self, request: Request) -> AsyncIterator[Event]:
         """The request's events until its final one; abort it if the consumer goes away or times out."""
@@ -173,9 +189,13 @@ class Scheduler:
         return request
 
     def abort(self, request: Request) -> None:
-        """Drop a request: from its queue now, or (running, or planned and on its way into the batch) at the
-        engine worker's next step. Safe to call more than once."""
+        """Drop a request: loading or queued now, or (running, or planned and on its way into the batch) at
+        the engine worker's next step. Safe to call more than once."""
         if request.finished:
+            return
+        if self.loader.cancel(request):  # its pin is released when its load ends
+            request.finish(FinishReason.ABORT)
+            self._wake()  # a draining loop may have been waiting for this load only
             return
         key = request.fairness_key
         queue = self.waiting.get(key)
@@ -184,6 +204,7 @@ class Scheduler:
             if not queue:  # an empty queue left in the rotation would stop plan() (it reads queue[0])
                 self._forget(key)
             request.finish(FinishReason.ABORT)
+            self._release(request)  # a ready request holds its prefix's pin
         else:
             self._aborts.add(request)
             self._wake()
@@ -193,26 +214,40 @@ class Scheduler:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def plan(self) -> list[Request]:
-        """Which waiting requests join the running batch now: round-robin across tasks, within the free
-        slots and the token budget. Static mode admits only into an empty batch."""
+        """Which ready requests join the running batch now: round-robin across tasks, within the free
+        rows, the free K/V pages and the token budget. Static mode admits only into an empty batch.
+
+        A queue whose next request does not fit (pages or tokens) is blocked this round: that request
+        keeps its place and other queues may go. Nothing reserves room for it, so while smaller requests
+        of other queues keep taking what frees up it may wait long (its own queue behind it), bounded
+        only by their load and the request timeout; it goes once the batch drains enough."""
         if not self.config.continuous and self.engine.running:
             return []
-        free = self.engine.num_free_slots
+        free_rows = self.engine.num_free_rows
+        free_pages = self.engine.num_available_pages
         budget = self.config.max_batch_tokens - self.running_tokens
+        counted: set = set()  # prefixes whose pages this plan has counted (pages_needed adds to it)
         admitted: list[Request] = []
-        blocked = 0  # tasks whose next request does not fit the budget this round
+        blocked = 0  # queues whose next request does not fit this round
         key = None
         try:
-            while free and self._rr and blocked < len(self._rr):
+            while free_rows and self._rr and blocked < len(self._rr):
                 key = self._rr[0]
                 self._rr.rotate(-1)
                 queue = self.waiting[key]
                 if queue[0].budget_tokens > budget:
                     blocked += 1
                     continue
+                seen = set(counted)  # what pages_needed adds counts only if this request goes
+                pages = self.engine.pages_needed(queue[0], seen)
+                if pages > free_pages:
+                    blocked += 1
+                    continue
                 request = queue.popleft()
                 admitted.append(request)
-                free -= 1
+                free_rows -= 1
+                free_pages -= pages
+                counted = seen
                 budget -= request.budget_tokens
                 blocked = 0
                 if not queue:
@@ -225,6 +260,15 @@ class Scheduler:
         return admitted
 
     # ---- internals ----
+    def _enqueue(self, request: Request) -> None:
+        """A ready request joins the end of its fairness queue."""
+        key = request.fairness_key
+        if key not in self.waiting:
+            self.waiting[key] = collections.deque()
+            self._rr.append(key)
+        self.waiting[key].append(request)
+        self._wake()
+
     def _forget(self, key: str) -> None:
         """A fairness key with no waiters leaves both the queues and the rotation."""
         self.waiting.pop(key, None)
@@ -238,10 +282,17 @@ class Scheduler:
         doomed = [*admitted, *self.waiting.pop(key, ())] if key is not None else list(admitted)
         for request in doomed:
             self._fail(request, failure)
+            self._release(request)
             self._send_final(request)
         self.waiting = {k: q for k, q in self.waiting.items() if q}
         self._rr = collections.deque(k for k in self._rr if k in self.waiting)
         self._rr.extend(k for k in self.waiting if k not in self._rr)
+
+    def _fail_load(self, request: Request, error: Exception) -> None:
+        """A prefix that did not load fails its request only (it was never planned: no tokens to return)."""
+        self._fail(request, error)
+        self._send_final(request)
+        self._wake()  # a draining loop may have been waiting for this load only
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -270,8 +321,8 @@ class Scheduler:
         if self._draining:
             self._fail_waiting(NotReady("server is shutting down"))
             self._aborts.update(self.engine.running)
-        if not self.num_waiting and not self.engine.running and not self._aborts:
-            if not self._accepting:
+        if not self.num_ready and not self.engine.running and not self._aborts:
+            if not self._accepting and not self.loader.num_loading:
                 return False
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -279,9 +330,7 @@ class Scheduler:
         if not self.engine.running:
             # An idle engine waits a moment so that requests arriving together share the first prefill.
             deadline = loop.time() + self.config.max_batch_wait_ms / 1000
-            while (
-                self.num_waiting < self.config.max_batch_size and self._accepting and loop.time() < deadline
-            ):
+            while self.num_ready < self.config.max_batch_size and self._accepting and loop.time() < deadline:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), deadline - loop.time())
@@ -296,7 +345,7 @@ class Scheduler:
         return True
 
     def _step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
-        """Worker thread: abort, acquire + admit joiners, one decode step. Returns finished requests."""
+        """Worker thread: abort, validate + admit joiners, one decode step. Returns finished requests."""
         start = time.perf_counter()
         try:
             return self._run_step(admits, aborts)
@@ -312,26 +361,18 @@ class Scheduler:
                 request.finish(FinishReason.ABORT)
                 finished.append(request)
                 continue
-            try:
-                if request.task_id is not None and self.registry is not None:
-                    record, prefix = self.registry.acquire(request.task_id)
-                    request.prefix_record, request.prefix, request.prefix_version = (
-                        record,
-                        prefix,
-                        record.version,
-                    )
+            try:  # its prefix is pinned already (server/prefetch.py): no store read on this thread
                 self.engine.validate(request)
                 runnable.append(request)
             except PrefixServerError as e:  # fails this request only, never the batch
                 self._fail(request, e)
                 finished.append(request)
-            except Exception as e:  # e.g. an unreadable stored file (OSError): still this request only
-                log.exception("loading the prefix of task %r failed", request.task_id)
+            except Exception as e:  # a validation bug: still this request only
+                log.exception("validating request %s failed", request.request_id)
                 self._fail(
                     request,
                     PrefixServerError(
-                        f"the prefix of task {request.task_id!r} could not be loaded ({type(e).__name__}); "
-                        "see the server log"
+                        f"the request could not be admitted ({type(e).__name__}); see the server log"
                     ),
                 )
                 finished.append(request)
@@ -355,9 +396,13 @@ class Scheduler:
         request.finish(FinishReason.ERROR)
 
     def _fail_waiting(self, error: Exception) -> None:
+        for request in self.loader.cancel_all():  # pins released when their loads end
+            self._fail(request, error)
+            self._send_final(request)
         for queue in self.waiting.values():
             for request in queue:
                 self._fail(request, error)
+                self._release(request)
                 self._send_final(request)
         self.waiting.clear()
         self._rr.clear()

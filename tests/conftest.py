@@ -216,6 +216,7 @@ def tiny_app(engine, prefix_dir, model_name: str = "tiny", **settings):
         cache_bytes=10_000_000,
         dtype=engine.dtype,
         device=engine.device,
+        store_read_delay_ms=config.store_read_delay_ms,
     )
     return create_app(config, Components(engine=engine, registry=registry, model_name=model_name))
 

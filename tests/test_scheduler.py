@@ -1,5 +1,6 @@
-"""The scheduler with a fake engine and a fake registry: admission, fairness, budgets, pins, streaming,
-cancellation, drain. No model: the scheduler is plain Python."""
+"""The scheduler with a fake engine and a fake registry: admission, fairness, budgets, pages, pins,
+prefix loading off the engine thread, streaming, cancellation, drain. No model: the scheduler is plain
+Python."""
 
 from __future__ import annotations
 
@@ -26,10 +27,19 @@ class FakePrefix:
 
 
 class FakeRegistry:
+    """Tasks and their latest versions. The versions of the tasks given are cached; any other (a task or
+    version added later) is cold: `acquire` loads it, waiting on `gate` first if one is set (a slow
+    store), raising `fail[task_id]` if set; `acquire_cached` pins cached versions only."""
+
     def __init__(self, tasks):
         self.tasks = dict(tasks)  # task_id -> version
+        self.cached = {FakeRecord(t, v) for t, v in self.tasks.items()}
         self.pins: dict[FakeRecord, int] = {}
         self.lock = threading.Lock()
+        self.gate: threading.Event | None = None
+        self.fail: dict[str, Exception] = {}
+        self.num_loads_started = 0
+        self.num_loads_ended = 0  # counted after the load's pin, if it took one
 
     def get(self, task_id):
         if task_id not in self.tasks:
@@ -37,8 +47,28 @@ class FakeRegistry:
         return FakeRecord(task_id, self.tasks[task_id])
 
     def acquire(self, task_id):
+        record = self.get(task_id)
+        if record in self.cached:
+            return self._pin(record)
         with self.lock:
-            record = self.get(task_id)
+            self.num_loads_started += 1
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(30), "the test never opened the gate"
+            if task_id in self.fail:
+                raise self.fail[task_id]
+            self.cached.add(record)
+            return self._pin(record)
+        finally:
+            with self.lock:
+                self.num_loads_ended += 1
+
+    def acquire_cached(self, task_id):
+        record = self.get(task_id)
+        return self._pin(record) if record in self.cached else None
+
+    def _pin(self, record):
+        with self.lock:
             self.pins[record] = self.pins.get(record, 0) + 1
             return record, FakePrefix()
 
@@ -52,19 +82,37 @@ class FakeRegistry:
 
 
 class FakeEngine:
-    """Each row emits its step count as a token until max_new_tokens; records admissions and pins."""
+    """Each row emits its step count as a token until max_new_tokens; records admissions and pins.
 
-    def __init__(self, registry=None, slots=16, delay=0.0):
+    Pages: a row holds one page per token of its prompt + max_new_tokens from its admission, and its
+    prefix one page per virtual token, once for all the rows of one prefix_key."""
+
+    def __init__(self, registry=None, slots=16, delay=0.0, pages=1 << 30):
         self.running: list[Request] = []
-        self.slots, self.delay, self.registry = slots, delay, registry
+        self.slots, self.delay, self.registry, self.pages = slots, delay, registry, pages
         self.admissions: list[list[str]] = []
         self.pins_seen: list[int] = []
         self.aborted: list[Request] = []
+        self.max_pages_used = 0
         self.fail_next = False
 
     @property
-    def num_free_slots(self):
+    def num_free_rows(self):
         return self.slots - len(self.running)
+
+    @property
+    def num_available_pages(self):
+        prefixes = {r.prefix_key: r.prefix_len for r in self.running if r.prefix is not None}
+        return self.pages - sum(map(own_pages, self.running)) - sum(prefixes.values())
+
+    def pages_needed(self, request, counted):
+        assert request.task_id is None or request.prefix is not None, "asked before its prefix loaded"
+        pages = own_pages(request)
+        in_use = {r.prefix_key for r in self.running}
+        if request.prefix is not None and request.prefix_key not in in_use | counted:
+            counted.add(request.prefix_key)
+            pages += request.prefix_len
+        return pages
 
     def validate(self, request):
         if request.prompt_token_ids == [666]:
@@ -74,12 +122,15 @@ class FakeEngine:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("engine exploded")
-        assert len(requests) <= self.num_free_slots
+        assert len(requests) <= self.num_free_rows
+        counted = set()
+        assert sum(self.pages_needed(r, counted) for r in requests) <= self.num_available_pages
         if requests:
             self.admissions.append([r.task_id for r in requests])
         for r in requests:
             r.status = RequestStatus.RUNNING
         self.running += list(requests)
+        self.max_pages_used = max(self.max_pages_used, self.pages - self.num_available_pages)
         return []
 
     def step(self):
@@ -105,9 +156,13 @@ class FakeEngine:
         return doomed
 
 
-def make(slots=16, delay=0.0, **config):
+def own_pages(request) -> int:
+    return request.num_prompt_tokens + request.sampling.max_new_tokens
+
+
+def make(slots=16, delay=0.0, pages=1 << 30, **config):
     registry = FakeRegistry({f"t{i}": 1 for i in range(30)} | {"A": 1, "B": 1})
-    engine = FakeEngine(registry, slots, delay)
+    engine = FakeEngine(registry, slots, delay, pages)
     cfg = SchedulerConfig(**{"max_batch_wait_ms": 200.0, "max_batch_size": slots, **config})
     return engine, registry, Scheduler(engine, registry, cfg)
 

@@ -76,6 +76,7 @@ def build_components(settings: Settings) -> Components:
         device=engine.device,
         max_virtual_tokens=settings.max_virtual_tokens,
         store_ttl_s=settings.prefix_store_ttl_s,
+        store_read_delay_ms=settings.store_read_delay_ms,
     )
     from server.training.examples import register_examples
 

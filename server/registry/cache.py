@@ -85,6 +85,16 @@ class PrefixCache:
                 self._bytes_in_use += nbytes
             return self._pin(key, entry)
 
+    def acquire_cached(self, key: Key) -> Any | None:
+        """Pin and return the value of `key` if it is cached (a hit), else None (not counted as a miss:
+        the caller loads it with `acquire` next)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._hits += 1
+            return self._pin(key, entry)
+
     def release(self, key: Key) -> None:
         """Unpin one `acquire` of `key`; RuntimeError if it is not pinned (an unpaired release is a bug)."""
         with self._lock:

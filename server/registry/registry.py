@@ -8,6 +8,7 @@ version; one that resolved a version just before an upload or delete removed its
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -42,6 +43,7 @@ class PrefixRegistry:
         dtype: torch.dtype,
         device: torch.device,
         max_virtual_tokens: int = 256,
+        store_read_delay_ms: float = 0.0,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -49,6 +51,7 @@ class PrefixRegistry:
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_virtual_tokens = max_virtual_tokens
+        self.store_read_delay_ms = store_read_delay_ms  # benchmarks and tests: a slow store (see _load)
         self.recovery_warnings: list[str] = []  # filled by open(); shown at startup
 
     @classmethod
@@ -62,9 +65,11 @@ class PrefixRegistry:
         device: torch.device,
         max_virtual_tokens: int = 256,
         store_ttl_s: float = 1.0,
+        store_read_delay_ms: float = 0.0,
     ) -> PrefixRegistry:
         """A registry over the store at `root`, its index recovered: a folder, or an S3-compatible
-        object store for a string s3://bucket[/key/prefix] (see s3_store.py; `store_ttl_s` is its TTL)."""
+        object store for a string s3://bucket[/key/prefix] (see s3_store.py; `store_ttl_s` is its TTL).
+        `store_read_delay_ms`: each prefix load sleeps this long before reading (a slow store, for tests)."""
         if isinstance(root, str) and root.startswith("s3://"):
             from server.registry.s3_store import S3PrefixStore
 
@@ -79,6 +84,7 @@ class PrefixRegistry:
             dtype=dtype,
             device=device,
             max_virtual_tokens=max_virtual_tokens,
+            store_read_delay_ms=store_read_delay_ms,
         )
         registry.recovery_warnings = warnings
         if hasattr(store, "on_change"):  # other servers write to it too: drop what they superseded
@@ -157,6 +163,13 @@ class PrefixRegistry:
             task_id, lambda r: self.cache.acquire((r.task_id, r.version), functools.partial(self._load, r))
         )
 
+    def acquire_cached(self, task_id: str) -> tuple[PrefixRecord, PrefixKV] | None:
+        """`acquire` if the cache holds the latest version already, else None: no store read, no torch
+        work, so it may run on the event loop. PrefixNotFound if the task does not exist."""
+        record = self.store.get(task_id)
+        prefix = self.cache.acquire_cached((record.task_id, record.version))
+        return None if prefix is None else (record, prefix)
+
     def release(self, record: PrefixRecord) -> None:
         """Unpin what `acquire` returned with `record`."""
         self.cache.release((record.task_id, record.version))
@@ -181,6 +194,8 @@ class PrefixRegistry:
         return record
 
     def _load(self, record: PrefixRecord) -> PrefixKV:
+        if self.store_read_delay_ms:  # --store-read-delay-ms: the one place a slow store is simulated
+            time.sleep(self.store_read_delay_ms / 1000)
         data = self.store.read(record)
         prefix = load_prefix(
             data, self.fingerprint, max_virtual_tokens=self.max_virtual_tokens, dtype=self.dtype
