@@ -71,8 +71,8 @@ def main() -> None:
     cache_dir = Settings().model_cache_dir
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))  # as the server's
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
-    engine = Engine(loaded.model, loaded.tokenizer, max_slots=args.batch)  # compiled buckets up to the batch
-    eager = Engine(loaded.model, loaded.tokenizer, max_slots=args.batch)  # same weights, never compiled
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=args.batch)  # compiled buckets up to the batch
+    eager = Engine(loaded.model, loaded.tokenizer, max_rows=args.batch)  # same weights, never compiled
     compile_s = engine.compile() if args.compile else None
     tok = loaded.tokenizer
     prefixes = [

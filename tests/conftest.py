@@ -195,7 +195,7 @@ def run_joining(engine, requests, joins_at) -> None:
     after as a slot is free), and the engine steps until every request is done."""
     pending, step = list(zip(requests, joins_at, strict=True)), 0
     while pending or engine.running:
-        joining = [r for r, at in pending if at <= step][: engine.num_free_slots]
+        joining = [r for r, at in pending if at <= step][: engine.num_free_rows]
         pending = [(r, at) for r, at in pending if r not in joining]
         engine.admit(joining)
         engine.step()

@@ -1,8 +1,8 @@
-"""The compiled decode step (torch.compile over the slot cache) gives the eager engine's tokens, PEFT's
-reference tokens, and never recompiles as rows join and leave or the slots grow.
+"""The compiled decode step (torch.compile over the page pool) gives the eager engine's tokens, PEFT's
+reference tokens, and never recompiles as rows join and leave or their block tables grow.
 
 Compiling costs ~10 s per batch bucket even for a 2-layer model, so each family's engine compiles once
-(3 buckets: 4 slots) and is shared by the tests of this module; it runs with on_new_shape="fail", so a
+(3 buckets: 4 rows) and is shared by the tests of this module; it runs with on_new_shape="fail", so a
 shape the warm-up did not foresee raises instead of silently running eagerly.
 """
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 FAMILIES = ["llama-gqa", "qwen2"]  # GQA without and with q/k/v biases
 
 
-# "packed": the float32 CPU kernels (server/engine/kernels) where this CPU has AVX-512; "torch": the
+# "packed": the CPU kernels (server/engine/kernels) where this CPU has AVX-512; "torch": the
 # step on torch's own linears and SDPA, as it runs in bfloat16, on CUDA or without AVX-512.
 VARIANTS = [(family, kind) for family in FAMILIES for kind in ("packed", "torch")]
 
@@ -37,7 +37,7 @@ VARIANTS = [(family, kind) for family in FAMILIES for kind in ("packed", "torch"
 def compiled(request, tokenizer):
     family, kind = request.param
     model = make_tiny_model(family)
-    engine = Engine(model, tokenizer, max_slots=4)
+    engine = Engine(model, tokenizer, max_rows=4)
     with pytest.MonkeyPatch.context() as mp:
         if kind == "torch":
             mp.setattr(compiled_module, "kernel_choice", lambda model: (False, False))
@@ -62,10 +62,10 @@ def test_buckets():
 
 def test_compiled_equals_eager_as_rows_join_and_leave(compiled, tokenizer):
     _, engine = compiled
-    eager = Engine(engine.model, tokenizer, max_slots=4)
+    eager = Engine(engine.model, tokenizer, max_rows=4)
     fp = engine.fingerprint
-    # 6 requests through 4 slots: the batch goes 2 -> 3 (padded to 4) -> 4 -> 1, rows up to 110 columns
-    # (the slots grow from 64 to 128 columns: a new capacity must not recompile either).
+    # 6 requests through 4 rows: the batch goes 2 -> 3 (padded to 4) -> 4 -> 1, rows up to 110 tokens
+    # (block tables from 1 to 7 pages wide: a new width must not recompile either).
     prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 9, 2), random_prefix(fp, 5, 3), None, None]
     prompt_lens, new_tokens = [6, 14, 2, 40, 21, 5], [20, 5, 12, 60, 9, 30]
     joins_at = [0, 0, 3, 4, 10, 11]
@@ -74,13 +74,12 @@ def test_compiled_equals_eager_as_rows_join_and_leave(compiled, tokenizer):
     want = run_with_joins(eager, prefixes, prompt_lens, new_tokens, joins_at)
     assert [r.output_token_ids for r in got] == [r.output_token_ids for r in want]
     assert all(len(r.output_token_ids) == n for r, n in zip(got, new_tokens, strict=True))
-    assert engine.slots.capacity == 128
     assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled after the warm-up
 
 
 def test_compiled_logits_are_close_to_eager(compiled, tokenizer):
     _, engine = compiled
-    eager = Engine(engine.model, tokenizer, max_slots=4)
+    eager = Engine(engine.model, tokenizer, max_rows=4)
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 4, 7), None, random_prefix(fp, 11, 8)]
     for e in (engine, eager):
@@ -94,7 +93,7 @@ def test_compiled_logits_are_close_to_eager(compiled, tokenizer):
 
 def test_compiled_seeded_sampling_equals_eager(compiled, tokenizer):
     _, engine = compiled
-    eager = Engine(engine.model, tokenizer, max_slots=4)
+    eager = Engine(engine.model, tokenizer, max_rows=4)
     fp = engine.fingerprint
     args = ([random_prefix(fp, 6, 4), None, random_prefix(fp, 2, 5)], [4, 7, 12], [10, 10, 10], [0, 1, 2])
     sampling = dict(temperature=0.8, top_p=0.9, seed=1234)
@@ -133,14 +132,14 @@ def test_compiled_logprobs_equal_the_models_own_forward(compiled):
 
 @pytest.mark.skipif(not kernels.avx512(), reason="the packed linears need AVX-512")
 def test_compiled_bfloat16_is_close_to_eager(tokenizer):
-    """bfloat16 on the packed linears (float32 products, one rounding, like oneDNN) and torch's SDPA:
+    """bfloat16 on the packed linears (float32 products, one rounding, like oneDNN) and paged attention:
     next-token logits within bfloat16 rounding of the eager step's (greedy tokens can part at near-ties,
     as eager bfloat16 itself does between batch shapes)."""
     model = make_tiny_model("llama-gqa").to(torch.bfloat16)
-    engine = Engine(model, tokenizer, max_slots=2)
+    engine = Engine(model, tokenizer, max_rows=2)
     engine.compile(on_new_shape="fail")
-    assert (engine.decoder.packed, engine.decoder.attention_kernel) == (True, False)
-    eager = Engine(model, tokenizer, max_slots=2)
+    assert (engine.decoder.packed, engine.decoder.attention_kernel) == (True, True)
+    eager = Engine(model, tokenizer, max_rows=2)
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 4, 7), None]
     for e in (engine, eager):

@@ -84,7 +84,7 @@ def test_rows_equal_peft_reference(family, tokenizer, tmp_path, projection):
         assert r.output_token_ids == peft_greedy(peft_model, r.prompt_token_ids, n)
 
 
-def test_finished_rows_leave_their_slots(engine):
+def test_finished_rows_give_their_pages_back(engine):
     fp = engine.fingerprint
     reqs = make_requests([random_prefix(fp, 4, 1), None, random_prefix(fp, 6, 2)], [5, 8, 3], [2, 9, 5])
     engine.admit(reqs)
@@ -95,7 +95,9 @@ def test_finished_rows_leave_their_slots(engine):
     assert sizes[:2] == [3, 2]  # the 2-token row is gone after its second token
     assert sizes[4] == 1 and sizes[-1] == 0
     assert [len(r.output_token_ids) for r in reqs] == [2, 9, 5]
-    assert engine.slots.num_active == 0
+    # Only the two prefixes stay resident (idle, evictable): every row's own pages are back.
+    assert engine.kv_stats()["pages_used"] == engine.prefixes.resident_pages == 2
+    assert engine.num_available_pages == engine.pool.num_usable
 
 
 def test_requests_joining_mid_flight_equal_alone(engine):
@@ -116,23 +118,21 @@ def test_requests_joining_mid_flight_equal_alone(engine):
     assert all(len(r.output_token_ids) == n for r, n in zip(reqs, new_tokens, strict=True))
 
 
-def test_more_requests_than_slots_and_capacity_growth(family, tiny_models, tokenizer):
-    engine = Engine(tiny_models(family), tokenizer, max_slots=3)
+def test_more_requests_than_rows(family, tiny_models, tokenizer):
+    engine = Engine(tiny_models(family), tokenizer, max_rows=3)
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 4 + i, i) if i % 2 else None for i in range(7)]
     prompt_lens, new_tokens = [3, 40, 7, 12, 1, 30, 5], [9, 60, 4, 30, 11, 50, 2]  # rows up to 100 columns
     batch = engine.generate(make_requests(prefixes, prompt_lens, new_tokens))
-    assert engine.slots.capacity == 128 and engine.running == []
+    assert engine.running == []
     alone = [
-        Engine(tiny_models(family), tokenizer, max_slots=1).generate([r])[0]
+        Engine(tiny_models(family), tokenizer, max_rows=1).generate([r])[0]
         for r in make_requests(prefixes, prompt_lens, new_tokens)
     ]
     assert [b.output_token_ids for b in batch] == [a.output_token_ids for a in alone]
 
 
-def test_abort_frees_the_slot(engine):
-    # Rows longer than the initial capacity make the slot tensors grow under inference mode; aborting
-    # a row that is not the last then moves the last one into its slot.
+def test_abort_frees_the_row(engine):
     reqs = make_requests([None, None], [40, 6], [30, 30])
     engine.admit(reqs)
     engine.step()

@@ -42,7 +42,7 @@ MAX_NEW = 6
 @pytest.fixture(scope="module")
 def engine():
     """The reference: the same tiny model in this process."""
-    return Engine(make_tiny_model(FAMILY), byte_tokenizer(), max_slots=8)
+    return Engine(make_tiny_model(FAMILY), byte_tokenizer(), max_rows=8)
 
 
 def make_prefix(engine: Engine, num_virtual_tokens: int, seed: int) -> PrefixKV:

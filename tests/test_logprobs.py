@@ -117,7 +117,7 @@ def test_one_log_softmax_and_one_topk_over_the_asking_rows_only(monkeypatch):
 # ---- the engine ----
 @pytest.fixture
 def engine(family, tiny_models, tokenizer):
-    return Engine(tiny_models(family), tokenizer, max_slots=4)
+    return Engine(tiny_models(family), tokenizer, max_rows=4)
 
 
 def request(prompt_seed: int, prompt_len: int, prefix, new_tokens: int, **sampling) -> Request:

@@ -269,7 +269,7 @@ def test_a_huge_metadata_number_is_refused():
 @pytest.fixture(scope="module")
 def http(tmp_path_factory):
     """(TestClient, prefix folder, the model's fingerprint) on a tiny model, with two stored versions."""
-    engine = Engine(make_tiny_model("llama-gqa"), byte_tokenizer(), max_slots=2)
+    engine = Engine(make_tiny_model("llama-gqa"), byte_tokenizer(), max_rows=2)
     root = tmp_path_factory.mktemp("http") / "prefixes"
     app_settings = Settings(prefix_dir=root, max_virtual_tokens=MAX_P, max_batch_wait_ms=1.0)
     registry = PrefixRegistry.open(

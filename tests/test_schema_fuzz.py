@@ -54,7 +54,7 @@ def engine():
     return Engine(
         make_tiny_model("llama-gqa"),
         tokenizer,
-        max_slots=4,
+        max_rows=4,
         max_seq_len=max_seq_len,
         max_virtual_tokens=LIMITS["max_virtual_tokens"],
     )

@@ -57,7 +57,7 @@ MAX_NEW = 6
 @pytest.fixture(scope="module")
 def engine():
     """The reference: the server's tiny model, in this process."""
-    return Engine(make_tiny_model("llama-gqa"), byte_tokenizer(), max_slots=4)
+    return Engine(make_tiny_model("llama-gqa"), byte_tokenizer(), max_rows=4)
 
 
 @pytest.fixture(scope="module")

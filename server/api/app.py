@@ -64,7 +64,7 @@ def build_components(settings: Settings) -> Components:
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
-        max_slots=settings.max_batch_size,
+        max_rows=settings.max_batch_size,
         max_seq_len=settings.max_virtual_tokens + settings.max_prompt_tokens + settings.max_new_tokens,
         max_virtual_tokens=settings.max_virtual_tokens,
     )

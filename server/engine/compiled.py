@@ -1,14 +1,14 @@
-"""A compiled decode step over the slot cache: the model's own modules and weights, traced once by
+"""A compiled decode step over the page pool: the model's own modules and weights, traced once by
 torch.compile.
 
 Eager transformers spends much of a small model's decode step in per-operator overhead and small GEMMs.
 Here the step (embedding -> every decoder layer -> final norm -> lm_head) is one graph compiled by
-inductor (fused C++ kernels, weights frozen, launched from a C++ wrapper), written for the slots: each
-row's new K/V goes into its slot in place and attention reads the slots where they are. On an AVX-512
-CPU the linears (float32, bfloat16) and attention (float32) run on our kernels (`server.engine.kernels`).
+inductor (fused C++ kernels, weights frozen, launched from a C++ wrapper), written for the page pool:
+each row's new K/V goes into its slot in place and attention reads the pages where they are. On an
+AVX-512 CPU the linears and attention (float32, bfloat16) run on our kernels (`server.engine.kernels`).
 Shapes are bucketed so rows joining and leaving never recompile: the batch is padded up to a bucket
-(padded rows are free slots, which see only their own token), and the key/value length is a dynamic
-dimension. `warm_up` compiles every bucket on scratch tensors before the engine switches to the graphs,
+(padding rows write to the scratch page and see only that column), and the block tables' width is a
+dynamic dimension. `warm_up` compiles every bucket on the scratch page before the engine switches to the graphs,
 so no request waits on a compile, and afterwards an unforeseen shape would run eagerly rather than
 compile mid-serving. Measured on the CPU only; on CUDA the torch-ops graphs run (no CUDA graphs yet).
 
@@ -27,6 +27,8 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine import compile_cache, kernels
+from server.engine.paged import DecodeBatch, RowKV, gather
+from server.engine.pages import SCRATCH_PAGE, PagePool
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,12 @@ def supports(model: PreTrainedModel) -> str | None:
     return None
 
 
-def batch_buckets(max_slots: int) -> list[int]:
-    """Powers of two up to max_slots, and max_slots itself: [1, 2, 4, 8, 16] for 16 slots."""
+def batch_buckets(max_rows: int) -> list[int]:
+    """Powers of two up to max_rows, and max_rows itself: [1, 2, 4, 8, 16] for 16 rows."""
     buckets = [1]
-    while buckets[-1] * 2 < max_slots:
+    while buckets[-1] * 2 < max_rows:
         buckets.append(buckets[-1] * 2)
-    return sorted({*buckets, max_slots})
+    return sorted({*buckets, max_rows})
 
 
 def bucket_for(n: int, buckets: list[int]) -> int:
@@ -88,26 +90,27 @@ class _Packed(torch.nn.Module):
 
 
 def kernel_choice(model: PreTrainedModel) -> tuple[bool, bool]:
-    """(packed linears, attention kernel) for this model: the packed linears for float32 and bfloat16
-    weights on an AVX-512 CPU, the attention kernel for float32 there."""
-    cpu = kernels.avx512() and model.device.type == "cpu"
-    return cpu and model.dtype in (torch.float32, torch.bfloat16), cpu and model.dtype == torch.float32
+    """(packed linears, attention kernel) for this model: both for float32 and bfloat16 weights on an
+    AVX-512 CPU."""
+    cpu = kernels.avx512() and model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16)
+    return cpu, cpu
 
 
 class _DecodeStep(torch.nn.Module):
-    """One decode step over the slots, written out for the Llama family with the model's own modules and
-    weights: each row's new K/V goes into its slot at its own column, in place (`write_kv`), and attention
-    reads the slots where they are: no copy of the past, no repeat of K/V heads.
+    """One decode step over the page pool, written out for the Llama family with the model's own modules and
+    weights: each row's new K/V goes into its slot in the pool, in place (`write_kv`), and attention reads
+    each row's prefix pages and own pages through its block table: no copy of the past, no repeat of K/V
+    heads.
 
     `packed` (float32 or bfloat16 on an AVX-512 CPU): every linear runs on `prefix_server::linear` over
-    weights packed once (q/k/v and gate/up fused), else on the modules. `attention_kernel` (float32 on an
-    AVX-512 CPU): attention on `prefix_server::decode_attention` (row r sees its first positions[r] + 1
-    columns), else torch's SDPA under `mask`, grouped query heads packed as query rows (as transformers'
-    eager decode does).
+    weights packed once (q/k/v and gate/up fused), else on the modules. `attention_kernel` (the same CPUs):
+    attention on `prefix_server::paged_attention` (the rows of one prefix version read its pages once),
+    else torch's SDPA over the gathered pages under `mask` (paged.py's layout), grouped query heads packed
+    as query rows (as transformers' eager decode does).
 
-    input_ids, positions: [b, 1]; mask: [b, 1, 1, length] additive (row r sees columns <= positions[r]);
-    keys, values: the slots [layers, slots, kv_heads, capacity, head_dim], written in place
-    -> logits [b, vocab] (float32)."""
+    input_ids, positions: [b, 1]; mask: [b, 1, 1, blocks * page_size] additive, or None with the kernel;
+    block_tables [b, blocks]; prefix_lens, own_lens, slots [b] (paged.DecodeBatch); keys, values: the pool
+    [layers, pages, kv_heads, page_size, head_dim], written in place -> logits [b, vocab] (float32)."""
 
     def __init__(self, model: PreTrainedModel, packed: bool, attention_kernel: bool):
         super().__init__()
@@ -125,10 +128,9 @@ class _DecodeStep(torch.nn.Module):
             self.down = torch.nn.ModuleList(_Packed(layer.mlp.down_proj) for layer in layers)
             self.lm_head = _Packed(model.lm_head)
 
-    def forward(self, input_ids, positions, mask, keys, values):
+    def forward(self, input_ids, positions, mask, block_tables, prefix_lens, own_lens, slots, keys, values):
         inner, ops = self.model.model, torch.ops.prefix_server
-        b, length = input_ids.shape[0], mask.shape[-1]
-        columns = positions[:, 0]  # [b] each row's new column
+        b = input_ids.shape[0]
         hidden = inner.embed_tokens(input_ids)[:, 0]  # [b, hidden]
         cos, sin = (t[:, 0] for t in inner.rotary_emb(hidden, positions))  # [b, head_dim]
         for i, layer in enumerate(inner.layers):
@@ -146,13 +148,19 @@ class _DecodeStep(torch.nn.Module):
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [b, heads | kv_heads, d]; cos, sin [b, 1, d]
-            ops.write_kv(keys, values, i, columns, k, v)
+            ops.write_kv(keys, values, i, slots, k, v)
             if self.attention_kernel:
-                out = ops.decode_attention(q, keys, values, i, columns + 1, attn.scaling)  # [b, heads, d]
+                out = ops.paged_attention(
+                    q, keys, values, i, block_tables, prefix_lens, own_lens, attn.scaling
+                )  # [b, heads, d]
             else:
                 q = q.view(b, kv_heads, -1, d)  # [b, kv_heads, groups, d]: a group's heads as query rows
                 out = F.scaled_dot_product_attention(
-                    q, keys[i, :b, :, :length], values[i, :b, :, :length], attn_mask=mask, scale=attn.scaling
+                    q,
+                    gather(keys[i], block_tables),
+                    gather(values[i], block_tables),
+                    attn_mask=mask,
+                    scale=attn.scaling,
                 )  # [b, kv_heads, groups, d]
             out = out.reshape(b, -1)  # [b, heads * d]
             if self.packed:
@@ -175,34 +183,38 @@ class CompiledDecode:
     hold a packed copy of the weights: the model's size again in memory); `attention_kernel`: whether
     attention runs on ours."""
 
-    def __init__(self, model: PreTrainedModel, max_slots: int, on_new_shape: str = "eager"):
+    def __init__(self, model: PreTrainedModel, max_rows: int, on_new_shape: str = "eager"):
         if on_new_shape not in ("eager", "fail"):
             raise ValueError(f"on_new_shape must be 'eager' or 'fail', got {on_new_shape!r}")
         if not kernels.load():
             raise ValueError("its CPU kernels could not be built here (a C++ compiler and ninja are needed)")
-        self.buckets = batch_buckets(max_slots)
+        self.buckets = batch_buckets(max_rows)
         self.ready = False
         self.packed, self.attention_kernel = kernel_choice(model)
         self._stance = "eager_on_recompile" if on_new_shape == "eager" else "fail_on_recompile"
         self._compiled = torch.compile(_DecodeStep(model, self.packed, self.attention_kernel), fullgraph=True)
 
-    def __call__(self, input_ids, positions, mask, keys, values):
-        torch._dynamo.mark_dynamic(mask, 3)
-        torch._dynamo.mark_dynamic(keys, 3)
-        torch._dynamo.mark_dynamic(values, 3)
+    def __call__(self, input_ids: torch.Tensor, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
+        """Logits [b, vocab] of one step; b must be one of the buckets."""
+        mask = None if self.attention_kernel else batch.mask(pool.keys.dtype)
+        args = (input_ids, batch.positions, mask, batch.block_tables, batch.prefix_lens, batch.own_lens)
+        args = (*args, batch.slots, pool.keys, pool.values)
+        torch._dynamo.mark_dynamic(batch.block_tables, 1)
+        if mask is not None:
+            torch._dynamo.mark_dynamic(mask, 3)
         if not self.ready:
-            return self._compiled(input_ids, positions, mask, keys, values)
+            return self._compiled(*args)
         # Guards are checked only where the compiled graphs differ (the batch bucket); a shape none of
         # them takes would run eagerly rather than compile in the middle of serving.
         with torch.compiler.set_stance(self._stance, skip_guard_eval_unsafe=True):
-            return self._compiled(input_ids, positions, mask, keys, values)
+            return self._compiled(*args)
 
     @torch.inference_mode()
-    def warm_up(self, slots_like: torch.Tensor) -> float:
-        """Compile every bucket on scratch tensors shaped like the slots; returns the seconds taken."""
+    def warm_up(self, pool: PagePool) -> float:
+        """Compile every bucket on rows that use only the pool's scratch page; returns the seconds taken."""
         start = time.perf_counter()
-        keys, values = torch.zeros_like(slots_like), torch.zeros_like(slots_like)
-        # No automatic dynamic shapes: one static graph per batch bucket, only the lengths are dynamic.
+        scratch = RowKV(prefix=None, pages=[SCRATCH_PAGE] * 4)
+        # No automatic dynamic shapes: one static graph per batch bucket, only the block count is dynamic.
         with (
             compile_cache.writing(compile_cache.inductor_cache_dir()),
             torch._inductor.config.patch(INDUCTOR_OPTIONS),
@@ -211,11 +223,11 @@ class CompiledDecode:
             torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=256),
         ):
             for b in self.buckets:
-                for past in (2, 4):  # two lengths: checks the length is dynamic (no second compile)
-                    ids = torch.zeros(b, 1, dtype=torch.long, device=keys.device)
-                    pos = torch.full((b, 1), past, dtype=torch.long, device=keys.device)
-                    mask = torch.zeros(b, 1, 1, past + 1, dtype=keys.dtype, device=keys.device)
-                    self(ids, pos, mask, keys, values)
+                for length in (2 * pool.page_size, 3 * pool.page_size):  # 2, 3 blocks: the count is dynamic
+                    scratch.length = length - 1
+                    batch = DecodeBatch.build([scratch] * b, b, pool.page_size, pool.keys.device)
+                    ids = torch.zeros(b, 1, dtype=torch.long, device=pool.keys.device)
+                    self(ids, batch, pool)
                 log.info("compiled decode step: batch %d ready (%.0f s)", b, time.perf_counter() - start)
         self.ready = True
         return time.perf_counter() - start

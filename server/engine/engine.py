@@ -1,5 +1,6 @@
-"""The engine runs plans: admit requests into free slots (a prefill with their own prefixes), and decode
-one token for every active row per step. It never decides *what* to run; the scheduler does."""
+"""The engine runs plans: admit requests (a prefill of their prompts after their prefixes, written straight
+into the page pool), and decode one token for every running row per step. It never decides *what* to run;
+the scheduler does, within the rows and pages this engine reports free."""
 
 from __future__ import annotations
 
@@ -9,30 +10,36 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from server.engine.batch import BatchMetadata, build_prefill_inputs, build_prefix_cache
+from server.engine.batch import BatchMetadata, build_prefill_inputs
 from server.engine.compiled import CompiledDecode, bucket_for
 from server.engine.compiled import supports as compiled_supports
 from server.engine.logprobs import token_logprobs
+from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
+from server.engine.pages import PagePool, ResidentPrefixes, bytes_per_page, pages_for
 from server.engine.sampling import make_generator, sample
-from server.engine.slots import SlotKV
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
 from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 
+PAGE_SIZE = 16  # tokens per K/V page (vLLM's default block size)
+
 
 class Engine:
-    """One frozen base model; a running batch of fixed slots, each row with its own prefix or none."""
+    """One frozen base model; running rows whose K/V live in a page pool, each row with its own prefix or
+    none, the rows of one prefix version sharing its pages."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer,
         *,
-        max_slots: int = 16,
+        max_rows: int = 16,
         max_seq_len: int | None = None,
         max_virtual_tokens: int = 256,
+        kv_cache_bytes: int | None = None,
+        page_size: int = PAGE_SIZE,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -40,6 +47,7 @@ class Engine:
         self.fingerprint = ModelFingerprint.from_config(model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.max_rows = max_rows
         self.max_virtual_tokens = max_virtual_tokens
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
@@ -50,21 +58,29 @@ class Engine:
             window = getattr(text_config, "sliding_window", None)
             self.max_context = min(self.max_context or window, window)
         self.max_seq_len = max_seq_len or self.max_context or 4096
-        self.slots = SlotKV(self.fingerprint, max_slots, self.max_seq_len, self.dtype, self.device)
-        self.running: list[Request] = []  # running[i] lives in slot i
+        page_bytes = bytes_per_page(self.fingerprint, page_size, self.dtype)
+        if kv_cache_bytes is None:  # every row at the longest sequence with a prefix of its own
+            tokens = max_rows * (min(self.max_seq_len, 4096) + max_virtual_tokens)
+            kv_cache_bytes = (pages_for(tokens, page_size) + 1) * page_bytes
+        self.pool = PagePool(
+            self.fingerprint, kv_cache_bytes // page_bytes, page_size, self.dtype, self.device
+        )
+        self.prefixes = ResidentPrefixes(self.pool)
+        self.running: list[Request] = []  # rows of one prefix version adjacent (the kernel reads it once)
+        self._rows: list[RowKV] = []  # _rows[i]: where running[i]'s K/V live
         self._generators: list[torch.Generator | None] = []
         self.decoder: CompiledDecode | None = None  # set by compile(); used once warmed up
 
     def compile(self, on_new_shape: str = "eager") -> float:
-        """Compile the decode step for every batch bucket (minutes on a small CPU, on scratch tensors: it
-        may run in another thread while this engine serves); later steps use it. Returns the seconds
-        taken; ValueError if the model is not covered or the step's kernels cannot be built here.
-        on_new_shape: "eager" or "fail" (tests)."""
+        """Compile the decode step for every batch bucket (minutes on a small CPU; it writes only the pool's
+        scratch page, so it may run in another thread while this engine serves); later steps use it.
+        Returns the seconds taken; ValueError if the model is not covered or the step's kernels cannot be
+        built here. on_new_shape: "eager" or "fail" (tests)."""
         reason = compiled_supports(self.model)
         if reason is not None:
             raise ValueError(f"compiled decode does not cover this model: {reason}")
-        decoder = CompiledDecode(self.model, self.max_slots, on_new_shape=on_new_shape)
-        seconds = decoder.warm_up(self.slots.keys)
+        decoder = CompiledDecode(self.model, self.max_rows, on_new_shape=on_new_shape)
+        seconds = decoder.warm_up(self.pool)
         self.decoder = decoder
         return seconds
 
@@ -81,25 +97,48 @@ class Engine:
         log.info("decode step compiled for batch sizes %s in %.0f s", self.decoder.buckets, seconds)
         return True
 
+    # ---- capacity, for the scheduler's plan ----
     @property
-    def max_slots(self) -> int:
-        return self.slots.max_slots
+    def page_size(self) -> int:
+        return self.pool.page_size
 
-    @property
-    def num_free_slots(self) -> int:
-        return self.max_slots - len(self.running)
-
-    # Interim: the scheduler's page-based admission interface, before the page pool lands.
     @property
     def num_free_rows(self) -> int:
-        return self.num_free_slots
+        return self.max_rows - len(self.running)
 
     @property
     def num_available_pages(self) -> int:
-        return 1 << 30
+        """Pages free now, plus those that only idle resident prefixes hold (evicted when needed)."""
+        return self.pool.num_free + self.prefixes.idle_pages
 
     def pages_needed(self, request: Request, counted: set) -> int:
-        return 0
+        """Pages admitting `request` takes out of `num_available_pages`: its own (prompt + max_new_tokens,
+        reserved at admission) and its prefix's, unless running rows use them already or `counted` has
+        its key (which this adds)."""
+        own = pages_for(request.num_prompt_tokens + request.sampling.max_new_tokens, self.page_size)
+        if request.prefix is None:
+            return own
+        key = ResidentPrefixes.key_of(request.prefix, request.prefix_key)
+        if key in counted:
+            return own
+        counted.add(key)
+        return own + self.prefixes.pages_to_acquire(key, request.prefix_len)
+
+    def is_resident(self, prefix_key) -> bool:
+        """Whether a prefix version's K/V are in the pool now (used by rows, or idle)."""
+        return self.prefixes.is_resident(prefix_key)
+
+    def kv_stats(self) -> dict[str, int]:
+        """The pool in pages: total (usable), used (rows' own and resident prefixes'), shared (prefix pages
+        read by more than one running row), prefix_resident (resident prefixes' pages, idle ones too)."""
+        return {
+            "pages_total": self.pool.num_usable,
+            "pages_used": self.pool.num_usable - self.pool.num_free,
+            "pages_shared": self.prefixes.shared_pages,
+            "prefix_pages_resident": self.prefixes.resident_pages,
+            "page_size": self.page_size,
+            "page_bytes": bytes_per_page(self.fingerprint, self.page_size, self.dtype),
+        }
 
     # ---- validation (at submit and again when a row is admitted) ----
     def validate(self, request: Request) -> None:
@@ -112,58 +151,66 @@ class Engine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         if request.prefix is not None:
             self.fingerprint.check(request.prefix.fingerprint)
+        lengths = (
+            f"prefix ({request.prefix_len}) + prompt ({request.num_prompt_tokens}) + max_new_tokens "
+            f"({request.sampling.max_new_tokens})"
+        )
         total = request.prefix_len + request.num_prompt_tokens + request.sampling.max_new_tokens
         limit = min(self.max_seq_len, self.max_context or self.max_seq_len)
         if total > limit:
+            raise InvalidRequest(f"{lengths} = {total} tokens, model context is {limit}")
+        own = request.num_prompt_tokens + request.sampling.max_new_tokens
+        pages = pages_for(request.prefix_len, self.page_size) + pages_for(own, self.page_size)
+        if pages > self.pool.num_usable:
             raise InvalidRequest(
-                f"prefix ({request.prefix_len}) + prompt ({request.num_prompt_tokens}) + max_new_tokens "
-                f"({request.sampling.max_new_tokens}) = {total} tokens, model context is {limit}"
+                f"{lengths} need {pages} K/V pages of {self.page_size} tokens, the pool holds "
+                f"{self.pool.num_usable} (see --kv-cache-bytes)"
             )
 
     # ---- the two kinds of step ----
     @torch.inference_mode()
     def admit(self, requests: Sequence[Request]) -> list[Request]:
-        """Prefill `requests` (each after its own prefix), sample their first tokens (with their logprobs
-        where asked), and give the unfinished ones a slot. Returns the requests that finished already
-        (e.g. max_new_tokens=1)."""
-        if len(requests) > self.num_free_slots:
-            raise ValueError(f"{len(requests)} requests for {self.num_free_slots} free slots")
+        """Prefill `requests` (each after its own prefix) with their K/V written into the pool, sample their
+        first tokens (with their logprobs where asked), and add the unfinished ones to the running rows.
+        Returns the requests that finished already (e.g. max_new_tokens=1)."""
         if not requests:
             return []
+        if len(requests) > self.num_free_rows:
+            raise ValueError(f"{len(requests)} requests for {self.num_free_rows} free rows")
+        counted: set = set()
+        needed = sum(self.pages_needed(r, counted) for r in requests)
+        if needed > self.num_available_pages:
+            raise ValueError(
+                f"{len(requests)} requests need {needed} K/V pages, {self.num_available_pages} are free"
+            )
+        rows = [self._reserve(r) for r in requests]
         meta = BatchMetadata.from_requests(requests)
-        prefixes = [r.prefix.to(self.device, self.dtype) if r.prefix is not None else None for r in requests]
-        cache = build_prefix_cache(prefixes, meta, self.fingerprint, self.config, self.dtype, self.device)
         input_ids, attention_mask, position_ids = build_prefill_inputs(
             [r.prompt_token_ids for r in requests], meta, self.pad_token_id, self.device
         )
+        cache = PrefillCache(self.pool, rows, meta.prompt_lens)
         logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
         generators = [make_generator(r.sampling, self.device) for r in requests]
         tokens = sample(logits, [r.sampling for r in requests], generators)
         logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
         finished = []
-        needed = max(r.prefix_len + r.num_prompt_tokens + r.sampling.max_new_tokens for r in requests)
-        self.slots.ensure_capacity(needed)
-        for row, (request, token, gen) in enumerate(zip(requests, tokens, generators, strict=True)):
+        for request, row, token, gen, logprob in zip(
+            requests, rows, tokens, generators, logprobs, strict=True
+        ):
             request.status = RequestStatus.RUNNING
-            self._append_token(request, token, logprobs[row])
+            row.length = request.num_prompt_tokens
+            self._append_token(request, token, logprob)
             if request.finished:
+                self._free(request, row)
                 finished.append(request)
-                continue
-            slot = len(self.running)
-            columns = attention_mask[row].nonzero().squeeze(1)  # [P_i + T_i] the row's real columns
-            for layer, cache_layer in enumerate(cache.layers):
-                self.slots.write_row(
-                    slot, layer, cache_layer.keys[row][:, columns], cache_layer.values[row][:, columns]
-                )
-            self.running.append(request)
-            self._generators.append(gen)
-        self.slots.num_active = len(self.running)
+            else:
+                self._insert(request, row, gen)
         return finished
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One token for every running row (and its logprobs where asked): one forward over the active
-        slots. Returns rows that finished."""
+        """One token for every running row (and its logprobs where asked): one forward over the running
+        rows. Returns rows that finished."""
         if not self.running:
             return []
         logits = self.decode_logits()  # [n, vocab]
@@ -175,38 +222,45 @@ class Engine:
 
     @torch.inference_mode()
     def decode_logits(self) -> torch.Tensor:
-        """The forward of a decode step: the running rows' last tokens in, their K/V written to the slots,
+        """The forward of a decode step: the running rows' last tokens in, their K/V written to the pool,
         next-token logits [n, vocab] out. Compiled once warmed up (padded to a bucket), else eager."""
         n = len(self.running)
         decoder = self.decoder if self.decoder is not None and self.decoder.ready else None
         rows = bucket_for(n, decoder.buckets) if decoder is not None else n  # padded up to a compiled bucket
         tokens = [r.output_token_ids[-1] for r in self.running] + [self.pad_token_id] * (rows - n)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [rows, 1]
+        batch = DecodeBatch.build(self._rows, rows, self.page_size, self.device)
         if decoder is not None:
-            position_ids, mask = self.slots.step_inputs(rows)  # [rows, 1], [rows, 1, 1, length]
-            logits = decoder(input_ids, position_ids, mask, self.slots.keys, self.slots.values)[:n]
+            logits = decoder(input_ids, batch, self.pool)[:n]
         else:
-            position_ids, mask, cache = self.slots.decode_view()  # [n, 1], [n, 1, 1, view_len]
-            logits = self._forward(input_ids, mask, position_ids, cache)  # [n, vocab]
-        self.slots.lengths[:n] += 1
+            mask = batch.mask(self.dtype)  # [n, 1, 1, blocks * page_size]
+            logits = self._forward(input_ids, mask, batch.positions, DecodeCache(self.pool, batch))
+        for row in self._rows:
+            row.length += 1
         return logits
 
-    @torch.inference_mode()  # moving rows writes to slot tensors made under inference mode
+    @torch.inference_mode()
     def abort(self, requests: Sequence[Request]) -> list[Request]:
-        """Take running requests out of their slots now (client gone, timeout, shutdown)."""
+        """Take running requests out of the batch now (client gone, timeout, shutdown)."""
         doomed = [r for r in requests if r in self.running]
         for r in doomed:
             r.finish(FinishReason.ABORT)
         return self._remove(doomed)
 
     def generate(self, requests: Sequence[Request]) -> list[Request]:
-        """Run requests to completion, admitting them as slots free up; returns them, finished."""
+        """Run requests to completion, admitting them (in order) as rows and pages free up; returns them."""
         pending = list(requests)
         while pending or self.running:
-            if pending and self.num_free_slots:
-                take = min(self.num_free_slots, len(pending))
-                self.admit(pending[:take])
-                pending = pending[take:]
+            take, counted, pages = 0, set(), self.num_available_pages
+            while take < min(self.num_free_rows, len(pending)):
+                pages -= self.pages_needed(pending[take], counted)
+                if pages < 0:
+                    break
+                take += 1
+            if take == 0 and not self.running and pending:
+                self.validate(pending[0])  # it can never fit: say why
+            self.admit(pending[:take])
+            pending = pending[take:]
             self.step()
         return list(requests)
 
@@ -242,20 +296,42 @@ class Engine:
         )
         return out.logits[:, -1, :]  # [batch, vocab]
 
+    def _reserve(self, request: Request) -> RowKV:
+        """A row's pages: its prefix's (materialised if not resident) and its own for prompt + max_new_tokens."""
+        prefix = None
+        if request.prefix is not None:
+            prefix = self.prefixes.acquire(request.prefix, request.prefix_key)
+        own = pages_for(request.num_prompt_tokens + request.sampling.max_new_tokens, self.page_size)
+        self.prefixes.make_room(own)
+        return RowKV(prefix, self.pool.allocate(own))
+
+    def _insert(self, request: Request, row: RowKV, generator) -> None:
+        """Add a running row next to the rows of its prefix version (the attention kernel reads a group's
+        shared prefix once), else at the end."""
+        at = len(self.running)
+        if row.prefix is not None:
+            same = [i for i, r in enumerate(self._rows) if r.prefix is row.prefix]
+            at = same[-1] + 1 if same else at
+        self.running.insert(at, request)
+        self._rows.insert(at, row)
+        self._generators.insert(at, generator)
+
+    def _free(self, request: Request, row: RowKV) -> None:
+        self.pool.free(row.pages)
+        row.pages = []
+        if row.prefix is not None:
+            self.prefixes.release(row.prefix)
+            row.prefix = None
+        request.prefix = None  # the pool holds its K/V; drop the reference
+
     def _remove(self, done: list[Request]) -> list[Request]:
-        """Free the slots of `done`, moving the last active rows into the holes."""
+        """Give back the pages of `done` (no K/V moves: the other rows keep their pages)."""
         for request in done:
-            slot = self.running.index(request)
-            last = len(self.running) - 1
-            if slot != last:
-                self.slots.move_row(last, slot)
-                self.running[slot] = self.running[last]
-                self._generators[slot] = self._generators[last]
-            self.running.pop()
-            self._generators.pop()
-            self.slots.free_row(last)
-            request.prefix = None  # the slot holds a copy; drop the reference
-        self.slots.num_active = len(self.running)
+            i = self.running.index(request)
+            self.running.pop(i)
+            row = self._rows.pop(i)
+            self._generators.pop(i)
+            self._free(request, row)
         return done
 
     def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:

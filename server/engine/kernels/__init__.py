@@ -3,9 +3,9 @@
 
     pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32, N a multiple of 16
     linear(x [..., K], packed, bias?) -> [..., N]         float32, AVX-512
-    write_kv(keys!, values!, layer, columns [b], k, v)    any dtype: each row's new K/V into its slot
-    decode_attention(q [b, heads, d], keys, values, layer, lengths [b], scale) -> [b, heads, d]
-                                                          float32, AVX-512
+    write_kv(keys!, values!, layer, slots [b], k, v)      any dtype: each row's new K/V into its pool slot
+    paged_attention(q [b, heads, d], keys, values, layer, block_tables [b, blocks], prefix_lens [b],
+                    own_lens [b], scale) -> [b, heads, d] float32 or bfloat16, AVX-512
 
 Built once per machine (a C++ compiler and ninja, as inductor needs anyway; ~15-30 s) by `build.py` in a
 child process, and kept under TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) in a folder named by a
@@ -53,7 +53,7 @@ def load(timeout_s: float = BUILD_TIMEOUT_S) -> bool:
 
 
 def avx512() -> bool:
-    """Whether `linear` and `decode_attention` may run here (torch's own CPU dispatch level)."""
+    """Whether `linear` and `paged_attention` may run here (torch's own CPU dispatch level)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
@@ -143,9 +143,9 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
 
     @torch.library.register_fake("prefix_server::write_kv")
-    def _(keys, values, layer, columns, k, v):
+    def _(keys, values, layer, slots, k, v):
         return None
 
-    @torch.library.register_fake("prefix_server::decode_attention")
-    def _(q, keys, values, layer, lengths, scale):
+    @torch.library.register_fake("prefix_server::paged_attention")
+    def _(q, keys, values, layer, block_tables, prefix_lens, own_lens, scale):
         return torch.empty_like(q)

@@ -5,17 +5,19 @@
 //  - linear (float32 and bfloat16 weights): MKL's float32 GEMM is poor at the few rows of a decode step.
 //    A decode step reads every weight once, so the kernel streams each weight block once and multiplies
 //    it into every row while it is in registers.
-//  - write_kv: writing the new K/V into the slots in place (an indexed assignment traced by torch.compile
-//    becomes a copy of the whole slot tensor per layer).
-//  - decode_attention (float32): one query token per row over that row's own slot columns; grouped query
-//    heads read their K/V head once (no repeat, no mask tensor).
+//  - write_kv: writing the new K/V into the page pool in place (an indexed assignment traced by
+//    torch.compile becomes a copy of the whole pool per layer).
+//  - paged_attention (float32, bfloat16): one query token per row over that row's prefix pages and own
+//    pages, through its block table; rows that share a prefix read its keys and values once per K/V head
+//    (the shared-prefix idea of FlashInfer's cascade, Hydragen and ChunkAttention, for learned prefixes);
+//    grouped query heads read their K/V head once (no repeat, no mask tensor).
 //
 // These ops write through raw pointers, so each one checks the shapes it relies on first.
 //
-// Shapes: x [M, K]; packed weights [N / 16, K, 16]; slots [layers, slots, kv_heads, capacity, head_dim].
+// Shapes: x [M, K]; packed weights [N / 16, K, 16]; the pool [layers, pages, kv_heads, page_size, head_dim].
 //
 // The AVX-512 code is compiled for that target only (a pragma, not a global -m flag): the library loads
-// on any x86-64 CPU, and Python calls `linear` / `decode_attention` only where torch reports AVX-512.
+// on any x86-64 CPU, and Python calls `linear` / `paged_attention` only where torch reports AVX-512.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -104,29 +106,101 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// One row's query heads that share K/V head h attend to that head's first n columns.
-// q: [groups, d]; k, v: [capacity, d] of the slot; out: [groups, d]; p: scratch of n floats.
-void attend(const float* q, const float* k, const float* v, float* out, float* p, int64_t groups, int64_t n,
-            int64_t d, float scale) {
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* qg = q + g * d;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j] = dot(qg, k + j * d, d) * scale);
-    __m512 sum16 = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += kBlock) {  // p = exp(p - max), 16 columns at a time
-      const __mmask16 live = j + kBlock <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), _mm512_set1_ps(mx)));
-      _mm512_mask_storeu_ps(p + j, live, e);
-      sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(live, e));
+// A row of d values as float32: float32 rows as they are, bfloat16 rows widened into `buf`.
+inline const float* widen(const float* src, float*, int64_t) { return src; }
+inline const float* widen(const at::BFloat16* src, float* buf, int64_t d) {
+  int64_t i = 0;
+  for (; i + kBlock <= d; i += kBlock) _mm512_storeu_ps(buf + i, load16(src + i));
+  for (; i < d; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+
+// out[0, d) += w * v[0, d)
+inline void axpy(float w, const float* v, float* out, int64_t d) {
+  const __m512 wv = _mm512_set1_ps(w);
+  int64_t i = 0;
+  for (; i + kBlock <= d; i += kBlock)
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(out + i)));
+  for (; i < d; ++i) out[i] += w * v[i];
+}
+
+// p[0, n) = exp(p - max p), 16 at a time; returns their sum.
+inline float exp_shifted(float* p, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
+  __m512 sum16 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += kBlock) {
+    const __mmask16 live = j + kBlock <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(p + j, live, e);
+    sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(live, e));
+  }
+  return _mm512_reduce_add_ps(sum16);
+}
+
+// One K/V head of one layer in the pool: token j of a sequence whose pages are table[0..] sits at
+// base + table[j / page_size] * page_stride + (j % page_size) * d.
+template <typename T>
+struct HeadPages {
+  const T* base;
+  int64_t page_stride, page_size, d;
+  const T* at(const int64_t* table, int64_t j) const {
+    return base + table[j / page_size] * page_stride + (j % page_size) * d;
+  }
+};
+
+// A unit of work: rows [r0, r1) that share one prefix (P tokens on their first pages; P = 0: one row),
+// their query heads of K/V head h. The prefix's keys and values are read once for all of them (widened
+// once for bfloat16), then each row's own tokens. Scores: s [nq, stride]; accumulators: o [nq, d].
+// q: [b, heads, d] float32; out: [b, heads, d] float32.
+template <typename T>
+void attend_unit(const float* q, float* out, const HeadPages<T>& kp, const HeadPages<T>& vp, const int64_t* tables,
+                 int64_t table_width, const int64_t* prefix_lens, const int64_t* own_lens, int64_t r0, int64_t r1,
+                 int64_t h, int64_t heads, int64_t groups, float scale, std::vector<float>& s, std::vector<float>& o,
+                 std::vector<float>& buf) {
+  const int64_t d = kp.d, ps = kp.page_size, rows = r1 - r0, nq = rows * groups;
+  const int64_t P = prefix_lens[r0], own_start = (P + ps - 1) / ps;  // own tokens start on this table entry
+  int64_t max_own = 0;
+  for (int64_t r = r0; r < r1; ++r) max_own = std::max(max_own, own_lens[r]);
+  const int64_t stride = P + max_own;
+  s.resize(nq * stride);
+  o.assign(nq * d, 0.f);
+  buf.resize(d);
+  auto query = [&](int64_t i) { return q + ((r0 + i / groups) * heads + h * groups + i % groups) * d; };
+  const int64_t* shared = tables + r0 * table_width;
+  for (int64_t j = 0; j < P; ++j) {  // the shared prefix: each key read once for every query of the unit
+    const float* k = widen(kp.at(shared, j), buf.data(), d);
+    for (int64_t i = 0; i < nq; ++i) s[i * stride + j] = dot(query(i), k, d) * scale;
+  }
+  for (int64_t r = r0; r < r1; ++r) {  // each row's own tokens
+    const int64_t* own = tables + r * table_width + own_start;
+    for (int64_t j = 0; j < own_lens[r]; ++j) {
+      const float* k = widen(kp.at(own, j), buf.data(), d);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = (r - r0) * groups + g;
+        s[i * stride + P + j] = dot(query(i), k, d) * scale;
+      }
     }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum16);
-    float* og = out + g * d;
-    std::fill(og, og + d, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = p[j] * inv;
-      const float* vj = v + j * d;
-      for (int64_t i = 0; i < d; ++i) og[i] += w * vj[i];
+  }
+  std::vector<float> inv(nq);
+  for (int64_t i = 0; i < nq; ++i) inv[i] = 1.f / exp_shifted(s.data() + i * stride, P + own_lens[r0 + i / groups]);
+  for (int64_t j = 0; j < P; ++j) {
+    const float* v = widen(vp.at(shared, j), buf.data(), d);
+    for (int64_t i = 0; i < nq; ++i) axpy(s[i * stride + j], v, o.data() + i * d, d);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t* own = tables + r * table_width + own_start;
+    for (int64_t j = 0; j < own_lens[r]; ++j) {
+      const float* v = widen(vp.at(own, j), buf.data(), d);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = (r - r0) * groups + g;
+        axpy(s[i * stride + P + j], v, o.data() + i * d, d);
+      }
     }
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    float* dst = out + (query(i) - q);
+    for (int64_t x = 0; x < d; ++x) dst[x] = o[i * d + x] * inv[i];
   }
 }
 
@@ -183,83 +257,111 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   return out.to(dtype).view(out_shape);
 }
 
-// Rows [0, b) of `layer` in slots [layers, slots, kv_heads, capacity, head_dim], with `per_row` [b] and
-// `x` [b, heads, head_dim] (heads: kv_heads, or a multiple of it for the queries).
-void check_rows(const char* op, const at::Tensor& slots, const at::Tensor& values, int64_t layer,
-                const at::Tensor& per_row, const at::Tensor& x) {
-  TORCH_CHECK(slots.dim() == 5 && values.sizes() == slots.sizes(), op, ": expected keys and values of one shape "
-              "[layers, slots, kv_heads, capacity, head_dim], got ", slots.sizes(), " and ", values.sizes());
-  TORCH_CHECK(0 <= layer && layer < slots.size(0), op, ": layer ", layer, " of ", slots.size(0));
-  TORCH_CHECK(x.dim() == 3 && x.size(0) <= slots.size(1) && x.size(1) % slots.size(2) == 0 &&
-              x.size(2) == slots.size(4), op, ": rows ", x.sizes(), " do not fit slots ", slots.sizes());
-  TORCH_CHECK(per_row.dim() == 1 && per_row.size(0) == x.size(0), op, ": expected one column per row, got ",
-              per_row.sizes(), " for ", x.size(0), " rows");
+// The pool: keys and values [layers, pages, kv_heads, page_size, head_dim] of one shape, `layer` in it.
+void check_pool(const char* op, const at::Tensor& keys, const at::Tensor& values, int64_t layer) {
+  TORCH_CHECK(keys.dim() == 5 && values.sizes() == keys.sizes(), op, ": expected keys and values of one shape "
+              "[layers, pages, kv_heads, page_size, head_dim], got ", keys.sizes(), " and ", values.sizes());
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), op, ": the pool must be contiguous");
+  TORCH_CHECK(0 <= layer && layer < keys.size(0), op, ": layer ", layer, " of ", keys.size(0));
 }
 
-// Row r's new key/value into slot r at column columns[r] of `layer`, in place. k, v: [b, kv_heads, head_dim].
-void write_kv(at::Tensor keys, at::Tensor values, int64_t layer, const at::Tensor& columns, const at::Tensor& k,
+// Row r's new key/value into flat slot slots[r] (page * page_size + offset) of `layer`, in place.
+// k, v: [b, kv_heads, head_dim].
+void write_kv(at::Tensor keys, at::Tensor values, int64_t layer, const at::Tensor& slots, const at::Tensor& k,
               const at::Tensor& v) {
+  check_pool("write_kv", keys, values, layer);
+  const int64_t page_size = keys.size(3), num_slots = keys.size(1) * page_size;
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == keys.size(2) && k.size(2) == keys.size(4),
+              "write_kv: expected k and v [b, ", keys.size(2), ", ", keys.size(4), "], got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), "write_kv: expected one slot per row, got ",
+              slots.sizes(), " for ", k.size(0), " rows");
+  TORCH_CHECK(k.scalar_type() == keys.scalar_type() && v.scalar_type() == keys.scalar_type(), "write_kv: dtype");
   if (!keys.device().is_cpu()) {  // elsewhere: torch's indexed copy
     using at::indexing::Slice;
-    const at::Tensor rows = at::arange(k.size(0), columns.options());
-    keys.select(0, layer).index_put_({rows, Slice(), columns}, k);
-    values.select(0, layer).index_put_({rows, Slice(), columns}, v);
+    const at::Tensor pages = at::floor_divide(slots, page_size), offsets = at::remainder(slots, page_size);
+    keys.select(0, layer).index_put_({pages, Slice(), offsets}, k);
+    values.select(0, layer).index_put_({pages, Slice(), offsets}, v);
     return;
   }
-  check_rows("write_kv", keys, values, layer, columns, k);
-  TORCH_CHECK(v.sizes() == k.sizes() && k.size(1) == keys.size(2), "write_kv: expected k and v [b, ",
-              keys.size(2), ", ", keys.size(4), "], got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "write_kv: slots must be contiguous");
-  TORCH_CHECK(k.scalar_type() == keys.scalar_type() && v.scalar_type() == keys.scalar_type(), "write_kv: dtype");
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), cols = columns.to(at::kLong).contiguous();
-  const int64_t b = kc.size(0), kv_heads = kc.size(1), d = kc.size(2), capacity = keys.size(3);
-  const int64_t item = keys.element_size(), row_bytes = d * item;
-  const int64_t* cp = cols.data_ptr<int64_t>();
-  for (auto [slots, src] : {std::pair{&keys, &kc}, std::pair{&values, &vc}}) {
-    char* base = static_cast<char*>(slots->data_ptr()) + layer * slots->stride(0) * item;
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), sc = slots.to(at::kLong).contiguous();
+  const int64_t b = kc.size(0), kv_heads = kc.size(1), d = kc.size(2), item = keys.element_size();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  for (int64_t r = 0; r < b; ++r)
+    TORCH_CHECK(0 <= sp[r] && sp[r] < num_slots, "write_kv: slot ", sp[r], " outside the pool's ", num_slots);
+  for (auto [pool, src] : {std::pair{&keys, &kc}, std::pair{&values, &vc}}) {
+    char* base = static_cast<char*>(pool->data_ptr()) + layer * pool->stride(0) * item;
     const char* from = static_cast<const char*>(src->data_ptr());
     for (int64_t r = 0; r < b; ++r) {
-      TORCH_CHECK(cp[r] >= 0 && cp[r] < capacity, "write_kv: column ", cp[r], " outside the slot");
+      const int64_t page = sp[r] / page_size, offset = sp[r] % page_size;
       for (int64_t h = 0; h < kv_heads; ++h)
-        std::memcpy(base + (r * slots->stride(1) + h * slots->stride(2) + cp[r] * d) * item,
-                    from + (r * kv_heads + h) * row_bytes, row_bytes);
+        std::memcpy(base + (page * pool->stride(1) + h * pool->stride(2) + offset * d) * item,
+                    from + (r * kv_heads + h) * d * item, d * item);
     }
   }
 }
 
-// q [b, heads, head_dim] attends to columns [0, lengths[r]) of slot r of `layer` -> [b, heads, head_dim].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t layer,
-                            const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat, "decode_attention: float32 only");
-  check_rows("decode_attention", keys, values, layer, lengths, q);
-  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "decode_attention: slots must be contiguous");
-  const at::Tensor qc = q.contiguous();
-  const at::Tensor len = lengths.to(at::kLong).contiguous();
-  for (int64_t r = 0; r < len.size(0); ++r) {
-    const int64_t n = len.data_ptr<int64_t>()[r];
-    TORCH_CHECK(1 <= n && n <= keys.size(3), "decode_attention: row ", r, " sees ", n, " columns, the slot has ",
-                keys.size(3));
+constexpr int64_t kGroupRows = 8;  // rows of one prefix per work unit: each unit reads the prefix once
+
+// q [b, heads, head_dim] of `layer` attends, for row r, to the first prefix_lens[r] tokens on the pages of
+// block_tables[r] (its prefix), then to own_lens[r] tokens starting on the next page (its own) -> [b, heads,
+// head_dim] in q's dtype. Consecutive rows with the same prefix (length and first page) form a group whose
+// prefix keys and values are read once per K/V head for up to kGroupRows rows.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t layer,
+                           const at::Tensor& block_tables, const at::Tensor& prefix_lens, const at::Tensor& own_lens,
+                           double scale) {
+  check_pool("paged_attention", keys, values, layer);
+  const auto dtype = keys.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "paged_attention: float32 or bfloat16, got ", dtype);
+  TORCH_CHECK(q.scalar_type() == dtype && q.dim() == 3 && q.size(1) % keys.size(2) == 0 && q.size(2) == keys.size(4),
+              "paged_attention: expected q [b, heads, ", keys.size(4), "] in ", dtype, " with heads a multiple of ",
+              keys.size(2), ", got ", q.scalar_type(), " ", q.sizes());
+  const int64_t b = q.size(0), page_size = keys.size(3), pages = keys.size(1);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == b && prefix_lens.sizes() == at::IntArrayRef{b} &&
+              own_lens.sizes() == at::IntArrayRef{b}, "paged_attention: expected block_tables [", b,
+              ", blocks] and lengths [", b, "], got ", block_tables.sizes(), ", ", prefix_lens.sizes(), ", ",
+              own_lens.sizes());
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  const at::Tensor plen = prefix_lens.to(at::kLong).contiguous(), olen = own_lens.to(at::kLong).contiguous();
+  const int64_t width = tables.size(1);
+  const int64_t *tp = tables.data_ptr<int64_t>(), *pp = plen.data_ptr<int64_t>(), *op = olen.data_ptr<int64_t>();
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t blocks = (pp[r] + page_size - 1) / page_size + (op[r] + page_size - 1) / page_size;
+    TORCH_CHECK(pp[r] >= 0 && op[r] >= 1 && blocks <= width, "paged_attention: row ", r, " has ", pp[r],
+                " prefix and ", op[r], " own tokens: ", blocks, " pages, its block table has ", width);
+    for (int64_t j = 0; j < blocks; ++j)
+      TORCH_CHECK(0 <= tp[r * width + j] && tp[r * width + j] < pages, "paged_attention: page ", tp[r * width + j],
+                  " outside the pool's ", pages);
   }
-  const int64_t b = qc.size(0), heads = qc.size(1), d = qc.size(2);
-  const int64_t kv_heads = keys.size(2), groups = heads / kv_heads;
-  const int64_t slot_stride = keys.stride(1), head_stride = keys.stride(2);
-  const float* kbase = keys.data_ptr<float>() + layer * keys.stride(0);
-  const float* vbase = values.data_ptr<float>() + layer * values.stride(0);
-  const float* qp = qc.data_ptr<float>();
-  const int64_t* lp = len.data_ptr<int64_t>();
-  at::Tensor out = at::empty_like(qc);
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, b * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / kv_heads, h = t % kv_heads, n = lp[r];
-      p.resize(n);
-      const int64_t offset = (r * heads + h * groups) * d;
-      attend(qp + offset, kbase + r * slot_stride + h * head_stride, vbase + r * slot_stride + h * head_stride,
-             op + offset, p.data(), groups, n, d, static_cast<float>(scale));
-    }
-  });
-  return out;
+  std::vector<std::pair<int64_t, int64_t>> groups;  // [r0, r1): rows that share their prefix
+  for (int64_t r = 0; r < b; ++r) {
+    const bool joins = !groups.empty() && pp[r] > 0 && pp[r] == pp[groups.back().first] &&
+                       tp[r * width] == tp[groups.back().first * width] &&
+                       r - groups.back().first < kGroupRows;
+    if (joins) groups.back().second = r + 1; else groups.emplace_back(r, r + 1);
+  }
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(qf);
+  const int64_t heads = qf.size(1), d = qf.size(2), kv_heads = keys.size(2), per_kv = heads / kv_heads;
+  const int64_t units = static_cast<int64_t>(groups.size()) * kv_heads;
+  auto run = [&](auto* pool_type) {
+    using T = std::remove_pointer_t<decltype(pool_type)>;
+    const T* kbase = keys.data_ptr<T>() + layer * keys.stride(0);
+    const T* vbase = values.data_ptr<T>() + layer * values.stride(0);
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<float> s, o, buf;
+      for (int64_t u = u0; u < u1; ++u) {
+        const auto [r0, r1] = groups[u / kv_heads];
+        const int64_t h = u % kv_heads;
+        const HeadPages<T> kp{kbase + h * keys.stride(2), keys.stride(1), page_size, d};
+        const HeadPages<T> vp{vbase + h * values.stride(2), values.stride(1), page_size, d};
+        attend_unit(qf.data_ptr<float>(), out.data_ptr<float>(), kp, vp, tp, width, pp, op, r0, r1, h, heads, per_kv,
+                    static_cast<float>(scale), s, o, buf);
+      }
+    });
+  };
+  if (dtype == at::kBFloat16) run(static_cast<at::BFloat16*>(nullptr)); else run(static_cast<float*>(nullptr));
+  return out.to(dtype);
 }
 
 }  // namespace
@@ -267,13 +369,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 TORCH_LIBRARY(prefix_server, m) {
   m.def("pack_linear(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
-  m.def("write_kv(Tensor(a!) keys, Tensor(b!) values, int layer, Tensor columns, Tensor k, Tensor v) -> ()");
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, int layer, Tensor lengths, float scale) -> Tensor");
+  m.def("write_kv(Tensor(a!) keys, Tensor(b!) values, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
+  m.def("paged_attention(Tensor q, Tensor keys, Tensor values, int layer, Tensor block_tables, Tensor prefix_lens, "
+        "Tensor own_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prefix_server, CPU, m) {
   m.impl("linear", linear);
-  m.impl("decode_attention", decode_attention);
+  m.impl("paged_attention", paged_attention);
 }
 
 // ATen ops only: any device.

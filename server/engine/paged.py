@@ -1,0 +1,209 @@
+"""Rows over the page pool: where each row's K/V lives, the per-step batch metadata built from that, and
+transformers caches that write into the pages and read through block tables (the torch-ops path).
+
+A row's block table is its prefix's pages then its own pages. In block-table columns (page i of the table
+holds columns [i * page_size, (i + 1) * page_size)):
+
+    [ prefix: P tokens | unused tail of the last prefix page ][ own: prompt, then generated ... ]
+      columns [0, P)                                           columns [Bp * page_size, ... ), Bp = ceil(P / page_size)
+
+Positions stay PEFT's whatever the layout: the prefix has none (its keys are stored without rotary), and
+the row's own token i is at position P + i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from server.engine.pages import SCRATCH_PAGE, PagePool, PrefixPages, pages_for
+
+
+@dataclass(eq=False)
+class RowKV:
+    """One running row's place in the pool: its prefix's pages (shared) and its own (reserved at admission)."""
+
+    prefix: PrefixPages | None
+    pages: list[int]  # own pages: room for prompt + max_new_tokens
+    length: int = 0  # own tokens written so far
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.length
+
+    def block_table(self, own_tokens: int, page_size: int) -> list[int]:
+        """Prefix pages, then the own pages that hold `own_tokens` tokens."""
+        prefix = [] if self.prefix is None else self.prefix.pages
+        return prefix + self.pages[: pages_for(own_tokens, page_size)]
+
+    def slot(self, i: int, page_size: int) -> int:
+        """The flat pool slot (page * page_size + offset) of own token i."""
+        return self.pages[i // page_size] * page_size + i % page_size
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """One decode step's metadata, built once and passed down (padding rows past the real ones write to the
+    scratch page and see only that column).
+
+    positions [rows, 1]; block_tables [rows, max_blocks]; prefix_lens, own_lens (after this step's token),
+    slots (where each row's new K/V goes) [rows]."""
+
+    positions: torch.Tensor
+    block_tables: torch.Tensor
+    prefix_lens: torch.Tensor
+    own_lens: torch.Tensor
+    slots: torch.Tensor
+    page_size: int
+
+    @classmethod
+    def build(cls, rows: Sequence[RowKV], padded_to: int, page_size: int, device) -> DecodeBatch:
+        tables = [r.block_table(r.length + 1, page_size) for r in rows]
+        # At least 2 blocks: torch.compile specializes a dimension of size 1 (a width-1 step would recompile).
+        width = max(2, *(len(t) for t in tables))
+        pad = padded_to - len(rows)
+        tables = [t + [SCRATCH_PAGE] * (width - len(t)) for t in tables] + [[SCRATCH_PAGE] * width] * pad
+        prefix_lens = [r.prefix_len for r in rows] + [0] * pad
+        lengths = [r.length for r in rows] + [0] * pad
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            positions=tensor([p + n for p, n in zip(prefix_lens, lengths, strict=True)])[:, None],
+            block_tables=tensor(tables),
+            prefix_lens=tensor(prefix_lens),
+            own_lens=tensor([n + 1 for n in lengths]),
+            slots=tensor([r.slot(r.length, page_size) for r in rows] + [SCRATCH_PAGE * page_size] * pad),
+            page_size=page_size,
+        )
+
+    def mask(self, dtype) -> torch.Tensor:
+        """Additive [rows, 1, 1, max_blocks * page_size]: 0 on a row's prefix and own columns."""
+        return additive_mask(
+            self.block_tables.shape[1] * self.page_size,
+            self.prefix_lens,
+            self.own_lens,
+            self.page_size,
+            dtype,
+        )
+
+
+def additive_mask(columns: int, prefix_lens, own_lens, page_size: int, dtype) -> torch.Tensor:
+    """[rows, 1, 1, columns]: 0 where column c is a prefix column (c < P) or an own one, the dtype's minimum
+    elsewhere. prefix_lens, own_lens: [rows]."""
+    c = torch.arange(columns, device=prefix_lens.device)[None, :]  # [1, columns]
+    own_start = ((prefix_lens + page_size - 1) // page_size * page_size)[:, None]  # [rows, 1]
+    allowed = (c < prefix_lens[:, None]) | ((c >= own_start) & (c < own_start + own_lens[:, None]))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=prefix_lens.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def gather(pool_layer: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Each row's pages side by side: [pages, kv_heads, page_size, d], [rows, blocks] -> [rows, kv_heads,
+    blocks * page_size, d]."""
+    rows, blocks = block_tables.shape
+    _, kv_heads, page_size, d = pool_layer.shape
+    return pool_layer[block_tables].transpose(1, 2).reshape(rows, kv_heads, blocks * page_size, d)
+
+
+def write(pool_layer: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """x [n, kv_heads, d] into flat slots [n] of one layer's pages [pages, kv_heads, page_size, d]."""
+    page_size = pool_layer.shape[2]
+    pool_layer[slots // page_size, :, slots % page_size] = x
+
+
+class _Layer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, cache: _PagedCache, layer: int):
+        super().__init__()
+        self.cache, self.layer = cache, layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # the pool is allocated already
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.cache.update_layer(self.layer, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.cache.past_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.past_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _PagedCache(Cache):
+    past_len = 0
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
+
+    def update_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        raise NotImplementedError
+
+
+class DecodeCache(_PagedCache):
+    """A transformers Cache for one eager decode step: the new K/V [n, kv_heads, 1, d] go to their slots,
+    attention reads every row's pages through its block table ([n, kv_heads, blocks * page_size, d]) under
+    `batch.mask`."""
+
+    def __init__(self, pool: PagePool, batch: DecodeBatch):
+        super().__init__(pool.fp.num_layers)
+        self.pool, self.batch = pool, batch
+        self.past_len = batch.block_tables.shape[1] * pool.page_size - 1
+
+    def update_layer(self, layer, k, v):
+        keys, values, b = self.pool.keys[layer], self.pool.values[layer], self.batch
+        write(keys, b.slots, k[:, :, 0])
+        write(values, b.slots, v[:, :, 0])
+        return gather(keys, b.block_tables), gather(values, b.block_tables)
+
+
+class PrefillCache(_PagedCache):
+    """A transformers Cache for a prefill of left-padded prompts [b, Tmax] after left-padded prefixes
+    (batch.py's layout): each row's real prompt K/V go straight into its own pages, attention reads the
+    prefixes from their pages: [b, kv_heads, Pmax + Tmax, d]."""
+
+    def __init__(self, pool: PagePool, rows: Sequence[RowKV], prompt_lens: Sequence[int]):
+        super().__init__(pool.fp.num_layers)
+        self.pool = pool
+        ps, device = pool.page_size, pool.keys.device
+        p_max, t_max = max(r.prefix_len for r in rows), max(prompt_lens)
+        self.past_len = p_max
+        # Prefix columns of each row, left-padded with the scratch slot: [b, Pmax] page and offset.
+        prefix_slots = [
+            [SCRATCH_PAGE * ps] * (p_max - r.prefix_len)
+            + [r.prefix.pages[j // ps] * ps + j % ps for j in range(r.prefix_len)]
+            for r in rows
+        ]
+        flat = torch.tensor(prefix_slots, dtype=torch.long, device=device).reshape(len(rows), p_max)
+        self.prefix_pages, self.prefix_offsets = flat // ps, flat % ps  # [b, Pmax]
+        # Where each real prompt token goes: source (row, column of the padded prompt), destination slot.
+        src_rows, src_cols, dst = [], [], []
+        for i, (r, t_len) in enumerate(zip(rows, prompt_lens, strict=True)):
+            src_rows += [i] * t_len
+            src_cols += range(t_max - t_len, t_max)
+            dst += [r.slot(t, ps) for t in range(t_len)]
+        self.src_rows, self.src_cols, self.dst_slots = (
+            torch.tensor(x, dtype=torch.long, device=device) for x in (src_rows, src_cols, dst)
+        )
+
+    def update_layer(self, layer, k, v):  # k, v: [b, kv_heads, Tmax, d]
+        out = []
+        for pool_layer, x in ((self.pool.keys[layer], k), (self.pool.values[layer], v)):
+            write(pool_layer, self.dst_slots, x[self.src_rows, :, self.src_cols])  # [n_tokens, kv_heads, d]
+            if self.past_len:
+                prefix = pool_layer[self.prefix_pages, :, self.prefix_offsets].transpose(
+                    1, 2
+                )  # [b, kv, Pmax, d]
+                x = torch.cat([prefix, x], dim=2)
+            out.append(x)
+        return out[0], out[1]
