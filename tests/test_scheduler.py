@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.errors import InvalidRequest, NotReady, Overloaded, PrefixNotFound
+from server.errors import InvalidRequest, NotReady, Overloaded, PrefixNotFound, PrefixServerError
 from server.request import FinishReason, Request, RequestStatus, SamplingParams
 from server.scheduler import Scheduler, SchedulerConfig
 
@@ -28,15 +28,16 @@ class FakePrefix:
 
 class FakeRegistry:
     """Tasks and their latest versions. The versions of the tasks given are cached; any other (a task or
-    version added later) is cold: `acquire` loads it, waiting on `gate` first if one is set (a slow
-    store), raising `fail[task_id]` if set; `acquire_cached` pins cached versions only."""
+    version added later) is cold: `acquire` loads it, waiting on `gate` first if the task is in `gated`
+    (a slow store), raising `fail[task_id]` if set; `acquire_cached` pins cached versions only."""
 
     def __init__(self, tasks):
         self.tasks = dict(tasks)  # task_id -> version
         self.cached = {FakeRecord(t, v) for t, v in self.tasks.items()}
         self.pins: dict[FakeRecord, int] = {}
         self.lock = threading.Lock()
-        self.gate: threading.Event | None = None
+        self.gate = threading.Event()
+        self.gated: set[str] = set()
         self.fail: dict[str, Exception] = {}
         self.num_loads_started = 0
         self.num_loads_ended = 0  # counted after the load's pin, if it took one
@@ -53,7 +54,7 @@ class FakeRegistry:
         with self.lock:
             self.num_loads_started += 1
         try:
-            if self.gate is not None:
+            if task_id in self.gated:
                 assert self.gate.wait(30), "the test never opened the gate"
             if task_id in self.fail:
                 raise self.fail[task_id]
@@ -470,3 +471,251 @@ async def test_submit_refuses_when_the_loop_is_not_running():
         sched.submit(req("A"))
     sched._task = None
     await sched.stop()
+
+
+# ---- prefixes load off the engine thread (server/prefetch.py) ----
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Wait for `condition()` (a scheduler that stops answering fails the test instead of hanging it)."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.002)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def finals(sched, request, timeout: float = 5.0) -> list:
+    """The request's events to its final one."""
+
+    async def collect():
+        return [e async for e in sched.events(request)]
+
+    return await asyncio.wait_for(collect(), timeout)
+
+
+def gated(registry, *cold_tasks) -> threading.Event:
+    """New tasks whose loads (of any version) wait until the test sets the gate."""
+    registry.tasks |= {task: 1 for task in cold_tasks}
+    registry.gated |= set(cold_tasks)
+    return registry.gate
+
+
+async def test_a_stream_runs_to_its_end_while_another_prefix_loads(running):
+    """The cold prefix of an earlier request is stuck in the store; a stream of a cached task still gets
+    every token. (When the engine thread loaded prefixes, the stream stalled behind that load.)"""
+    engine, registry, sched = make(max_batch_wait_ms=0.0)
+    await running(sched)
+    gate = gated(registry, "cold")
+    try:
+        cold = req("cold", n=3)
+        sched.submit(cold)
+        hot = req("A", n=5, stream=True)
+        sched.submit(hot)
+        events = await finals(sched, hot)
+        assert [e.kind for e in events] == ["token"] * 5 + ["done"]
+        assert registry.num_loads_ended == 0 and cold.status is RequestStatus.WAITING
+        assert sched.num_waiting == 1 and sched.num_ready == 0 and engine.admissions == [["A"]]
+    finally:
+        gate.set()
+    assert [e.kind for e in await finals(sched, cold)] == ["done"]
+    assert cold.prefix_version == 1 and len(cold.output_token_ids) == 3
+    assert engine.admissions == [["A"], ["cold"]] and registry.pinned() == 0
+
+
+async def test_a_loaded_request_carries_its_prefix_and_the_key_of_its_content(running):
+    engine, registry, sched = make(slots=2, max_batch_wait_ms=0.0)
+    await running(sched)
+    seen = []
+    admit = engine.admit
+    engine.admit = lambda requests: (
+        seen.extend((r.prefix_version, r.prefix_key) for r in requests) or admit(requests)
+    )
+    registry.tasks["new"] = 3  # cold: loads on its own thread
+    await _served(sched, req("A"), req("new"))
+    assert sorted(seen) == [(1, ("A", 1, None)), (3, ("new", 3, None))]
+    assert registry.num_loads_ended == 1 and registry.pinned() == 0
+
+
+@pytest.mark.parametrize("how", ["client gone", "abort"])
+async def test_a_request_abandoned_while_its_prefix_loads_ends_now_and_its_pin_later(running, how):
+    engine, registry, sched = make(max_batch_wait_ms=0.0)
+    await running(sched)
+    gate = gated(registry, "cold")
+    r = req("cold", n=3, stream=True)
+    sched.submit(r)
+    if how == "abort":
+        sched.abort(r)
+    else:
+        events = sched.events(r)
+        consumer = asyncio.create_task(anext(events))
+        await asyncio.sleep(0.01)
+        consumer.cancel()  # the client goes away while its prefix loads
+        await asyncio.gather(consumer, return_exceptions=True)
+        await events.aclose()
+    assert r.finish_reason is FinishReason.ABORT and sched.num_waiting == 0
+    gate.set()
+    await until(lambda: registry.num_loads_ended == 1 and registry.pinned() == 0)
+    (again,) = await _served(sched, req("cold", n=2))  # cached now
+    assert len(again.output_token_ids) == 2 and engine.admissions == [["cold"]]
+    assert registry.pinned() == 0 and not sched.waiting
+
+
+async def test_a_failing_load_fails_its_own_request_only(running, caplog):
+    engine, registry, sched = make()
+    await running(sched)
+    registry.tasks |= {"broken": 1, "full": 1}
+    registry.fail = {"broken": OSError("disk on fire"), "full": Overloaded("prefix cache is full")}
+    ok, broken, full = req("A", n=3), req("broken"), req("full")
+    results = await asyncio.wait_for(
+        asyncio.gather(*(sched.generate(r) for r in (broken, ok, full)), return_exceptions=True), 5
+    )
+    assert type(results[0]) is PrefixServerError
+    assert str(results[0]) == (
+        "the prefix of task 'broken' could not be loaded (OSError); see the server log"
+    )
+    assert "loading the prefix of task 'broken' failed" in caplog.text and "disk on fire" in caplog.text
+    assert results[1] is ok and len(ok.output_token_ids) == 3
+    assert isinstance(results[2], Overloaded) and broken.finish_reason is FinishReason.ERROR
+    assert engine.admissions == [["A"]] and registry.pinned() == 0 and sched.running_tokens == 0
+
+
+async def test_a_hot_swap_keeps_each_requests_version(running):
+    """A new version arrives while one request of the task loads and one of another task runs: each
+    keeps the version it resolved; requests after the swap get the new one; every pin is given back."""
+    engine, registry, sched = make(slots=4, delay=0.005, max_batch_wait_ms=0.0)
+    await running(sched)
+    run_v1 = asyncio.create_task(sched.generate(req("A", n=10_000)))
+    await until(lambda: engine.running)
+    gate = gated(registry, "S")
+    try:
+        load_v1 = req("S", n=2)
+        sched.submit(load_v1)
+        await until(lambda: registry.num_loads_started == 1)  # S v1 resolved, its read stuck
+        registry.tasks |= {"S": 2, "A": 2}  # the uploads of new versions return
+        new_s = req("S", n=2)
+        sched.submit(new_s)  # v2 is cold too: it waits behind the same gate
+        (new_a,) = await _served(sched, req("A", n=2))
+        assert new_a.prefix_version == 2 and engine.running[0].prefix_version == 1
+        assert registry.pins[FakeRecord("A", 1)] == 1 and not load_v1.finished
+    finally:
+        gate.set()
+    await _served_already(sched, load_v1, new_s)
+    assert (load_v1.prefix_version, new_s.prefix_version) == (1, 2)
+    sched.abort(engine.running[0])
+    assert (await run_v1).prefix_version == 1
+    assert registry.pinned() == 0
+
+
+async def _served_already(sched, *requests):
+    """Requests submitted earlier, waited for to their final events."""
+    for r in requests:
+        assert [e.kind for e in await finals(sched, r)] == ["done"]
+
+
+async def test_requests_whose_prefix_loads_count_toward_the_full_queue(running):
+    _engine, registry, sched = make(max_queue=2)
+    await running(sched)
+    gate = gated(registry, "c1", "c2")
+    loading = [req("c1"), req("c2")]
+    for r in loading:
+        sched.submit(r)
+    assert sched.num_waiting == 2 and sched.num_ready == 0
+    with pytest.raises(Overloaded, match="queue is full"):
+        sched.submit(req("A"))
+    gate.set()
+    await _served_already(sched, *loading)
+    assert registry.pinned() == 0
+
+
+async def test_stop_while_a_prefix_loads_does_not_wait_for_it():
+    _engine, registry, sched = make(max_batch_wait_ms=0.0)
+    await sched.start()
+    gate = gated(registry, "cold")
+    r = req("cold")
+    sched.submit(r)
+    await asyncio.wait_for(sched.stop(), 5)
+    (event,) = await finals(sched, r)
+    assert event.kind == "error" and isinstance(event.error, NotReady)
+    gate.set()
+    await until(lambda: registry.num_loads_ended == 1 and registry.pinned() == 0)
+
+
+async def test_drain_waits_for_a_loading_request_within_its_timeout():
+    _engine, registry, sched = make(max_batch_wait_ms=0.0)
+    await sched.start()
+    gate = gated(registry, "cold", "stuck")
+    r = req("cold", n=3)
+    sched.submit(r)
+    drain = asyncio.create_task(sched.drain(timeout=10))
+    await asyncio.sleep(0.02)
+    assert not drain.done()  # an accepted request still loads
+    gate.set()
+    await asyncio.wait_for(drain, 5)
+    assert r.finish_reason is FinishReason.LENGTH and registry.pinned() == 0
+
+    _engine, registry, sched = make(max_batch_wait_ms=0.0)
+    await sched.start()
+    gate = gated(registry, "stuck")
+    r = req("stuck")
+    sched.submit(r)
+    await asyncio.wait_for(sched.drain(timeout=0.05), 5)  # the load outlives the drain: failed
+    (event,) = await finals(sched, r)
+    assert event.kind == "error" and isinstance(event.error, NotReady)
+    gate.set()
+    await until(lambda: registry.num_loads_ended == 1 and registry.pinned() == 0)
+
+
+# ---- admission by K/V pages ----
+
+
+async def test_admission_stops_at_the_free_pages(running):
+    engine, _, sched = make(pages=20, max_batch_wait_ms=50.0)
+    await running(sched)
+    # each: 1 (prompt) + 5 (new) own pages + 4 of its prefix = 10 -> two at a time
+    await _served(sched, *(req(f"t{i}", n=5) for i in range(5)))
+    assert engine.admissions == [["t0", "t1"], ["t2", "t3"], ["t4"]] and engine.max_pages_used == 20
+    assert sched.running_tokens == 0
+
+
+def tenant_req(tenant, task, n) -> Request:
+    r = req(task, n=n)
+    r.tenant = tenant
+    return r
+
+
+async def test_a_prefix_is_counted_once_per_plan_and_only_for_requests_that_go(running):
+    engine, _, sched = make(pages=16, max_batch_wait_ms=50.0)
+    await running(sched)
+    # A, A: 6 + 6 own pages + 4 for prefix A once = 16: both go. B of tenant x (10) does not fit; its
+    # prefix must not count as paid for, or B of tenant y (6 own pages) would slip in over the limit.
+    first = [
+        tenant_req("x", "A", 5),
+        tenant_req("x", "A", 5),
+        tenant_req("x", "B", 5),
+        tenant_req("y", "B", 5),
+    ]
+    results = await _served(sched, *first)
+    assert all(len(r.output_token_ids) == 5 for r in results)
+    assert engine.admissions[0] == ["A", "A"] and engine.max_pages_used == 16
+
+
+async def test_a_request_blocked_by_pages_keeps_its_place_and_goes_when_pages_free_up(running):
+    """A running row holds all but 5 pages: a request needing 105 waits (it is not failed, and it keeps
+    the head of its queue) while a 5-page request of another queue goes; when the big row ends, it goes.
+    Nothing reserves pages for a blocked request: under a steady flow of small requests from other
+    queues it could wait as long as they keep the pages taken."""
+    engine, registry, sched = make(pages=10_010, max_batch_wait_ms=0.0)
+    await running(sched)
+    big = asyncio.create_task(sched.generate(req("A", n=10_000)))  # 10_001 + 4 = 10_005 pages
+    await until(lambda: engine.running)
+    blocked, small = req("B", n=100), Request([1], SamplingParams(max_new_tokens=4))  # 105; 5 pages
+    sched.submit(blocked)
+    sched.submit(small)
+    assert [e.kind for e in await finals(sched, small)] == ["done"]
+    assert blocked.status is RequestStatus.WAITING and sched.waiting["B"][0] is blocked
+    sched.abort(engine.running[0])  # the big row ends: its pages free up
+    assert [e.kind for e in await finals(sched, blocked)] == ["done"]
+    assert engine.admissions == [["A"], [None], ["B"]] and len(blocked.output_token_ids) == 100
+    assert (await big).finish_reason is FinishReason.ABORT and registry.pinned() == 0
