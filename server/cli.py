@@ -74,9 +74,14 @@ SERVE_FLAGS = {
     ),
     "model_cache_dir": (Path, "where converted GGUF models are kept"),
     "prefix_cache_bytes": (int, "in-memory prefix cache budget in bytes (LRU beyond it)"),
+    "kv_cache_bytes": (
+        int,
+        "bytes of the K/V page pool (running rows and resident prefixes); 0 (default): room for "
+        "max-batch-tokens plus a longest prefix per row, at most a quarter of free memory",
+    ),
     "max_virtual_tokens": (int, "largest prefix accepted, in virtual tokens"),
     "max_upload_bytes": (int, "largest prefix upload accepted (413 beyond it)"),
-    "max_batch_size": (int, "most requests in one batch"),
+    "max_batch_size": (int, "most rows decoded together (the running batch's row limit)"),
     "max_batch_wait_ms": (float, "how long an idle engine waits for a first batch to fill"),
     "max_batch_tokens": (int, "token budget of the running batch (prefix + prompt + max_new_tokens per row)"),
     "max_queue": (int, "most waiting requests; beyond it 429 with Retry-After"),

@@ -53,6 +53,7 @@ class Settings:
     prefix_store_ttl_s: float = 1.0  # S3 store: how long an index entry is trusted before a check
     store_read_delay_ms: float = 0.0  # benchmarks and tests: each prefix read from the store sleeps first
     prefix_cache_bytes: int = 512 * 1024 * 1024
+    kv_cache_bytes: int = 0  # the K/V page pool; 0 = auto (engine/pages.py: default_pool_bytes)
     max_virtual_tokens: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
     # batching and limits
@@ -103,6 +104,7 @@ class Settings:
             "tenant_burst",
             "prefix_store_ttl_s",
             "store_read_delay_ms",
+            "kv_cache_bytes",
         ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")

@@ -6,8 +6,8 @@ import enum
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server.errors import InvalidRequest

@@ -77,6 +77,29 @@ def test_compiled_equals_eager_as_rows_join_and_leave(compiled, tokenizer):
     assert counters["stats"]["unique_graphs"] == graphs  # nothing was compiled after the warm-up
 
 
+def test_compiled_shared_prefix_pages_and_odd_lengths_equal_eager(compiled, tokenizer):
+    """Rows of one task sharing its pages (the kernel reads them once per group), and prefixes of 1, 15, 16,
+    17 and 255 tokens (last pages partly empty), joining and leaving: the eager engine's tokens."""
+    _, engine = compiled
+    eager = Engine(engine.model, tokenizer, max_rows=4)
+    fp = engine.fingerprint
+    shared = random_prefix(fp, 17, 5)
+    prefixes = [shared, shared, random_prefix(fp, 1, 6), shared, random_prefix(fp, 255, 7)]
+    prefixes += [random_prefix(fp, 16, 8), shared, random_prefix(fp, 15, 9)]
+    prompt_lens, new_tokens = [4, 9, 2, 16, 7, 30, 1, 5], [12, 20, 6, 9, 14, 8, 17, 10]
+    joins_at = [0, 0, 0, 2, 3, 5, 6, 6]
+    graphs = counters["stats"]["unique_graphs"]
+    runs = []
+    for e in (engine, eager):
+        reqs = make_requests(prefixes, prompt_lens, new_tokens)
+        for r in reqs:
+            r.prefix_key = ("shared", 1, "x") if r.prefix is shared else None
+        run_joining(e, reqs, joins_at)
+        runs.append([r.output_token_ids for r in reqs])
+    assert runs[0] == runs[1]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compiled_logits_are_close_to_eager(compiled, tokenizer):
     _, engine = compiled
     eager = Engine(engine.model, tokenizer, max_rows=4)

@@ -19,7 +19,9 @@ from server.api.metrics import Metrics
 from server.api.openai import router as openai_router
 from server.api.routes import router
 from server.config import Settings
-from server.engine.engine import Engine
+from server.engine.engine import PAGE_SIZE, Engine
+from server.engine.pages import default_pool_bytes
+from server.registry.format import ModelFingerprint
 from server.registry.registry import PrefixRegistry
 from server.scheduler import Scheduler, SchedulerConfig
 from server.threads import in_own_thread
@@ -61,12 +63,21 @@ def build_components(settings: Settings) -> Components:
     loaded = load_model(
         settings.model, dtype=settings.dtype, device=settings.device, cache_dir=settings.model_cache_dir
     )
+    fingerprint = ModelFingerprint.from_config(loaded.model.config)
+    kv_cache_bytes = settings.kv_cache_bytes or default_pool_bytes(
+        fingerprint,
+        loaded.model.dtype,
+        loaded.model.device,
+        tokens=settings.max_batch_tokens
+        + settings.max_batch_size * (settings.max_virtual_tokens + PAGE_SIZE),
+    )
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
         max_rows=settings.max_batch_size,
         max_seq_len=settings.max_virtual_tokens + settings.max_prompt_tokens + settings.max_new_tokens,
         max_virtual_tokens=settings.max_virtual_tokens,
+        kv_cache_bytes=kv_cache_bytes,
     )
     registry = PrefixRegistry.open(
         settings.prefix_store or settings.prefix_dir,  # an s3:// URL, else the folder

@@ -119,3 +119,16 @@ class _EngineCollector:
         )
         compiled.add_metric([], 1 if decoder is not None and decoder.ready else 0)
         yield compiled
+        kv_stats = getattr(components.engine, "kv_stats", None) if components is not None else None
+        if kv_stats is None:
+            return
+        stats = kv_stats()
+        for key, text in {
+            "pages_total": "K/V pages in the pool (--kv-cache-bytes)",
+            "pages_used": "K/V pages held by running rows and resident prefixes",
+            "pages_shared": "K/V pages of prefixes read by more than one running row",
+            "prefix_pages_resident": "K/V pages of resident prefixes (used and idle)",
+        }.items():
+            g = GaugeMetricFamily(f"prefix_server_kv_{key}", text)
+            g.add_metric([], stats[key])
+            yield g

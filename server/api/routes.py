@@ -27,6 +27,7 @@ from server.api.schemas import (
     Health,
     PrefixInfo,
     PrefixList,
+    PrefixStatus,
     Ready,
     StreamEvent,
     TokenLogprobInfo,
@@ -420,10 +421,13 @@ async def list_prefixes(request: Request, caller: CallerDep) -> PrefixList:
     return PrefixList(prefixes=[_info(r, caller) for r in records])
 
 
-@router.get("/prefixes/{task_id}", response_model=PrefixInfo, responses=ERRORS, tags=["prefixes"])
-async def get_prefix(task_id: TaskIdPath, request: Request, caller: CallerDep) -> PrefixInfo:
+@router.get("/prefixes/{task_id}", response_model=PrefixStatus, responses=ERRORS, tags=["prefixes"])
+async def get_prefix(task_id: TaskIdPath, request: Request, caller: CallerDep) -> PrefixStatus:
+    """The task's latest version, and whether its K/V are resident in the engine's page pool."""
     state = _state(request)
-    return _info(state.components.registry.get(caller.stored_id(task_id)), caller)
+    record = state.components.registry.get(caller.stored_id(task_id))
+    resident = state.components.engine.is_resident((record.task_id, record.version, record.sha256))
+    return PrefixStatus(**_info(record, caller).model_dump(), resident=resident)
 
 
 @router.delete("/prefixes/{task_id}", status_code=204, responses=ERRORS, tags=["prefixes"])

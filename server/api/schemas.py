@@ -193,6 +193,13 @@ class PrefixInfo(BaseModel):
     frame: FrameInfo | None = Field(None, description="the task's prompt frame; null if it has none")
 
 
+class PrefixStatus(PrefixInfo):
+    resident: bool = Field(
+        description="whether this version's K/V are in the engine's page pool now (a request for it starts "
+        "without loading or writing its prefix); for routers that prefer a replica holding the task"
+    )
+
+
 class PrefixList(BaseModel):
     prefixes: list[PrefixInfo]
 

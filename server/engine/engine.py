@@ -15,7 +15,7 @@ from server.engine.compiled import CompiledDecode, bucket_for
 from server.engine.compiled import supports as compiled_supports
 from server.engine.logprobs import token_logprobs
 from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
-from server.engine.pages import PagePool, ResidentPrefixes, bytes_per_page, pages_for
+from server.engine.pages import PAGE_SIZE_DEFAULT, PagePool, ResidentPrefixes, bytes_per_page, pages_for
 from server.engine.sampling import make_generator, sample
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
@@ -23,7 +23,7 @@ from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 16  # tokens per K/V page (vLLM's default block size)
+PAGE_SIZE = PAGE_SIZE_DEFAULT
 
 
 class Engine:

@@ -22,6 +22,7 @@ import torch
 from server.registry.format import ModelFingerprint, PrefixKV
 
 SCRATCH_PAGE = 0
+PAGE_SIZE_DEFAULT = 16  # tokens per page (vLLM's default block size)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -41,6 +42,29 @@ class _Identity:
 def _versioned(key: Hashable) -> bool:
     """A registry key (task_id, version, sha256)."""
     return isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], int)
+
+
+def default_pool_bytes(fp: ModelFingerprint, dtype: torch.dtype, device, tokens: int) -> int:
+    """The pool's size when none is set: `tokens` tokens (the caller's worst case of running rows and their
+    prefixes) and the scratch page, at most a quarter of the memory free now (CPU: MemAvailable; CUDA:
+    the device's free memory), at least 2 pages."""
+    page = bytes_per_page(fp, PAGE_SIZE_DEFAULT, dtype)
+    wanted = (pages_for(tokens, PAGE_SIZE_DEFAULT) + 1) * page
+    device = torch.device(device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available()
+    return max(2 * page, min(wanted, free // 4) if free else wanted)
+
+
+def _mem_available() -> int:
+    """Linux's estimate of memory available without swapping, in bytes; 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class OutOfPages(RuntimeError):
@@ -119,18 +143,19 @@ class ResidentPrefixes:
         so its id is not reused while the entry exists)."""
         return key if key is not None else _Identity(id(prefix))
 
+    # list(...) first: /metrics reads these from another thread while the engine thread changes them.
     @property
     def idle_pages(self) -> int:
-        return sum(len(e.pages) for e in self._idle.values())
+        return sum(len(e.pages) for e in list(self._idle.values()))
 
     @property
     def resident_pages(self) -> int:
-        return sum(len(e.pages) for e in self.entries.values())
+        return sum(len(e.pages) for e in list(self.entries.values()))
 
     @property
     def shared_pages(self) -> int:
         """Pages read by more than one running row."""
-        return sum(len(e.pages) for e in self.entries.values() if e.refs > 1)
+        return sum(len(e.pages) for e in list(self.entries.values()) if e.refs > 1)
 
     def is_resident(self, key: Hashable) -> bool:
         return key in self.entries
