@@ -356,14 +356,16 @@ def slow_store_args(args: argparse.Namespace, fp: ModelFingerprint) -> list[str]
 
 @contextlib.contextmanager
 def server(url: str | None, extra: list[str], log_path: Path) -> Iterator[str]:
-    """`url` as it is, or a server started here on a new prefix folder (stopped when the block ends)."""
+    """`url` as it is, or a server started here on a new prefix folder (the server stopped and the
+    folder, ~0.7 GB with 1,000 tasks, removed when the block ends)."""
     if url:
         yield url
         return
-    serve_args = [*SERVE_ARGS, *extra, "--prefix-dir", tempfile.mkdtemp(prefix="bench-pool-")]
-    say(f"starting prefix-server serve {' '.join(serve_args)} (--compile wait: minutes)")
-    with log_path.open("w+") as log, serverproc.running(serve_args, log=log, timeout_s=1200) as (_, base):
-        yield base
+    with tempfile.TemporaryDirectory(prefix="bench-pool-") as prefix_dir, log_path.open("w+") as log:
+        serve_args = [*SERVE_ARGS, *extra, "--prefix-dir", prefix_dir]
+        say(f"starting prefix-server serve {' '.join(serve_args)} (--compile wait: minutes)")
+        with serverproc.running(serve_args, log=log, timeout_s=1200) as (_, base):
+            yield base
 
 
 def workload_texts() -> tuple[dict, str]:
