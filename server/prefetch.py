@@ -5,6 +5,8 @@ when its request joined the batch, and every running row waited for it. Now `Sch
 request with a task here: a prefix the cache holds is pinned at once on the event loop; any other loads
 on a thread of its own that ends with the load (server/threads.py: never a long-lived pool), and only
 then does the request join its fairness queue. The scheduler plans only requests whose prefix is in.
+One load per task version runs at a time: a burst of requests for a cold task waits for the first
+one's load (one store read, one parse) and then finds the prefix cached.
 
 All bookkeeping runs on the event loop; the load thread only calls `registry.acquire`.
 """
@@ -36,6 +38,8 @@ class PrefixLoader:
         self.on_ready, self.on_failed = on_ready, on_failed
         self.loading: set[Request] = set()  # their loads run; aborted ones leave this set at once
         self._tasks: set[asyncio.Task] = set()  # the loads in flight (asyncio keeps only weak references)
+        # (task_id, version) -> done when the load running for it ends
+        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
 
     @property
     def num_loading(self) -> int:
@@ -69,17 +73,44 @@ class PrefixLoader:
         return requests
 
     async def _load(self, request: Request) -> None:
+        task_id = request.task_id
+        while True:
+            if request not in self.loading:  # aborted, or failed by a shutdown: nothing to load
+                return
+            try:  # the latest version (an index lookup, as submit's) and, once a load ends, a cache hit
+                key = (task_id, self.registry.get(task_id).version)
+                pending = self._inflight.get(key)
+                hit = None if pending is not None else self.registry.acquire_cached(task_id)
+            except Exception as e:  # e.g. the task was deleted meanwhile
+                self._failed(request, e)
+                return
+            if hit is not None:
+                self._ready(request, *hit)
+                return
+            if pending is None:
+                break
+            await asyncio.shield(pending)  # shielded: this request's end must not cancel the others' wait
+        done = self._inflight[key] = asyncio.get_running_loop().create_future()
         try:
-            record, prefix = await in_own_thread(self.registry.acquire, request.task_id)
+            record, prefix = await in_own_thread(self.registry.acquire, task_id)
         except Exception as e:
-            if self.cancel(request):  # else it is gone already, and nothing was pinned
-                self.on_failed(request, load_error(request, e))
+            self._failed(request, e)
             return
+        finally:
+            del self._inflight[key]
+            done.set_result(None)
+        self._ready(request, record, prefix)
+
+    def _ready(self, request: Request, record: Any, prefix: Any) -> None:
         if not self.cancel(request):  # aborted or failed while it loaded: nobody will run it
             self.registry.release(record)
             return
         attach(request, record, prefix)
         self.on_ready(request)
+
+    def _failed(self, request: Request, error: Exception) -> None:
+        if self.cancel(request):  # else it is gone already, and nothing was pinned
+            self.on_failed(request, load_error(request, error))
 
 
 def attach(request: Request, record: Any, prefix: Any) -> None:

@@ -538,6 +538,20 @@ async def test_a_loaded_request_carries_its_prefix_and_the_key_of_its_content(ru
     assert registry.num_loads_ended == 1 and registry.pinned() == 0
 
 
+async def test_a_burst_for_a_cold_task_loads_its_prefix_once(running):
+    _engine, registry, sched = make(slots=8, max_batch_wait_ms=0.0)
+    await running(sched)
+    gate = gated(registry, "cold")
+    burst = [req("cold", n=2) for _ in range(5)]
+    for r in burst:
+        sched.submit(r)
+    sched.abort(burst[1])  # one leaves while it waits for the others' load
+    gate.set()
+    await _served_already(sched, *burst[:1], *burst[2:])
+    assert registry.num_loads_started == 1 and burst[1].finish_reason is FinishReason.ABORT
+    assert all(r.prefix_version == 1 for r in burst[2:]) and registry.pinned() == 0
+
+
 @pytest.mark.parametrize("how", ["client gone", "abort"])
 async def test_a_request_abandoned_while_its_prefix_loads_ends_now_and_its_pin_later(running, how):
     engine, registry, sched = make(max_batch_wait_ms=0.0)
@@ -545,6 +559,7 @@ async def test_a_request_abandoned_while_its_prefix_loads_ends_now_and_its_pin_l
     gate = gated(registry, "cold")
     r = req("cold", n=3, stream=True)
     sched.submit(r)
+    await until(lambda: registry.num_loads_started == 1)  # its load is inside the store
     if how == "abort":
         sched.abort(r)
     else:
@@ -595,7 +610,7 @@ async def test_a_hot_swap_keeps_each_requests_version(running):
         await until(lambda: registry.num_loads_started == 1)  # S v1 resolved, its read stuck
         registry.tasks |= {"S": 2, "A": 2}  # the uploads of new versions return
         new_s = req("S", n=2)
-        sched.submit(new_s)  # v2 is cold too: it waits behind the same gate
+        sched.submit(new_s)  # v2 is cold too: its load waits at the same gate
         (new_a,) = await _served(sched, req("A", n=2))
         assert new_a.prefix_version == 2 and engine.running[0].prefix_version == 1
         assert registry.pins[FakeRecord("A", 1)] == 1 and not load_v1.finished
@@ -635,6 +650,7 @@ async def test_stop_while_a_prefix_loads_does_not_wait_for_it():
     gate = gated(registry, "cold")
     r = req("cold")
     sched.submit(r)
+    await until(lambda: registry.num_loads_started == 1)  # its load is inside the store
     await asyncio.wait_for(sched.stop(), 5)
     (event,) = await finals(sched, r)
     assert event.kind == "error" and isinstance(event.error, NotReady)
@@ -660,6 +676,7 @@ async def test_drain_waits_for_a_loading_request_within_its_timeout():
     gate = gated(registry, "stuck")
     r = req("stuck")
     sched.submit(r)
+    await until(lambda: registry.num_loads_started == 1)
     await asyncio.wait_for(sched.drain(timeout=0.05), 5)  # the load outlives the drain: failed
     (event,) = await finals(sched, r)
     assert event.kind == "error" and isinstance(event.error, NotReady)
