@@ -3,8 +3,8 @@
 Ray's model multiplexing calls `hold(task_id)` the first time a replica serves a task and evicts the
 least recently used task beyond `max_tasks_per_replica`; the router then sends a task's requests to a
 replica that holds it. Here holding a task means its current prefix is in the registry's cache: it is
-loaded before the request reaches the scheduler (a cold load on the engine thread would stall the
-whole batch), and dropped from the cache when Ray evicts the task.
+loaded before the request reaches the scheduler (which would otherwise load it on submit, off the
+engine thread, see server/prefetch.py), and dropped from the cache when Ray evicts the task.
 """
 
 from __future__ import annotations
