@@ -240,6 +240,11 @@ class Scheduler:
                     continue
                 seen = set(counted)  # what pages_needed adds counts only if this request goes
                 pages = self.engine.pages_needed(queue[0], seen)
+                if pages > free_pages and not self.engine.running and not admitted:
+                    self._refuse(queue.popleft(), pages, free_pages)  # an empty engine: it never fits
+                    if not queue:
+                        self._forget(key)
+                    continue
                 if pages > free_pages:
                     blocked += 1
                     continue
@@ -287,6 +292,18 @@ class Scheduler:
         self.waiting = {k: q for k, q in self.waiting.items() if q}
         self._rr = collections.deque(k for k in self._rr if k in self.waiting)
         self._rr.extend(k for k in self.waiting if k not in self._rr)
+
+    def _refuse(self, request: Request, pages: int, num_pages: int) -> None:
+        """A request larger than the whole K/V pool (with every row free) fails instead of waiting forever."""
+        self._fail(
+            request,
+            InvalidRequest(
+                f"request needs {pages} K/V pages (prefix + prompt + max_new_tokens), the engine has "
+                f"{num_pages} in all; ask for fewer max_new_tokens"
+            ),
+        )
+        self._release(request)
+        self._send_final(request)
 
     def _fail_load(self, request: Request, error: Exception) -> None:
         """A prefix that did not load fails its request only (it was never planned: no tokens to return)."""

@@ -736,3 +736,18 @@ async def test_a_request_blocked_by_pages_keeps_its_place_and_goes_when_pages_fr
     assert [e.kind for e in await finals(sched, blocked)] == ["done"]
     assert engine.admissions == [["A"], [None], ["B"]] and len(blocked.output_token_ids) == 100
     assert (await big).finish_reason is FinishReason.ABORT and registry.pinned() == 0
+
+
+async def test_a_request_larger_than_every_page_fails_instead_of_waiting_forever(running):
+    engine, registry, sched = make(pages=20, max_batch_wait_ms=0.0)
+    await running(sched)
+    huge, ok = req("A", n=30), req("B", n=5)  # 1 + 30 + 4 = 35 pages of 20; 10 pages
+    results = await asyncio.wait_for(
+        asyncio.gather(sched.generate(huge), sched.generate(ok), return_exceptions=True), 5
+    )
+    assert isinstance(results[0], InvalidRequest)
+    assert "request needs 35 K/V pages (prefix + prompt + max_new_tokens), the engine has 20" in str(
+        results[0]
+    )
+    assert results[1] is ok and len(ok.output_token_ids) == 5
+    assert engine.admissions == [["B"]] and registry.pinned() == 0 and not sched.waiting
