@@ -16,6 +16,7 @@ from server.engine.compiled import supports as compiled_supports
 from server.engine.logprobs import token_logprobs
 from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
 from server.engine.pages import PAGE_SIZE_DEFAULT, PagePool, ResidentPrefixes, bytes_per_page, pages_for
+from server.engine.prefill import prefilling, use_cascade
 from server.engine.sampling import make_generator, sample
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
@@ -42,6 +43,7 @@ class Engine:
         page_size: int = PAGE_SIZE,
     ):
         self.model = model
+        use_cascade(model)  # its prefills read each shared prefix once (engine/prefill.py)
         self.tokenizer = tokenizer
         self.config = model.config
         self.fingerprint = ModelFingerprint.from_config(model.config)
@@ -189,7 +191,8 @@ class Engine:
             [r.prompt_token_ids for r in requests], meta, self.pad_token_id, self.device
         )
         cache = PrefillCache(self.pool, rows, meta.prompt_lens)
-        logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
+        with prefilling(cache):
+            logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
         generators = [make_generator(r.sampling, self.device) for r in requests]
         tokens = sample(logits, [r.sampling for r in requests], generators)
         logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])

@@ -169,24 +169,24 @@ class DecodeCache(_PagedCache):
 
 class PrefillCache(_PagedCache):
     """A transformers Cache for a prefill of left-padded prompts [b, Tmax] after left-padded prefixes
-    (batch.py's layout): each row's real prompt K/V go straight into its own pages, attention reads the
-    prefixes from their pages: [b, kv_heads, Pmax + Tmax, d]."""
+    (batch.py's layout): each row's real prompt K/V go straight into its own pages, and attention
+    (prefill.cascade_attention) reads each prefix version from its pages once for all rows of it."""
 
     def __init__(self, pool: PagePool, rows: Sequence[RowKV], prompt_lens: Sequence[int]):
         super().__init__(pool.fp.num_layers)
         self.pool = pool
         ps, device = pool.page_size, pool.keys.device
-        p_max, t_max = max(r.prefix_len for r in rows), max(prompt_lens)
-        self.past_len = p_max
-        # Prefix columns of each row, left-padded with the scratch slot: [b, Pmax] page and offset.
-        prefix_slots = [
-            [SCRATCH_PAGE * ps] * (p_max - r.prefix_len)
-            + [r.prefix.pages[j // ps] * ps + j % ps for j in range(r.prefix_len)]
-            for r in rows
+        self.past_len = max(r.prefix_len for r in rows)  # Pmax: the 2D mask's prefix columns
+        groups: dict[int, tuple[PrefixPages, list[int]]] = {}  # rows of each prefix version
+        for i, r in enumerate(rows):
+            if r.prefix is not None:
+                groups.setdefault(id(r.prefix), (r.prefix, []))[1].append(i)
+        self.groups = [
+            (torch.tensor(idx, device=device), torch.tensor(entry.pages, device=device), entry.length)
+            for entry, idx in groups.values()
         ]
-        flat = torch.tensor(prefix_slots, dtype=torch.long, device=device).reshape(len(rows), p_max)
-        self.prefix_pages, self.prefix_offsets = flat // ps, flat % ps  # [b, Pmax]
         # Where each real prompt token goes: source (row, column of the padded prompt), destination slot.
+        t_max = max(prompt_lens)
         src_rows, src_cols, dst = [], [], []
         for i, (r, t_len) in enumerate(zip(rows, prompt_lens, strict=True)):
             src_rows += [i] * t_len
@@ -196,14 +196,16 @@ class PrefillCache(_PagedCache):
             torch.tensor(x, dtype=torch.long, device=device) for x in (src_rows, src_cols, dst)
         )
 
-    def update_layer(self, layer, k, v):  # k, v: [b, kv_heads, Tmax, d]
-        out = []
+    def update_layer(self, layer, k, v):  # k, v: [b, kv_heads, Tmax, d], returned as they are
         for pool_layer, x in ((self.pool.keys[layer], k), (self.pool.values[layer], v)):
             write(pool_layer, self.dst_slots, x[self.src_rows, :, self.src_cols])  # [n_tokens, kv_heads, d]
-            if self.past_len:
-                prefix = pool_layer[self.prefix_pages, :, self.prefix_offsets].transpose(
-                    1, 2
-                )  # [b, kv, Pmax, d]
-                x = torch.cat([prefix, x], dim=2)
-            out.append(x)
-        return out[0], out[1]
+        return k, v
+
+    def prefix_kv(self, layer: int):
+        """(rows [n], keys, values [kv_heads, P, d]) of each prefix version in this prefill, from its pages."""
+        for rows, pages, length in self.groups:
+            k, v = (
+                t[layer][pages].transpose(0, 1).flatten(1, 2)[:, :length]  # [kv_heads, pages * page_size, d]
+                for t in (self.pool.keys, self.pool.values)
+            )
+            yield rows, k, v

@@ -149,6 +149,52 @@ struct HeadPages {
   }
 };
 
+constexpr int64_t kMaxD = 256;  // head dims the page-at-a-time prefix path takes (16 registers of keys)
+
+// Scores of nq queries against n <= 16 keys of one page (tokens j0 .. j0 + n of a sequence): the page's
+// keys transposed once into kt [d, 16], then each query's 16 scores are d broadcast FMAs in one register
+// (no horizontal sum per key). scores: s[i * stride + (0 .. n)].
+template <typename T, typename Query>
+void prefix_scores(const HeadPages<T>& kp, const int64_t* table, int64_t j0, int64_t n, int64_t nq, Query query,
+                   float scale, float* s, int64_t stride, float* kt) {
+  const int64_t d = kp.d;
+  for (int64_t j = 0; j < kBlock; ++j) {
+    float row[kMaxD];
+    const float* k = j < n ? widen(kp.at(table, j0 + j), row, d) : nullptr;
+    for (int64_t x = 0; x < d; ++x) kt[x * kBlock + j] = k ? k[x] : 0.f;
+  }
+  const __mmask16 live = n == kBlock ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* qi = query(i);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t x = 0; x < d; x += 2) {
+      acc0 = _mm512_fmadd_ps(_mm512_set1_ps(qi[x]), _mm512_loadu_ps(kt + x * kBlock), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_set1_ps(qi[x + 1]), _mm512_loadu_ps(kt + (x + 1) * kBlock), acc1);
+    }
+    _mm512_mask_storeu_ps(s + i * stride, live, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), sc));
+  }
+}
+
+// o[i] += sum over the page's n values of p[i * stride + j] * v_j, with o[i] held in registers for the page.
+template <typename T>
+void prefix_values(const HeadPages<T>& vp, const int64_t* table, int64_t j0, int64_t n, int64_t nq, const float* p,
+                   int64_t stride, float* o, float* vbuf) {
+  const int64_t d = vp.d, regs = d / kBlock;
+  const float* v[kBlock];
+  for (int64_t j = 0; j < n; ++j) v[j] = widen(vp.at(table, j0 + j), vbuf + j * d, d);
+  for (int64_t i = 0; i < nq; ++i) {
+    __m512 acc[kMaxD / kBlock];
+    float* oi = o + i * d;
+    for (int64_t r = 0; r < regs; ++r) acc[r] = _mm512_loadu_ps(oi + r * kBlock);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 w = _mm512_set1_ps(p[i * stride + j]);
+      for (int64_t r = 0; r < regs; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v[j] + r * kBlock), acc[r]);
+    }
+    for (int64_t r = 0; r < regs; ++r) _mm512_storeu_ps(oi + r * kBlock, acc[r]);
+  }
+}
+
 // A unit of work: rows [r0, r1) that share one prefix (P tokens on their first pages; P = 0: one row),
 // their query heads of K/V head h. The prefix's keys and values are read once for all of them (widened
 // once for bfloat16), then each row's own tokens. Scores: s [nq, stride]; accumulators: o [nq, d].
@@ -168,9 +214,17 @@ void attend_unit(const float* q, float* out, const HeadPages<T>& kp, const HeadP
   buf.resize(d);
   auto query = [&](int64_t i) { return q + ((r0 + i / groups) * heads + h * groups + i % groups) * d; };
   const int64_t* shared = tables + r0 * table_width;
-  for (int64_t j = 0; j < P; ++j) {  // the shared prefix: each key read once for every query of the unit
-    const float* k = widen(kp.at(shared, j), buf.data(), d);
-    for (int64_t i = 0; i < nq; ++i) s[i * stride + j] = dot(query(i), k, d) * scale;
+  if (d % kBlock == 0 && d <= kMaxD) {  // the shared prefix, a page at a time: each key read once for all
+    buf.resize(d * kBlock);
+    for (int64_t j0 = 0; j0 < P; j0 += kp.page_size) {
+      const int64_t n = std::min(kp.page_size, P - j0);
+      prefix_scores(kp, shared, j0, n, nq, query, scale, s.data() + j0, stride, buf.data());
+    }
+  } else {
+    for (int64_t j = 0; j < P; ++j) {
+      const float* k = widen(kp.at(shared, j), buf.data(), d);
+      for (int64_t i = 0; i < nq; ++i) s[i * stride + j] = dot(query(i), k, d) * scale;
+    }
   }
   for (int64_t r = r0; r < r1; ++r) {  // each row's own tokens
     const int64_t* own = tables + r * table_width + own_start;
@@ -184,9 +238,14 @@ void attend_unit(const float* q, float* out, const HeadPages<T>& kp, const HeadP
   }
   std::vector<float> inv(nq);
   for (int64_t i = 0; i < nq; ++i) inv[i] = 1.f / exp_shifted(s.data() + i * stride, P + own_lens[r0 + i / groups]);
-  for (int64_t j = 0; j < P; ++j) {
-    const float* v = widen(vp.at(shared, j), buf.data(), d);
-    for (int64_t i = 0; i < nq; ++i) axpy(s[i * stride + j], v, o.data() + i * d, d);
+  if (d % kBlock == 0 && d <= kMaxD) {
+    for (int64_t j0 = 0; j0 < P; j0 += vp.page_size)
+      prefix_values(vp, shared, j0, std::min(vp.page_size, P - j0), nq, s.data() + j0, stride, o.data(), buf.data());
+  } else {
+    for (int64_t j = 0; j < P; ++j) {
+      const float* v = widen(vp.at(shared, j), buf.data(), d);
+      for (int64_t i = 0; i < nq; ++i) axpy(s[i * stride + j], v, o.data() + i * d, d);
+    }
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t* own = tables + r * table_width + own_start;
