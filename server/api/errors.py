@@ -116,7 +116,9 @@ def _known_tasks(request: Request) -> str:
     if caller is None or components is None:
         return ""
     try:
-        names = sorted(caller.visible_id(r.task_id) for r in components.registry.list() if caller.owns(r.task_id))
+        names = sorted(
+            caller.visible_id(r.task_id) for r in components.registry.list() if caller.owns(r.task_id)
+        )
     except PrefixServerError:  # e.g. the store is unreachable: the 404 stands alone
         return ""
     if not names:
