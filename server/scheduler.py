@@ -55,7 +55,7 @@ class RegistryLike(Protocol):
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_wait_ms: float = 5.0  # an idle engine waits this long for a first batch to fill
-    max_batch_size: int = 16  # the row limit (= the engine's)
+    max_batch_size: int = 32  # the row limit (= the engine's)
     max_batch_tokens: int = 32768  # sum of running rows' prefix + prompt + max_new_tokens
     max_queue: int = 256  # waiting requests beyond this get 429
     continuous: bool = True  # False: static batches (a batch runs to its end before the next starts)

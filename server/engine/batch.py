@@ -1,8 +1,9 @@
-"""Per-batch metadata and the tensors a mixed-prefix batch needs: prefix cache, mask, positions.
+"""Per-batch metadata and the prefill inputs of a mixed-prefix batch: left-padded prompts, mask, positions.
 
-Layout of one row (prefix_len = P_i, prompt_len = T_i, batch maxima Pmax, Tmax):
+Layout of one row in the prefill's attention (prefix_len = P_i, prompt_len = T_i, batch maxima Pmax, Tmax;
+the prefix columns are read from the prefix's pages, see prefill.py; the prompt's K/V go to the row's pages):
 
-    cache columns : [ pad * (Pmax - P_i) | prefix (P_i) ][ pad * (Tmax - T_i) | prompt (T_i) ] [ generated ... ]
+    columns       : [ pad * (Pmax - P_i) | prefix (P_i) ][ pad * (Tmax - T_i) | prompt (T_i) ] [ generated ... ]
     attention mask:   0 ...                1 ...           0 ...                1 ...            1 ...
     position ids  :                                        0 ...                P_i .. P_i+T_i-1  P_i+T_i ...
 
@@ -16,9 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
 
-from server.registry.format import ModelFingerprint, PrefixKV
 from server.request import Request
 
 
@@ -47,35 +46,6 @@ class BatchMetadata:
     @property
     def max_prompt_len(self) -> int:
         return max(self.prompt_lens, default=0)
-
-
-def build_prefix_cache(
-    prefixes: Sequence[PrefixKV | None],
-    meta: BatchMetadata,
-    fingerprint: ModelFingerprint,
-    config: PretrainedConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> DynamicCache:
-    """A cache pre-filled with every row's prefix, left-padded to the batch's longest prefix."""
-    if meta.max_prefix_len == 0:
-        return DynamicCache(config=config)
-    shape = (
-        fingerprint.num_layers,
-        meta.batch_size,
-        fingerprint.kv_heads,
-        meta.max_prefix_len,
-        fingerprint.head_dim,
-    )
-    keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, batch, kv_heads, Pmax, head_dim]
-    values = torch.zeros(shape, dtype=dtype, device=device)
-    for row, prefix in enumerate(prefixes):
-        if prefix is None:
-            continue
-        start = meta.max_prefix_len - prefix.num_virtual_tokens
-        keys[:, row, :, start:] = prefix.keys  # [layers, kv_heads, P_i, head_dim]
-        values[:, row, :, start:] = prefix.values
-    return DynamicCache([(keys[layer], values[layer]) for layer in range(shape[0])], config=config)
 
 
 def build_prefill_inputs(

@@ -15,7 +15,14 @@ from server.engine.compiled import CompiledDecode, bucket_for
 from server.engine.compiled import supports as compiled_supports
 from server.engine.logprobs import token_logprobs
 from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
-from server.engine.pages import PAGE_SIZE_DEFAULT, PagePool, ResidentPrefixes, bytes_per_page, pages_for
+from server.engine.pages import (
+    PAGE_SIZE_DEFAULT,
+    PagePool,
+    ResidentPrefixes,
+    bytes_per_page,
+    default_pool_bytes,
+    pages_for,
+)
 from server.engine.prefill import prefilling, use_cascade
 from server.engine.sampling import make_generator, sample
 from server.errors import InvalidRequest
@@ -61,9 +68,9 @@ class Engine:
             self.max_context = min(self.max_context or window, window)
         self.max_seq_len = max_seq_len or self.max_context or 4096
         page_bytes = bytes_per_page(self.fingerprint, page_size, self.dtype)
-        if kv_cache_bytes is None:  # every row at the longest sequence with a prefix of its own
-            tokens = max_rows * (min(self.max_seq_len, 4096) + max_virtual_tokens)
-            kv_cache_bytes = (pages_for(tokens, page_size) + 1) * page_bytes
+        if kv_cache_bytes is None:  # every row at a long sequence with a prefix of its own
+            tokens = max_rows * (min(self.max_seq_len, 2048) + max_virtual_tokens + page_size)
+            kv_cache_bytes = default_pool_bytes(self.fingerprint, self.dtype, self.device, tokens)
         self.pool = PagePool(
             self.fingerprint, kv_cache_bytes // page_bytes, page_size, self.dtype, self.device
         )

@@ -165,7 +165,26 @@ void prefix_scores(const HeadPages<T>& kp, const int64_t* table, int64_t j0, int
   }
   const __mmask16 live = n == kBlock ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < nq; ++i) {
+  int64_t i = 0;
+  for (; i + 4 <= nq; i += 4) {  // 4 queries at a time, 2 chains each: 8 FMAs in flight, each kt row loaded once
+    const float *q0 = query(i), *q1 = query(i + 1), *q2 = query(i + 2), *q3 = query(i + 3);
+    __m512 a[8];
+    for (auto& r : a) r = _mm512_setzero_ps();
+    for (int64_t x = 0; x < d; x += 2) {
+      const __m512 k0 = _mm512_loadu_ps(kt + x * kBlock), k1 = _mm512_loadu_ps(kt + (x + 1) * kBlock);
+      a[0] = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), k0, a[0]);
+      a[1] = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), k1, a[1]);
+      a[2] = _mm512_fmadd_ps(_mm512_set1_ps(q1[x]), k0, a[2]);
+      a[3] = _mm512_fmadd_ps(_mm512_set1_ps(q1[x + 1]), k1, a[3]);
+      a[4] = _mm512_fmadd_ps(_mm512_set1_ps(q2[x]), k0, a[4]);
+      a[5] = _mm512_fmadd_ps(_mm512_set1_ps(q2[x + 1]), k1, a[5]);
+      a[6] = _mm512_fmadd_ps(_mm512_set1_ps(q3[x]), k0, a[6]);
+      a[7] = _mm512_fmadd_ps(_mm512_set1_ps(q3[x + 1]), k1, a[7]);
+    }
+    for (int64_t m = 0; m < 4; ++m)
+      _mm512_mask_storeu_ps(s + (i + m) * stride, live, _mm512_mul_ps(_mm512_add_ps(a[2 * m], a[2 * m + 1]), sc));
+  }
+  for (; i < nq; ++i) {
     const float* qi = query(i);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int64_t x = 0; x < d; x += 2) {
@@ -183,7 +202,24 @@ void prefix_values(const HeadPages<T>& vp, const int64_t* table, int64_t j0, int
   const int64_t d = vp.d, regs = d / kBlock;
   const float* v[kBlock];
   for (int64_t j = 0; j < n; ++j) v[j] = widen(vp.at(table, j0 + j), vbuf + j * d, d);
-  for (int64_t i = 0; i < nq; ++i) {
+  int64_t i = 0;
+  if (regs == 4) {  // head_dim 64: 2 queries at a time, 8 FMAs in flight, each value loaded once for both
+    for (; i + 2 <= nq; i += 2) {
+      float *o0 = o + i * d, *o1 = o0 + d;
+      __m512 a[8];
+      for (int64_t r = 0; r < 4; ++r) a[r] = _mm512_loadu_ps(o0 + r * kBlock), a[4 + r] = _mm512_loadu_ps(o1 + r * kBlock);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 w0 = _mm512_set1_ps(p[i * stride + j]), w1 = _mm512_set1_ps(p[(i + 1) * stride + j]);
+        for (int64_t r = 0; r < 4; ++r) {
+          const __m512 vv = _mm512_loadu_ps(v[j] + r * kBlock);
+          a[r] = _mm512_fmadd_ps(w0, vv, a[r]);
+          a[4 + r] = _mm512_fmadd_ps(w1, vv, a[4 + r]);
+        }
+      }
+      for (int64_t r = 0; r < 4; ++r) _mm512_storeu_ps(o0 + r * kBlock, a[r]), _mm512_storeu_ps(o1 + r * kBlock, a[4 + r]);
+    }
+  }
+  for (; i < nq; ++i) {
     __m512 acc[kMaxD / kBlock];
     float* oi = o + i * d;
     for (int64_t r = 0; r < regs; ++r) acc[r] = _mm512_loadu_ps(oi + r * kBlock);
