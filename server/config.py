@@ -57,8 +57,9 @@ class Settings:
     max_virtual_tokens: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
     # batching and limits
-    # Rows decoded together. 32: on a 2-core CPU 32 concurrent requests gave 1.29x the tokens/s of 16, and
-    # 64 only 1.20x (loadtest/bench_pool.py, docs/internals.md); each row limit adds a compiled bucket.
+    # Rows decoded together. 32: on a 2-core CPU 32 and 64 concurrent requests gave 1.27-1.29x and 1.20-1.31x
+    # the tokens/s of 16 (two runs of loadtest/bench_pool.py): 64 is no better within noise, and costs one
+    # more compiled bucket and more padding.
     max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
     max_batch_tokens: int = 32768  # running rows' prefix + prompt + max_new_tokens, summed
