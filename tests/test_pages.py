@@ -179,12 +179,7 @@ def test_requests_wait_for_pages_and_never_fail_for_them(model, tokenizer):
     admitted_sizes = []
     pending = list(reqs)
     while pending or engine.running:
-        counted, pages, take = set(), engine.num_available_pages, 0
-        while take < min(engine.num_free_rows, len(pending)):
-            pages -= engine.pages_needed(pending[take], counted)
-            if pages < 0:
-                break
-            take += 1
+        take = engine.num_admissible(pending)
         engine.admit(pending[:take])
         pending = pending[take:]
         admitted_sizes.append(len(engine.running))
@@ -249,3 +244,32 @@ async def test_metrics_and_prefix_status_show_the_pool(model, tokenizer, tmp_pat
         files = {"file": ("p.safetensors", save_native(random_prefix(engine.fingerprint, 5, 2)), "x")}
         assert (await api.post("/prefixes", data={"task_id": "t"}, files=files)).status_code == 201
         assert (await api.get("/prefixes/t")).json()["resident"] is False
+
+
+def test_a_model_on_another_attention_implementation_prefills_over_the_pages(tokenizer):
+    """The cascade prefill is for SDPA models; a model on eager attention gets each row's prefix and prompt
+    K/V side by side from the same pages, and the same tokens."""
+    sdpa, eager = make_tiny_model(FAMILY), make_tiny_model(FAMILY)
+    eager.config._attn_implementation = "eager"
+    runs = []
+    for model in (sdpa, eager):
+        engine = Engine(model, tokenizer, max_rows=4)
+        fp = engine.fingerprint
+        prefixes = [random_prefix(fp, 17, 1), None, random_prefix(fp, 3, 2), random_prefix(fp, 17, 1)]
+        runs.append(
+            [r.output_token_ids for r in engine.generate(make_requests(prefixes, [5, 9, 2, 7], [8] * 4))]
+        )
+    assert eager.config._attn_implementation == "eager"  # left as it was: not the cascade
+    assert runs[0] == runs[1]
+
+
+def test_default_pool_size_wants_the_tokens_within_a_quarter_of_free_memory(model, monkeypatch):
+    from server.engine import pages
+
+    fp = ModelFingerprint.from_config(model.config)
+    page = bytes_per_page(fp, 16, torch.float32)
+    monkeypatch.setattr(pages, "_mem_available", lambda: 400 * page)
+    assert pages.default_pool_bytes(fp, torch.float32, "cpu", tokens=16 * 50) == 51 * page  # + scratch
+    assert pages.default_pool_bytes(fp, torch.float32, "cpu", tokens=16 * 500) == 100 * page  # a quarter
+    monkeypatch.setattr(pages, "_mem_available", lambda: 0)  # unknown: what is wanted
+    assert pages.default_pool_bytes(fp, torch.float32, "cpu", tokens=16 * 500) == 501 * page

@@ -19,8 +19,8 @@ from server.api.metrics import Metrics
 from server.api.openai import router as openai_router
 from server.api.routes import router
 from server.config import Settings
-from server.engine.engine import PAGE_SIZE, Engine
-from server.engine.pages import default_pool_bytes
+from server.engine.engine import Engine
+from server.engine.pages import PAGE_SIZE, default_pool_bytes
 from server.registry.format import ModelFingerprint
 from server.registry.registry import PrefixRegistry
 from server.scheduler import Scheduler, SchedulerConfig

@@ -16,22 +16,20 @@ from server.engine.compiled import supports as compiled_supports
 from server.engine.logprobs import token_logprobs
 from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
 from server.engine.pages import (
-    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE,
     PagePool,
     ResidentPrefixes,
     bytes_per_page,
     default_pool_bytes,
     pages_for,
 )
-from server.engine.prefill import prefilling, use_cascade
+from server.engine.prefill import ATTENTION_NAME, prefilling, use_cascade
 from server.engine.sampling import make_generator, sample
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
 from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
-
-PAGE_SIZE = PAGE_SIZE_DEFAULT
 
 
 class Engine:
@@ -124,7 +122,7 @@ class Engine:
         """Pages admitting `request` takes out of `num_available_pages`: its own (prompt + max_new_tokens,
         reserved at admission) and its prefix's, unless running rows use them already or `counted` has
         its key (which this adds)."""
-        own = pages_for(request.num_prompt_tokens + request.sampling.max_new_tokens, self.page_size)
+        own = self._own_pages(request)
         if request.prefix is None:
             return own
         key = ResidentPrefixes.key_of(request.prefix, request.prefix_key)
@@ -132,6 +130,17 @@ class Engine:
             return own
         counted.add(key)
         return own + self.prefixes.pages_to_acquire(key, request.prefix_len)
+
+    def num_admissible(self, pending: Sequence[Request]) -> int:
+        """How many of `pending`, in order, fit the free rows and pages now (the scheduler plans its own
+        way, round-robin; this is for running requests directly: `generate`, tests, benchmarks)."""
+        counted: set = set()
+        pages = self.num_available_pages
+        for take, request in enumerate(pending[: self.num_free_rows]):
+            pages -= self.pages_needed(request, counted)
+            if pages < 0:
+                return take
+        return min(len(pending), self.num_free_rows)
 
     def is_resident(self, prefix_key) -> bool:
         """Whether a prefix version's K/V are in the pool now (used by rows, or idle)."""
@@ -145,8 +154,6 @@ class Engine:
             "pages_used": self.pool.num_usable - self.pool.num_free,
             "pages_shared": self.prefixes.shared_pages,
             "prefix_pages_resident": self.prefixes.resident_pages,
-            "page_size": self.page_size,
-            "page_bytes": bytes_per_page(self.fingerprint, self.page_size, self.dtype),
         }
 
     # ---- validation (at submit and again when a row is admitted) ----
@@ -168,8 +175,7 @@ class Engine:
         limit = min(self.max_seq_len, self.max_context or self.max_seq_len)
         if total > limit:
             raise InvalidRequest(f"{lengths} = {total} tokens, model context is {limit}")
-        own = request.num_prompt_tokens + request.sampling.max_new_tokens
-        pages = pages_for(request.prefix_len, self.page_size) + pages_for(own, self.page_size)
+        pages = pages_for(request.prefix_len, self.page_size) + self._own_pages(request)
         if pages > self.pool.num_usable:
             raise InvalidRequest(
                 f"{lengths} need {pages} K/V pages of {self.page_size} tokens, the pool holds "
@@ -197,7 +203,8 @@ class Engine:
         input_ids, attention_mask, position_ids = build_prefill_inputs(
             [r.prompt_token_ids for r in requests], meta, self.pad_token_id, self.device
         )
-        cache = PrefillCache(self.pool, rows, meta.prompt_lens)
+        cascade = self.model.config._attn_implementation == ATTENTION_NAME
+        cache = PrefillCache(self.pool, rows, meta.prompt_lens, cascade)
         with prefilling(cache):
             logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
         generators = [make_generator(r.sampling, self.device) for r in requests]
@@ -261,12 +268,7 @@ class Engine:
         """Run requests to completion, admitting them (in order) as rows and pages free up; returns them."""
         pending = list(requests)
         while pending or self.running:
-            take, counted, pages = 0, set(), self.num_available_pages
-            while take < min(self.num_free_rows, len(pending)):
-                pages -= self.pages_needed(pending[take], counted)
-                if pages < 0:
-                    break
-                take += 1
+            take = self.num_admissible(pending)
             if take == 0 and not self.running and pending:
                 self.validate(pending[0])  # it can never fit: say why
             self.admit(pending[:take])
@@ -311,9 +313,13 @@ class Engine:
         prefix = None
         if request.prefix is not None:
             prefix = self.prefixes.acquire(request.prefix, request.prefix_key)
-        own = pages_for(request.num_prompt_tokens + request.sampling.max_new_tokens, self.page_size)
+        own = self._own_pages(request)
         self.prefixes.make_room(own)
         return RowKV(prefix, self.pool.allocate(own))
+
+    def _own_pages(self, request: Request) -> int:
+        """A row's own pages, reserved at admission: room for its prompt and max_new_tokens."""
+        return pages_for(request.num_prompt_tokens + request.sampling.max_new_tokens, self.page_size)
 
     def _insert(self, request: Request, row: RowKV, generator) -> None:
         """Add a running row next to the rows of its prefix version (the attention kernel reads a group's

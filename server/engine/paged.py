@@ -169,12 +169,14 @@ class DecodeCache(_PagedCache):
 
 class PrefillCache(_PagedCache):
     """A transformers Cache for a prefill of left-padded prompts [b, Tmax] after left-padded prefixes
-    (batch.py's layout): each row's real prompt K/V go straight into its own pages, and attention
-    (prefill.cascade_attention) reads each prefix version from its pages once for all rows of it."""
+    (batch.py's layout): each row's real prompt K/V go straight into its own pages. `cascade`: attention
+    is prefill.cascade_attention, which reads each prefix version from its pages once for all its rows
+    (`prefix_kv`); else (a model on another attention implementation) attention gets each row's prefix
+    and prompt K/V side by side, [b, kv_heads, Pmax + Tmax, d]."""
 
-    def __init__(self, pool: PagePool, rows: Sequence[RowKV], prompt_lens: Sequence[int]):
+    def __init__(self, pool: PagePool, rows: Sequence[RowKV], prompt_lens: Sequence[int], cascade: bool):
         super().__init__(pool.fp.num_layers)
-        self.pool = pool
+        self.pool, self.cascade = pool, cascade
         ps, device = pool.page_size, pool.keys.device
         self.past_len = max(r.prefix_len for r in rows)  # Pmax: the 2D mask's prefix columns
         groups: dict[int, tuple[PrefixPages, list[int]]] = {}  # rows of each prefix version
@@ -196,10 +198,18 @@ class PrefillCache(_PagedCache):
             torch.tensor(x, dtype=torch.long, device=device) for x in (src_rows, src_cols, dst)
         )
 
-    def update_layer(self, layer, k, v):  # k, v: [b, kv_heads, Tmax, d], returned as they are
+    def update_layer(self, layer, k, v):  # k, v: [b, kv_heads, Tmax, d]
         for pool_layer, x in ((self.pool.keys[layer], k), (self.pool.values[layer], v)):
             write(pool_layer, self.dst_slots, x[self.src_rows, :, self.src_cols])  # [n_tokens, kv_heads, d]
-        return k, v
+        if self.cascade or not self.past_len:
+            return k, v
+        b, kv_heads, _, d = k.shape
+        prefix_k = k.new_zeros(b, kv_heads, self.past_len, d)  # [b, kv_heads, Pmax, d], right-aligned
+        prefix_v = torch.zeros_like(prefix_k)
+        for rows, k_p, v_p in self.prefix_kv(layer):
+            prefix_k[rows, :, self.past_len - k_p.shape[1] :] = k_p
+            prefix_v[rows, :, self.past_len - v_p.shape[1] :] = v_p
+        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
 
     def prefix_kv(self, layer: int):
         """(rows [n], keys, values [kv_heads, P, d]) of each prefix version in this prefill, from its pages."""

@@ -22,7 +22,7 @@ import torch
 from server.registry.format import ModelFingerprint, PrefixKV
 
 SCRATCH_PAGE = 0
-PAGE_SIZE_DEFAULT = 16  # tokens per page (vLLM's default block size)
+PAGE_SIZE = 16  # tokens per page (vLLM's default block size)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -48,8 +48,8 @@ def default_pool_bytes(fp: ModelFingerprint, dtype: torch.dtype, device, tokens:
     """The pool's size when none is set: `tokens` tokens (the caller's worst case of running rows and their
     prefixes) and the scratch page, at most a quarter of the memory free now (CPU: MemAvailable; CUDA:
     the device's free memory), at least 2 pages."""
-    page = bytes_per_page(fp, PAGE_SIZE_DEFAULT, dtype)
-    wanted = (pages_for(tokens, PAGE_SIZE_DEFAULT) + 1) * page
+    page = bytes_per_page(fp, PAGE_SIZE, dtype)
+    wanted = (pages_for(tokens, PAGE_SIZE) + 1) * page
     device = torch.device(device)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available()
     return max(2 * page, min(wanted, free // 4) if free else wanted)
