@@ -3,6 +3,10 @@
 #   docker build -t prefix-server .                                   # CPU torch, default model baked in
 #   docker build -t prefix-server:cuda \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # CUDA torch
+#   docker run --gpus all -p 8000:8000 -e PREFIX_SERVER_DEVICE=cuda prefix-server:cuda
+#   (torch's cuXXX wheels carry the CUDA libraries: python:3.11-slim is enough; a CUDA base works too,
+#    e.g. --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 --build-arg APP_UID=1001: uid 1000
+#    is Ubuntu 24.04's own user)
 #   docker run -p 8000:8000 -v prefix-data:/data/prefixes prefix-server
 #
 # Build args:
@@ -34,8 +38,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # g++: torch.compile's inductor and the decode step's CPU kernels compile C++ where the server runs
 # (without it the server still serves, with the eager decode step).
+# A base without Python (e.g. nvidia/cuda:*-runtime-ubuntu24.04) gets the distribution's python3 and venv.
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+RUN pkgs="g++"; if ! python3 -m venv --help >/dev/null 2>&1; then pkgs="$pkgs python3 python3-venv"; fi; \
+    apt-get update && apt-get install -y --no-install-recommends $pkgs && rm -rf /var/lib/apt/lists/*
 
 # A venv at /opt/venv works the same on python:3.11-slim (python, pip) and on a plain Debian base (python3).
 RUN groupadd --gid "${APP_UID}" app \

@@ -84,6 +84,11 @@ SERVE_FLAGS = {
     "max_batch_size": (int, "most rows decoded together (the running batch's row limit)"),
     "max_batch_wait_ms": (float, "how long an idle engine waits for a first batch to fill"),
     "max_batch_tokens": (int, "token budget of the running batch (prefix + prompt + max_new_tokens per row)"),
+    "prefill_chunk_tokens": (
+        int,
+        "most prompt tokens one prefill forward takes (default 512): a longer prompt is prefilled in "
+        "chunks, the running rows decoding a token between them; 0 = every prompt whole",
+    ),
     "max_queue": (int, "most waiting requests; beyond it 429 with Retry-After"),
     "batching": (str, "continuous (default) | static"),
     "request_timeout_s": (float, "per-request timeout in seconds (0 = none)"),

@@ -63,6 +63,9 @@ class Settings:
     max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
     max_batch_tokens: int = 32768  # running rows' prefix + prompt + max_new_tokens, summed
+    prefill_chunk_tokens: int = (
+        512  # prompt tokens per prefill forward (engine.PREFILL_CHUNK_TOKENS); 0 = no limit
+    )
     max_queue: int = 256
     batching: str = "continuous"  # or "static" (for comparison)
     request_timeout_s: float = 0.0  # 0 = none
@@ -108,6 +111,7 @@ class Settings:
             "prefix_store_ttl_s",
             "store_read_delay_ms",
             "kv_cache_bytes",
+            "prefill_chunk_tokens",
         ):
             if getattr(self, name) < 0:
                 raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")

@@ -78,6 +78,7 @@ def build_components(settings: Settings) -> Components:
         max_seq_len=settings.max_virtual_tokens + settings.max_prompt_tokens + settings.max_new_tokens,
         max_virtual_tokens=settings.max_virtual_tokens,
         kv_cache_bytes=kv_cache_bytes,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
     registry = PrefixRegistry.open(
         settings.prefix_store or settings.prefix_dir,  # an s3:// URL, else the folder

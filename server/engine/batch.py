@@ -1,11 +1,13 @@
 """Per-batch metadata and the prefill inputs of a mixed-prefix batch: left-padded prompts, mask, positions.
 
-Layout of one row in the prefill's attention (prefix_len = P_i, prompt_len = T_i, batch maxima Pmax, Tmax;
-the prefix columns are read from the prefix's pages, see prefill.py; the prompt's K/V go to the row's pages):
+A prefill runs one chunk of each row's prompt (the whole prompt unless it is longer than the engine's
+chunk budget). The chunk's context is what the row has before it: its prefix (P_i tokens, read from the
+prefix's pages) and the prompt tokens of its earlier chunks (s_i, read from the row's own pages);
+C_i = P_i + s_i. Layout of one row in the prefill's attention (chunk length T_i, batch maxima Cmax, Tmax):
 
-    columns       : [ pad * (Pmax - P_i) | prefix (P_i) ][ pad * (Tmax - T_i) | prompt (T_i) ] [ generated ... ]
-    attention mask:   0 ...                1 ...           0 ...                1 ...            1 ...
-    position ids  :                                        0 ...                P_i .. P_i+T_i-1  P_i+T_i ...
+    columns       : [ pad * (Cmax - C_i) | context (C_i) ][ pad * (Tmax - T_i) | chunk (T_i) ] [ generated ... ]
+    attention mask:   0 ...                1 ...            0 ...                1 ...           1 ...
+    position ids  :                                         0 ...                C_i .. C_i+T_i-1  C_i+T_i ...
 
 Keys are used as stored (no rotary embedding is applied to prefix keys) and each row's real tokens
 start at position P_i, which is what PEFT's PrefixTuning does.
@@ -18,22 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from server.request import Request
-
 
 @dataclass(frozen=True)
 class BatchMetadata:
-    """Built once per batch: each row's prefix length and prompt length, and the batch maxima."""
+    """Built once per prefill: each row's context length (prefix + earlier chunks) and chunk length, and
+    the batch maxima."""
 
-    prefix_lens: tuple[int, ...]
-    prompt_lens: tuple[int, ...]
-
-    @classmethod
-    def from_requests(cls, requests: Sequence[Request]) -> BatchMetadata:
-        return cls(
-            prefix_lens=tuple(r.prefix_len for r in requests),
-            prompt_lens=tuple(r.num_prompt_tokens for r in requests),
-        )
+    prefix_lens: tuple[int, ...]  # context lengths C_i
+    prompt_lens: tuple[int, ...]  # chunk lengths T_i
 
     @property
     def batch_size(self) -> int:

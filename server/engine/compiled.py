@@ -10,7 +10,8 @@ Shapes are bucketed so rows joining and leaving never recompile: the batch is pa
 (padding rows write to the scratch page and see only that column), and the block tables' width is a
 dynamic dimension. `warm_up` compiles every bucket on the scratch page before the engine switches to the graphs,
 so no request waits on a compile, and afterwards an unforeseen shape would run eagerly rather than
-compile mid-serving. Measured on the CPU only; on CUDA the torch-ops graphs run (no CUDA graphs yet).
+compile mid-serving. Measured on the CPU only. On CUDA the same step (torch-ops path) runs as CUDA
+graphs instead (engine/graphs.py).
 
 The forward is the plain Llama one (embed, rotary, layers, norm, lm_head); `supports` says which models
 have it, the others stay eager.
@@ -27,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine import compile_cache, kernels
-from server.engine.paged import DecodeBatch, RowKV, gather
+from server.engine.paged import DecodeBatch, RowKV, gather, write
 from server.engine.pages import SCRATCH_PAGE, PagePool
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,10 @@ def kernel_choice(model: PreTrainedModel) -> tuple[bool, bool]:
     return cpu, cpu
 
 
-class _DecodeStep(torch.nn.Module):
+class DecodeStep(torch.nn.Module):
     """One decode step over the page pool, written out for the Llama family with the model's own modules and
-    weights: each row's new K/V goes into its slot in the pool, in place (`write_kv`), and attention reads
+    weights: each row's new K/V goes into its slot in the pool, in place (`write_kv` with `write_kernel`, else
+    an index_put: what a CUDA graph captures), and attention reads
     each row's prefix pages and own pages through its block table: no copy of the past, no repeat of K/V
     heads.
 
@@ -112,10 +114,12 @@ class _DecodeStep(torch.nn.Module):
     block_tables [b, blocks]; prefix_lens, own_lens, slots [b] (paged.DecodeBatch); keys, values: the pool
     [layers, pages, kv_heads, page_size, head_dim], written in place -> logits [b, vocab] (float32)."""
 
-    def __init__(self, model: PreTrainedModel, packed: bool, attention_kernel: bool):
+    def __init__(
+        self, model: PreTrainedModel, packed: bool, attention_kernel: bool, write_kernel: bool = True
+    ):
         super().__init__()
         self.model = model
-        self.packed, self.attention_kernel = packed, attention_kernel
+        self.packed, self.attention_kernel, self.write_kernel = packed, attention_kernel, write_kernel
         if packed:
             layers = model.model.layers
             self.qkv = torch.nn.ModuleList(
@@ -148,7 +152,13 @@ class _DecodeStep(torch.nn.Module):
             if hasattr(attn, "q_norm"):  # Qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [b, heads | kv_heads, d]; cos, sin [b, 1, d]
-            ops.write_kv(keys, values, i, slots, k, v)
+            if (
+                self.write_kernel
+            ):  # in place through a pointer: an index_put traced by inductor copies the pool
+                ops.write_kv(keys, values, i, slots, k, v)
+            else:  # index_put, in place, capturable in a CUDA graph (engine/graphs.py)
+                write(keys[i], slots, k)
+                write(values[i], slots, v)
             if self.attention_kernel:
                 out = ops.paged_attention(
                     q, keys, values, i, block_tables, prefix_lens, own_lens, attn.scaling
@@ -192,7 +202,7 @@ class CompiledDecode:
         self.ready = False
         self.packed, self.attention_kernel = kernel_choice(model)
         self._stance = "eager_on_recompile" if on_new_shape == "eager" else "fail_on_recompile"
-        self._compiled = torch.compile(_DecodeStep(model, self.packed, self.attention_kernel), fullgraph=True)
+        self._compiled = torch.compile(DecodeStep(model, self.packed, self.attention_kernel), fullgraph=True)
 
     def __call__(self, input_ids: torch.Tensor, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
         """Logits [b, vocab] of one step; b must be one of the buckets."""

@@ -1,6 +1,10 @@
 """The engine runs plans: admit requests (a prefill of their prompts after their prefixes, written straight
 into the page pool), and decode one token for every running row per step. It never decides *what* to run;
-the scheduler does, within the rows and pages this engine reports free."""
+the scheduler does, within the rows and pages this engine reports free.
+
+Prefill is chunked: one prefill forward takes at most `prefill_chunk_tokens` prompt tokens (oldest rows
+first), so a long prompt is prefilled over several steps and the decoding rows get a token between its
+chunks instead of waiting for all of it."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from server.engine.batch import BatchMetadata, build_prefill_inputs
-from server.engine.compiled import CompiledDecode, bucket_for
+from server.engine.compiled import CompiledDecode, DecodeStep, bucket_for
 from server.engine.compiled import supports as compiled_supports
+from server.engine.graphs import GraphDecode, max_blocks
 from server.engine.logprobs import token_logprobs
 from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
 from server.engine.pages import (
@@ -31,6 +36,10 @@ from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens per prefill forward: a 16-row batch of 30-token prompts goes in one; on this project's
+# 2-core CPU a chunk of 512 takes ~0.8 s, the most a long prompt holds the decoding rows up.
+PREFILL_CHUNK_TOKENS = 512
+
 
 class Engine:
     """One frozen base model; running rows whose K/V live in a page pool, each row with its own prefix or
@@ -46,6 +55,7 @@ class Engine:
         max_virtual_tokens: int = 256,
         kv_cache_bytes: int | None = None,
         page_size: int = PAGE_SIZE,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
     ):
         self.model = model
         use_cascade(model)  # its prefills read each shared prefix once (engine/prefill.py)
@@ -55,6 +65,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_rows = max_rows
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: no limit (every prompt whole at admission)
         self.max_virtual_tokens = max_virtual_tokens
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
@@ -76,17 +87,34 @@ class Engine:
         self.running: list[Request] = []  # rows of one prefix version adjacent (the kernel reads it once)
         self._rows: list[RowKV] = []  # _rows[i]: where running[i]'s K/V live
         self._generators: list[torch.Generator | None] = []
-        self.decoder: CompiledDecode | None = None  # set by compile(); used once warmed up
+        self.prefilling: list[
+            Request
+        ] = []  # running rows whose prompt is not all in the pool yet, oldest first
+        self._chunk_ran = (
+            False  # a prefill chunk ran since the last decode step (admit's): step skips its own
+        )
+        self.decoder: CompiledDecode | GraphDecode | None = None  # set by compile(); used once warmed up
 
-    def compile(self, on_new_shape: str = "eager") -> float:
-        """Compile the decode step for every batch bucket (minutes on a small CPU; it writes only the pool's
-        scratch page, so it may run in another thread while this engine serves); later steps use it.
-        Returns the seconds taken; ValueError if the model is not covered or the step's kernels cannot be
-        built here. on_new_shape: "eager" or "fail" (tests)."""
+    def compile(self, on_new_shape: str = "eager", graphs: bool | None = None) -> float:
+        """Build the fast decode step for every batch bucket; later steps use it. On a CPU: the step compiled
+        by torch.compile (minutes on a small CPU; it writes only the pool's scratch page, so it may run in
+        another thread while this engine serves). On CUDA (`graphs`, default: on CUDA): the step captured as
+        CUDA graphs (engine/graphs.py); `graphs=True` on a CPU runs that code without capture (tests).
+        Returns the seconds taken; ValueError if the model is not covered or the step's CPU kernels cannot
+        be built here. on_new_shape: "eager" or "fail" (tests; the compiled CPU step only)."""
         reason = compiled_supports(self.model)
         if reason is not None:
             raise ValueError(f"compiled decode does not cover this model: {reason}")
-        decoder = CompiledDecode(self.model, self.max_rows, on_new_shape=on_new_shape)
+        if graphs if graphs is not None else self.device.type == "cuda":
+            decoder = GraphDecode(
+                DecodeStep(self.model, packed=False, attention_kernel=False, write_kernel=False),
+                self.max_rows,
+                max_blocks(self.max_virtual_tokens, self.max_seq_len, self.page_size),
+                self.pool,
+                capture=self.device.type == "cuda",
+            )
+        else:
+            decoder = CompiledDecode(self.model, self.max_rows, on_new_shape=on_new_shape)
         seconds = decoder.warm_up(self.pool)
         self.decoder = decoder
         return seconds
@@ -185,8 +213,10 @@ class Engine:
     # ---- the two kinds of step ----
     @torch.inference_mode()
     def admit(self, requests: Sequence[Request]) -> list[Request]:
-        """Prefill `requests` (each after its own prefix) with their K/V written into the pool, sample their
-        first tokens (with their logprobs where asked), and add the unfinished ones to the running rows.
+        """Give `requests` rows and pages (prefix pages shared, own pages reserved for prompt +
+        max_new_tokens), then run one prefill chunk: the oldest rows' prompt tokens up to the chunk budget,
+        with their K/V written into the pool. A row whose prompt is all in gets its first token (and its
+        logprobs where asked) and decodes from the next step; a longer prompt goes on in the next steps.
         Returns the requests that finished already (e.g. max_new_tokens=1)."""
         if not requests:
             return []
@@ -198,61 +228,51 @@ class Engine:
             raise ValueError(
                 f"{len(requests)} requests need {needed} K/V pages, {self.num_available_pages} are free"
             )
-        rows = [self._reserve(r) for r in requests]
-        meta = BatchMetadata.from_requests(requests)
-        input_ids, attention_mask, position_ids = build_prefill_inputs(
-            [r.prompt_token_ids for r in requests], meta, self.pad_token_id, self.device
-        )
-        cascade = self.model.config._attn_implementation == ATTENTION_NAME
-        cache = PrefillCache(self.pool, rows, meta.prompt_lens, cascade)
-        with prefilling(cache):
-            logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [batch, vocab]
-        generators = [make_generator(r.sampling, self.device) for r in requests]
-        tokens = sample(logits, [r.sampling for r in requests], generators)
-        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
-        finished = []
-        for request, row, token, gen, logprob in zip(
-            requests, rows, tokens, generators, logprobs, strict=True
-        ):
+        for request in requests:
+            row = self._reserve(request)
             request.status = RequestStatus.RUNNING
-            row.length = request.num_prompt_tokens
-            self._append_token(request, token, logprob)
-            if request.finished:
-                self._free(request, row)
-                finished.append(request)
-            else:
-                self._insert(request, row, gen)
-        return finished
+            self._insert(request, row, make_generator(request.sampling, self.device))
+            self.prefilling.append(request)
+        self._chunk_ran = True
+        return self._prefill_chunk()
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """One token for every running row (and its logprobs where asked): one forward over the running
-        rows. Returns rows that finished."""
-        if not self.running:
-            return []
+        """One prefill chunk of the rows still prefilling (unless `admit` ran one since the last step), then
+        one token for every decoding row (and its logprobs where asked): one forward over those rows.
+        Returns rows that finished."""
+        finished = [] if self._chunk_ran else self._prefill_chunk()
+        self._chunk_ran = False
+        decoding = self._decoding()
+        if not decoding:
+            return finished
         logits = self.decode_logits()  # [n, vocab]
-        tokens = sample(logits, [r.sampling for r in self.running], self._generators)
-        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in self.running])
-        for request, token, logprob in zip(self.running, tokens, logprobs, strict=True):
+        requests = [self.running[i] for i in decoding]
+        tokens = sample(logits, [r.sampling for r in requests], [self._generators[i] for i in decoding])
+        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
+        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
             self._append_token(request, token, logprob)
-        return self._remove([r for r in self.running if r.finished])
+        return finished + self._remove([r for r in requests if r.finished])
 
     @torch.inference_mode()
     def decode_logits(self) -> torch.Tensor:
-        """The forward of a decode step: the running rows' last tokens in, their K/V written to the pool,
-        next-token logits [n, vocab] out. Compiled once warmed up (padded to a bucket), else eager."""
-        n = len(self.running)
+        """The forward of a decode step: the decoding rows' last tokens in (the running rows that are not
+        prefilling, in order), their K/V written to the pool, next-token logits [n, vocab] out. Compiled once
+        warmed up (padded to a bucket), else eager."""
+        decoding = self._decoding()
+        rows_kv = [self._rows[i] for i in decoding]
+        n = len(decoding)
         decoder = self.decoder if self.decoder is not None and self.decoder.ready else None
         rows = bucket_for(n, decoder.buckets) if decoder is not None else n  # padded up to a compiled bucket
-        tokens = [r.output_token_ids[-1] for r in self.running] + [self.pad_token_id] * (rows - n)
+        tokens = [self.running[i].output_token_ids[-1] for i in decoding] + [self.pad_token_id] * (rows - n)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [rows, 1]
-        batch = DecodeBatch.build(self._rows, rows, self.page_size, self.device)
+        batch = DecodeBatch.build(rows_kv, rows, self.page_size, self.device)
         if decoder is not None:
             logits = decoder(input_ids, batch, self.pool)[:n]
         else:
             mask = batch.mask(self.dtype)  # [n, 1, 1, blocks * page_size]
             logits = self._forward(input_ids, mask, batch.positions, DecodeCache(self.pool, batch))
-        for row in self._rows:
+        for row in rows_kv:
             row.length += 1
         return logits
 
@@ -293,6 +313,54 @@ class Engine:
         return PrefixKV(keys=keys.contiguous(), values=values.contiguous(), fingerprint=self.fingerprint)
 
     # ---- internals ----
+    def _decoding(self) -> list[int]:
+        """Indices of the running rows that decode (their prompt is all in the pool)."""
+        waiting = set(self.prefilling)
+        return [i for i, r in enumerate(self.running) if r not in waiting]
+
+    def _prefill_chunk(self) -> list[Request]:
+        """One prefill forward over the prompt tokens of the rows still prefilling, oldest first, at most
+        `prefill_chunk_tokens` in all (0: no limit); each row's chunk attends to its prefix and its earlier
+        chunks in the pool. Rows whose prompt is all in sample their first token. Returns rows that
+        finished with it."""
+        budget = self.prefill_chunk_tokens or float("inf")
+        chunks: list[tuple[Request, RowKV, list[int]]] = []
+        for request in self.prefilling:
+            if budget <= 0:
+                break
+            row = self._rows[self.running.index(request)]
+            take = int(min(request.num_prompt_tokens - row.length, budget))
+            chunks.append((request, row, request.prompt_token_ids[row.length : row.length + take]))
+            budget -= take
+        if not chunks:
+            return []
+        rows = [row for _, row, _ in chunks]
+        meta = BatchMetadata(
+            prefix_lens=tuple(row.prefix_len + row.length for row in rows),
+            prompt_lens=tuple(len(ids) for _, _, ids in chunks),
+        )
+        input_ids, attention_mask, position_ids = build_prefill_inputs(
+            [ids for _, _, ids in chunks], meta, self.pad_token_id, self.device
+        )
+        cascade = self.model.config._attn_implementation == ATTENTION_NAME
+        cache = PrefillCache(self.pool, rows, meta.prompt_lens, cascade)
+        with prefilling(cache):
+            logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [chunks, vocab]
+        for _, row, ids in chunks:
+            row.length += len(ids)
+        done = [i for i, (request, row, _) in enumerate(chunks) if row.length == request.num_prompt_tokens]
+        if not done:
+            return []
+        requests = [chunks[i][0] for i in done]
+        for request in requests:
+            self.prefilling.remove(request)
+        generators = [self._generators[self.running.index(r)] for r in requests]
+        tokens = sample(logits[done], [r.sampling for r in requests], generators)
+        logprobs = token_logprobs(logits[done], tokens, [r.sampling.logprobs for r in requests])
+        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
+            self._append_token(request, token, logprob)
+        return self._remove([r for r in requests if r.finished])
+
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         # The last column as an index tensor, not logits_to_keep=1: the slice [:, -1:] of a longer prompt
         # is a strided view, and lm_head over it runs as one GEMV per row (a batched matmul reading the
@@ -344,6 +412,8 @@ class Engine:
         """Give back the pages of `done` (no K/V moves: the other rows keep their pages)."""
         for request in done:
             i = self.running.index(request)
+            if request in self.prefilling:
+                self.prefilling.remove(request)
             self.running.pop(i)
             row = self._rows.pop(i)
             self._generators.pop(i)

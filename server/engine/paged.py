@@ -168,32 +168,44 @@ class DecodeCache(_PagedCache):
 
 
 class PrefillCache(_PagedCache):
-    """A transformers Cache for a prefill of left-padded prompts [b, Tmax] after left-padded prefixes
-    (batch.py's layout): each row's real prompt K/V go straight into its own pages. `cascade`: attention
-    is prefill.cascade_attention, which reads each prefix version from its pages once for all its rows
-    (`prefix_kv`); else (a model on another attention implementation) attention gets each row's prefix
-    and prompt K/V side by side, [b, kv_heads, Pmax + Tmax, d]."""
+    """A transformers Cache for a prefill of left-padded prompt chunks [b, Tmax] after left-padded contexts
+    (batch.py's layout): each row's real chunk K/V go straight into its own pages, after the `row.length`
+    tokens its earlier chunks wrote. `cascade`: attention is prefill.cascade_attention, which reads each
+    context from the pages once for all its rows (`prefix_kv`): a prefix version shared by rows on their
+    first chunk, or one row's prefix and earlier chunks; else (a model on another attention
+    implementation) attention gets each row's context and chunk K/V side by side, [b, kv_heads, Cmax +
+    Tmax, d]."""
 
-    def __init__(self, pool: PagePool, rows: Sequence[RowKV], prompt_lens: Sequence[int], cascade: bool):
+    def __init__(self, pool: PagePool, rows: Sequence[RowKV], chunk_lens: Sequence[int], cascade: bool):
         super().__init__(pool.fp.num_layers)
         self.pool, self.cascade = pool, cascade
         ps, device = pool.page_size, pool.keys.device
-        self.past_len = max(r.prefix_len for r in rows)  # Pmax: the 2D mask's prefix columns
-        groups: dict[int, tuple[PrefixPages, list[int]]] = {}  # rows of each prefix version
+        self.past_len = max(r.prefix_len + r.length for r in rows)  # Cmax: the 2D mask's context columns
+
+        def pages(ids: list[int]) -> torch.Tensor:
+            return torch.tensor(ids, dtype=torch.long, device=device)
+
+        # Contexts: (rows [n], prefix pages, prefix length, own pages, own length).
+        shared: dict[int, list] = {}  # first chunks by prefix version: its rows read it once
+        self.contexts: list[tuple] = []
         for i, r in enumerate(rows):
-            if r.prefix is not None:
-                groups.setdefault(id(r.prefix), (r.prefix, []))[1].append(i)
-        self.groups = [
-            (torch.tensor(idx, device=device), torch.tensor(entry.pages, device=device), entry.length)
-            for entry, idx in groups.values()
-        ]
-        # Where each real prompt token goes: source (row, column of the padded prompt), destination slot.
-        t_max = max(prompt_lens)
+            if r.length:  # a later chunk: this row's prefix and its own earlier tokens
+                own = r.pages[: pages_for(r.length, ps)]
+                prefix = r.prefix.pages if r.prefix is not None else []
+                self.contexts.append(([i], pages(prefix), r.prefix_len, pages(own), r.length))
+            elif r.prefix is not None:
+                shared.setdefault(id(r.prefix), [[], pages(r.prefix.pages), r.prefix_len, None, 0])[0].append(
+                    i
+                )
+        self.contexts += [tuple(c) for c in shared.values()]
+        self.contexts = [(torch.tensor(c[0], device=device), *c[1:]) for c in self.contexts]
+        # Where each real chunk token goes: source (row, column of the padded chunk), destination slot.
+        t_max = max(chunk_lens)
         src_rows, src_cols, dst = [], [], []
-        for i, (r, t_len) in enumerate(zip(rows, prompt_lens, strict=True)):
+        for i, (r, t_len) in enumerate(zip(rows, chunk_lens, strict=True)):
             src_rows += [i] * t_len
             src_cols += range(t_max - t_len, t_max)
-            dst += [r.slot(t, ps) for t in range(t_len)]
+            dst += [r.slot(r.length + t, ps) for t in range(t_len)]
         self.src_rows, self.src_cols, self.dst_slots = (
             torch.tensor(x, dtype=torch.long, device=device) for x in (src_rows, src_cols, dst)
         )
@@ -204,18 +216,25 @@ class PrefillCache(_PagedCache):
         if self.cascade or not self.past_len:
             return k, v
         b, kv_heads, _, d = k.shape
-        prefix_k = k.new_zeros(b, kv_heads, self.past_len, d)  # [b, kv_heads, Pmax, d], right-aligned
-        prefix_v = torch.zeros_like(prefix_k)
-        for rows, k_p, v_p in self.prefix_kv(layer):
-            prefix_k[rows, :, self.past_len - k_p.shape[1] :] = k_p
-            prefix_v[rows, :, self.past_len - v_p.shape[1] :] = v_p
-        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+        context_k = k.new_zeros(b, kv_heads, self.past_len, d)  # [b, kv_heads, Cmax, d], right-aligned
+        context_v = torch.zeros_like(context_k)
+        for rows, k_c, v_c in self.prefix_kv(layer):
+            context_k[rows, :, self.past_len - k_c.shape[1] :] = k_c
+            context_v[rows, :, self.past_len - v_c.shape[1] :] = v_c
+        return torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
 
     def prefix_kv(self, layer: int):
-        """(rows [n], keys, values [kv_heads, P, d]) of each prefix version in this prefill, from its pages."""
-        for rows, pages, length in self.groups:
-            k, v = (
-                t[layer][pages].transpose(0, 1).flatten(1, 2)[:, :length]  # [kv_heads, pages * page_size, d]
-                for t in (self.pool.keys, self.pool.values)
-            )
-            yield rows, k, v
+        """(rows [n], keys, values [kv_heads, C, d]) of each context in this prefill, from its pages."""
+        for rows, prefix_pages, prefix_len, own_pages, own_len in self.contexts:
+            parts = [
+                tuple(
+                    t[layer][p].transpose(0, 1).flatten(1, 2)[:, :length]  # [kv_heads, length, d]
+                    for t in (self.pool.keys, self.pool.values)
+                )
+                for p, length in ((prefix_pages, prefix_len), (own_pages, own_len))
+                if length
+            ]
+            if len(parts) == 1:
+                yield rows, *parts[0]
+            else:
+                yield rows, torch.cat([parts[0][0], parts[1][0]], 1), torch.cat([parts[0][1], parts[1][1]], 1)

@@ -85,10 +85,13 @@ def cascade_attention(cache, layer: int, query, key, value, mask, scaling) -> to
         out_p, lse_p = _flash(qg, k_p[None], v_p[None], None, scale)  # [1, kv_heads, n * gT, d | ]
         out_p = out_p[0].reshape(kv_heads, n, groups * t, d).transpose(0, 1)  # [n, kv_heads, gT, d]
         lse_p = lse_p[0].reshape(kv_heads, n, groups * t).transpose(0, 1)  # [n, kv_heads, gT]
-        lse_o = lse[rows]
-        top = torch.maximum(lse_o, lse_p)
-        w_o, w_p = torch.exp(lse_o - top)[..., None], torch.exp(lse_p - top)[..., None]
-        out[rows] = ((out[rows].float() * w_o + out_p.float() * w_p) / (w_o + w_p)).to(out.dtype)
+        # The prefix part's weight e^lse_p / (e^lse_o + e^lse_p) = sigmoid(lse_p - lse_o).
+        w_p = torch.sigmoid(lse_p - lse[rows])[..., None]  # [n, kv_heads, gT, 1] float32
+        if n == b and out.dtype == torch.float32:  # the usual case: in place, no gather and scatter
+            out.add_((out_p - out).mul_(w_p))
+        else:
+            own = out[rows].float()
+            out[rows] = own.add_((out_p.float() - own).mul_(w_p)).to(out.dtype)
     return out.reshape(b, heads, t, d).transpose(1, 2).contiguous()  # [b, T, heads, d]
 
 

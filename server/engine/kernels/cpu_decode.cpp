@@ -124,20 +124,6 @@ inline void axpy(float w, const float* v, float* out, int64_t d) {
   for (; i < d; ++i) out[i] += w * v[i];
 }
 
-// p[0, n) = exp(p - max p), 16 at a time; returns their sum.
-inline float exp_shifted(float* p, int64_t n) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
-  __m512 sum16 = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += kBlock) {
-    const __mmask16 live = j + kBlock <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), _mm512_set1_ps(mx)));
-    _mm512_mask_storeu_ps(p + j, live, e);
-    sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(live, e));
-  }
-  return _mm512_reduce_add_ps(sum16);
-}
-
 // One K/V head of one layer in the pool: token j of a sequence whose pages are table[0..] sits at
 // base + table[j / page_size] * page_stride + (j % page_size) * d.
 template <typename T>
@@ -149,153 +135,192 @@ struct HeadPages {
   }
 };
 
-constexpr int64_t kMaxD = 256;  // head dims the page-at-a-time prefix path takes (16 registers of keys)
+constexpr int64_t kMaxD = 256;  // head dims the vectorised paths take
 
-// Scores of nq queries against n <= 16 keys of one page (tokens j0 .. j0 + n of a sequence): the page's
-// keys transposed once into kt [d, 16], then each query's 16 scores are d broadcast FMAs in one register
-// (no horizontal sum per key). scores: s[i * stride + (0 .. n)].
-template <typename T, typename Query>
-void prefix_scores(const HeadPages<T>& kp, const int64_t* table, int64_t j0, int64_t n, int64_t nq, Query query,
-                   float scale, float* s, int64_t stride, float* kt) {
+// The shared prefix's attention, for the nq queries of a unit at once, one query per SIMD lane: the
+// queries are transposed once per unit into qt [d, NQ] (NQ = nq rounded up to 16, zero-padded), so a
+// score is a broadcast of one key element times a register of 16 queries: no transpose of keys, no
+// horizontal sum, and the prefix's scores st [P, NQ] get their max, exp and sum 16 queries at a time.
+
+// st[j * NQ + i] = scale * q_i . k_j for the n <= 16 keys of one page (tokens j0 .. j0 + n): KB keys at a
+// time against NV registers of queries (KB x NV accumulators, each key element loaded once per row).
+template <int NV, int KB, typename T>
+void prefix_scores(const HeadPages<T>& kp, const int64_t* table, int64_t j0, int64_t n, const float* qt, float scale,
+                   float* st, float* kbuf) {
+  constexpr int64_t NQ = NV * kBlock;
   const int64_t d = kp.d;
-  for (int64_t j = 0; j < kBlock; ++j) {
-    float row[kMaxD];
-    const float* k = j < n ? widen(kp.at(table, j0 + j), row, d) : nullptr;
-    for (int64_t x = 0; x < d; ++x) kt[x * kBlock + j] = k ? k[x] : 0.f;
-  }
-  const __mmask16 live = n == kBlock ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  const float* k[kBlock];
+  for (int64_t j = 0; j < n; ++j) k[j] = widen(kp.at(table, j0 + j), kbuf + j * d, d);
   const __m512 sc = _mm512_set1_ps(scale);
-  int64_t i = 0;
-  for (; i + 4 <= nq; i += 4) {  // 4 queries at a time, 2 chains each: 8 FMAs in flight, each kt row loaded once
-    const float *q0 = query(i), *q1 = query(i + 1), *q2 = query(i + 2), *q3 = query(i + 3);
-    __m512 a[8];
-    for (auto& r : a) r = _mm512_setzero_ps();
-    for (int64_t x = 0; x < d; x += 2) {
-      const __m512 k0 = _mm512_loadu_ps(kt + x * kBlock), k1 = _mm512_loadu_ps(kt + (x + 1) * kBlock);
-      a[0] = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), k0, a[0]);
-      a[1] = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), k1, a[1]);
-      a[2] = _mm512_fmadd_ps(_mm512_set1_ps(q1[x]), k0, a[2]);
-      a[3] = _mm512_fmadd_ps(_mm512_set1_ps(q1[x + 1]), k1, a[3]);
-      a[4] = _mm512_fmadd_ps(_mm512_set1_ps(q2[x]), k0, a[4]);
-      a[5] = _mm512_fmadd_ps(_mm512_set1_ps(q2[x + 1]), k1, a[5]);
-      a[6] = _mm512_fmadd_ps(_mm512_set1_ps(q3[x]), k0, a[6]);
-      a[7] = _mm512_fmadd_ps(_mm512_set1_ps(q3[x + 1]), k1, a[7]);
+  for (int64_t jb = 0; jb < n; jb += KB) {
+    const float* kk[KB];
+    for (int a = 0; a < KB; ++a) kk[a] = k[std::min<int64_t>(jb + a, n - 1)];  // past n: computed, not stored
+    __m512 acc[KB][NV];
+    for (auto& r : acc)
+      for (auto& v : r) v = _mm512_setzero_ps();
+    for (int64_t x = 0; x < d; ++x) {
+      __m512 qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(qt + x * NQ + v * kBlock);
+      for (int a = 0; a < KB; ++a) {
+        const __m512 kx = _mm512_set1_ps(kk[a][x]);
+        for (int v = 0; v < NV; ++v) acc[a][v] = _mm512_fmadd_ps(kx, qv[v], acc[a][v]);
+      }
     }
-    for (int64_t m = 0; m < 4; ++m)
-      _mm512_mask_storeu_ps(s + (i + m) * stride, live, _mm512_mul_ps(_mm512_add_ps(a[2 * m], a[2 * m + 1]), sc));
-  }
-  for (; i < nq; ++i) {
-    const float* qi = query(i);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (int64_t x = 0; x < d; x += 2) {
-      acc0 = _mm512_fmadd_ps(_mm512_set1_ps(qi[x]), _mm512_loadu_ps(kt + x * kBlock), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_set1_ps(qi[x + 1]), _mm512_loadu_ps(kt + (x + 1) * kBlock), acc1);
-    }
-    _mm512_mask_storeu_ps(s + i * stride, live, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), sc));
+    for (int a = 0; a < KB && jb + a < n; ++a)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(st + (j0 + jb + a) * NQ + v * kBlock, _mm512_mul_ps(acc[a][v], sc));
   }
 }
 
-// o[i] += sum over the page's n values of p[i * stride + j] * v_j, with o[i] held in registers for the page.
-template <typename T>
-void prefix_values(const HeadPages<T>& vp, const int64_t* table, int64_t j0, int64_t n, int64_t nq, const float* p,
-                   int64_t stride, float* o, float* vbuf) {
-  const int64_t d = vp.d, regs = d / kBlock;
+// o[i] += sum over the n values of one page of p[j * NQ + i] * v_j: QB queries at a time, their R
+// registers of output each held for the page (QB x R accumulators, each value loaded once for QB queries).
+template <int R, int QB, typename T>
+void prefix_values(const HeadPages<T>& vp, const int64_t* table, int64_t j0, int64_t n, int64_t nq, int64_t NQ,
+                   const float* p, float* o, float* vbuf) {
+  constexpr int64_t d = R * kBlock;
   const float* v[kBlock];
   for (int64_t j = 0; j < n; ++j) v[j] = widen(vp.at(table, j0 + j), vbuf + j * d, d);
-  int64_t i = 0;
-  if (regs == 4) {  // head_dim 64: 2 queries at a time, 8 FMAs in flight, each value loaded once for both
-    for (; i + 2 <= nq; i += 2) {
-      float *o0 = o + i * d, *o1 = o0 + d;
-      __m512 a[8];
-      for (int64_t r = 0; r < 4; ++r) a[r] = _mm512_loadu_ps(o0 + r * kBlock), a[4 + r] = _mm512_loadu_ps(o1 + r * kBlock);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m512 w0 = _mm512_set1_ps(p[i * stride + j]), w1 = _mm512_set1_ps(p[(i + 1) * stride + j]);
-        for (int64_t r = 0; r < 4; ++r) {
-          const __m512 vv = _mm512_loadu_ps(v[j] + r * kBlock);
-          a[r] = _mm512_fmadd_ps(w0, vv, a[r]);
-          a[4 + r] = _mm512_fmadd_ps(w1, vv, a[4 + r]);
-        }
-      }
-      for (int64_t r = 0; r < 4; ++r) _mm512_storeu_ps(o0 + r * kBlock, a[r]), _mm512_storeu_ps(o1 + r * kBlock, a[4 + r]);
-    }
-  }
-  for (; i < nq; ++i) {
-    __m512 acc[kMaxD / kBlock];
-    float* oi = o + i * d;
-    for (int64_t r = 0; r < regs; ++r) acc[r] = _mm512_loadu_ps(oi + r * kBlock);
+  for (int64_t i0 = 0; i0 < nq; i0 += QB) {
+    const int64_t qb = std::min<int64_t>(QB, nq - i0);
+    __m512 acc[QB][R];
+    for (int m = 0; m < QB; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = m < qb ? _mm512_loadu_ps(o + (i0 + m) * d + r * kBlock) : _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m512 w = _mm512_set1_ps(p[i * stride + j]);
-      for (int64_t r = 0; r < regs; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v[j] + r * kBlock), acc[r]);
+      __m512 vv[R];
+      for (int r = 0; r < R; ++r) vv[r] = _mm512_loadu_ps(v[j] + r * kBlock);
+      for (int m = 0; m < QB; ++m) {  // lanes past nq hold zeros (padded queries): read, never stored
+        const __m512 w = _mm512_set1_ps(p[(j0 + j) * NQ + i0 + m]);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(w, vv[r], acc[m][r]);
+      }
     }
-    for (int64_t r = 0; r < regs; ++r) _mm512_storeu_ps(oi + r * kBlock, acc[r]);
+    for (int m = 0; m < qb; ++m)
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(o + (i0 + m) * d + r * kBlock, acc[m][r]);
   }
+}
+
+template <typename T>
+using ScoresFn = void (*)(const HeadPages<T>&, const int64_t*, int64_t, int64_t, const float*, float, float*, float*);
+template <typename T>
+constexpr ScoresFn<T> kScores[4] = {prefix_scores<1, 16, T>, prefix_scores<2, 8, T>, prefix_scores<3, 4, T>,
+                                    prefix_scores<4, 4, T>};  // <= 16 accumulators, a page in whole blocks
+
+// Per-unit scratch, reused across the units a thread runs.
+struct Scratch {
+  std::vector<float> qt, st, so, o, m, inv, buf;
+};
+
+// p[0, n) = exp(p - mx); returns their sum.
+inline float exp_from(float* p, int64_t n, float mx) {
+  __m512 sum16 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += kBlock) {
+    const __mmask16 live = j + kBlock <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(p + j, live, e);
+    sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(live, e));
+  }
+  return _mm512_reduce_add_ps(sum16);
 }
 
 // A unit of work: rows [r0, r1) that share one prefix (P tokens on their first pages; P = 0: one row),
 // their query heads of K/V head h. The prefix's keys and values are read once for all of them (widened
-// once for bfloat16), then each row's own tokens. Scores: s [nq, stride]; accumulators: o [nq, d].
+// once for bfloat16), then each row's own tokens. One softmax per query over both parts.
 // q: [b, heads, d] float32; out: [b, heads, d] float32.
 template <typename T>
 void attend_unit(const float* q, float* out, const HeadPages<T>& kp, const HeadPages<T>& vp, const int64_t* tables,
                  int64_t table_width, const int64_t* prefix_lens, const int64_t* own_lens, int64_t r0, int64_t r1,
-                 int64_t h, int64_t heads, int64_t groups, float scale, std::vector<float>& s, std::vector<float>& o,
-                 std::vector<float>& buf) {
-  const int64_t d = kp.d, ps = kp.page_size, rows = r1 - r0, nq = rows * groups;
+                 int64_t h, int64_t heads, int64_t groups, float scale, Scratch& w) {
+  const int64_t d = kp.d, ps = kp.page_size, nq = (r1 - r0) * groups;
   const int64_t P = prefix_lens[r0], own_start = (P + ps - 1) / ps;  // own tokens start on this table entry
+  const int64_t NQ = (nq + kBlock - 1) / kBlock * kBlock;
   int64_t max_own = 0;
   for (int64_t r = r0; r < r1; ++r) max_own = std::max(max_own, own_lens[r]);
-  const int64_t stride = P + max_own;
-  s.resize(nq * stride);
-  o.assign(nq * d, 0.f);
-  buf.resize(d);
   auto query = [&](int64_t i) { return q + ((r0 + i / groups) * heads + h * groups + i % groups) * d; };
+  auto own_len = [&](int64_t i) { return own_lens[r0 + i / groups]; };
   const int64_t* shared = tables + r0 * table_width;
-  if (d % kBlock == 0 && d <= kMaxD) {  // the shared prefix, a page at a time: each key read once for all
-    buf.resize(d * kBlock);
-    for (int64_t j0 = 0; j0 < P; j0 += kp.page_size) {
-      const int64_t n = std::min(kp.page_size, P - j0);
-      prefix_scores(kp, shared, j0, n, nq, query, scale, s.data() + j0, stride, buf.data());
-    }
-  } else {
-    for (int64_t j = 0; j < P; ++j) {
-      const float* k = widen(kp.at(shared, j), buf.data(), d);
-      for (int64_t i = 0; i < nq; ++i) s[i * stride + j] = dot(query(i), k, d) * scale;
-    }
-  }
-  for (int64_t r = r0; r < r1; ++r) {  // each row's own tokens
-    const int64_t* own = tables + r * table_width + own_start;
-    for (int64_t j = 0; j < own_lens[r]; ++j) {
-      const float* k = widen(kp.at(own, j), buf.data(), d);
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t i = (r - r0) * groups + g;
-        s[i * stride + P + j] = dot(query(i), k, d) * scale;
+  w.st.resize(P * NQ);
+  w.so.resize(nq * max_own);
+  w.o.assign(nq * d, 0.f);
+  w.m.assign(NQ, -INFINITY);
+  w.inv.assign(NQ, 0.f);
+  w.buf.resize(kBlock * std::max<int64_t>(d, kMaxD));
+  const bool vector_d = d % kBlock == 0 && d <= kMaxD;
+
+  // 1. Scores: the prefix's st [P, NQ] (one query per lane), each row's own so [nq, max_own].
+  if (P > 0) {
+    w.qt.assign(d * NQ, 0.f);
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t x = 0; x < d; ++x) w.qt[x * NQ + i] = query(i)[x];
+    if (vector_d && NQ <= 4 * kBlock) {
+      for (int64_t j0 = 0; j0 < P; j0 += ps)
+        kScores<T>[NQ / kBlock - 1](kp, shared, j0, std::min(ps, P - j0), w.qt.data(), scale, w.st.data(), w.buf.data());
+    } else {
+      for (int64_t j = 0; j < P; ++j) {
+        const float* k = widen(kp.at(shared, j), w.buf.data(), d);
+        for (int64_t i = 0; i < NQ; ++i) w.st[j * NQ + i] = i < nq ? dot(query(i), k, d) * scale : 0.f;
       }
-    }
-  }
-  std::vector<float> inv(nq);
-  for (int64_t i = 0; i < nq; ++i) inv[i] = 1.f / exp_shifted(s.data() + i * stride, P + own_lens[r0 + i / groups]);
-  if (d % kBlock == 0 && d <= kMaxD) {
-    for (int64_t j0 = 0; j0 < P; j0 += vp.page_size)
-      prefix_values(vp, shared, j0, std::min(vp.page_size, P - j0), nq, s.data() + j0, stride, o.data(), buf.data());
-  } else {
-    for (int64_t j = 0; j < P; ++j) {
-      const float* v = widen(vp.at(shared, j), buf.data(), d);
-      for (int64_t i = 0; i < nq; ++i) axpy(s[i * stride + j], v, o.data() + i * d, d);
     }
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t* own = tables + r * table_width + own_start;
     for (int64_t j = 0; j < own_lens[r]; ++j) {
-      const float* v = widen(vp.at(own, j), buf.data(), d);
+      const float* k = widen(kp.at(own, j), w.buf.data(), d);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t i = (r - r0) * groups + g;
-        axpy(s[i * stride + P + j], v, o.data() + i * d, d);
+        w.so[i * max_own + j] = dot(query(i), k, d) * scale;
+      }
+    }
+  }
+
+  // 2. Softmax: each query's max over both parts, then exp and 1 / sum.
+  for (int64_t i0 = 0; i0 < NQ; i0 += kBlock) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < P; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(w.st.data() + j * NQ + i0));
+    _mm512_storeu_ps(w.m.data() + i0, mx);
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < own_len(i); ++j) w.m[i] = std::max(w.m[i], w.so[i * max_own + j]);
+  for (int64_t i0 = 0; i0 < NQ; i0 += kBlock) {
+    const __m512 mx = _mm512_loadu_ps(w.m.data() + i0);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < P; ++j) {
+      float* row = w.st.data() + j * NQ + i0;
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row), mx));
+      _mm512_storeu_ps(row, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_storeu_ps(w.inv.data() + i0, sum);
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    w.inv[i] = 1.f / (w.inv[i] + exp_from(w.so.data() + i * max_own, own_len(i), w.m[i]));
+
+  // 3. Values: the prefix's a page at a time for all queries, then each row's own.
+  if (P > 0) {
+    for (int64_t j0 = 0; j0 < P; j0 += ps) {
+      const int64_t n = std::min(ps, P - j0);
+      if (d == 4 * kBlock) {
+        prefix_values<4, 4>(vp, shared, j0, n, nq, NQ, w.st.data(), w.o.data(), w.buf.data());
+      } else if (d == 8 * kBlock) {
+        prefix_values<8, 2>(vp, shared, j0, n, nq, NQ, w.st.data(), w.o.data(), w.buf.data());
+      } else {
+        for (int64_t j = j0; j < j0 + n; ++j) {
+          const float* v = widen(vp.at(shared, j), w.buf.data(), d);
+          for (int64_t i = 0; i < nq; ++i) axpy(w.st[j * NQ + i], v, w.o.data() + i * d, d);
+        }
+      }
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t* own = tables + r * table_width + own_start;
+    for (int64_t j = 0; j < own_lens[r]; ++j) {
+      const float* v = widen(vp.at(own, j), w.buf.data(), d);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = (r - r0) * groups + g;
+        axpy(w.so[i * max_own + j], v, w.o.data() + i * d, d);
       }
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
     float* dst = out + (query(i) - q);
-    for (int64_t x = 0; x < d; ++x) dst[x] = o[i * d + x] * inv[i];
+    for (int64_t x = 0; x < d; ++x) dst[x] = w.o[i * d + x] * w.inv[i];
   }
 }
 
@@ -444,14 +469,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
     const T* kbase = keys.data_ptr<T>() + layer * keys.stride(0);
     const T* vbase = values.data_ptr<T>() + layer * values.stride(0);
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-      std::vector<float> s, o, buf;
+      Scratch w;
       for (int64_t u = u0; u < u1; ++u) {
         const auto [r0, r1] = groups[u / kv_heads];
         const int64_t h = u % kv_heads;
         const HeadPages<T> kp{kbase + h * keys.stride(2), keys.stride(1), page_size, d};
         const HeadPages<T> vp{vbase + h * values.stride(2), values.stride(1), page_size, d};
         attend_unit(qf.data_ptr<float>(), out.data_ptr<float>(), kp, vp, tp, width, pp, op, r0, r1, h, heads, per_kv,
-                    static_cast<float>(scale), s, o, buf);
+                    static_cast<float>(scale), w);
       }
     });
   };
