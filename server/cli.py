@@ -70,7 +70,8 @@ SERVE_FLAGS = {
         str,
         "auto | wait | off: compile the decode step with torch.compile (Llama, Mistral, Qwen2/3 models). "
         "auto (default): serve at once on the eager step and switch when compiled (minutes on a small "
-        "CPU; cached for later starts); wait: compile before /ready; off: always eager",
+        "CPU; cached for later starts); wait: compile before /ready; off: always eager. On CUDA the step is "
+        "captured as CUDA graphs instead, before /ready (auto = wait there)",
     ),
     "model_cache_dir": (Path, "where converted GGUF models are kept"),
     "prefix_cache_bytes": (int, "in-memory prefix cache budget in bytes (LRU beyond it)"),

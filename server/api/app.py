@@ -139,10 +139,14 @@ def create_app(settings: Settings | None = None, components: Components | None =
         try:
             # torch work off the event loop, on threads that end afterwards (see server/threads.py)
             components = await in_own_thread(build_components, settings)
-            if settings.compile == "wait":
+            # On CUDA the step is captured as CUDA graphs (seconds), which must not overlap serving: auto
+            # waits there.
+            cuda = components.engine.device.type == "cuda"
+            wait = settings.compile == "wait" or (settings.compile == "auto" and cuda)
+            if wait:
                 await in_own_thread(components.engine.try_compile)
             await start_serving(components)
-            if settings.compile == "auto":  # serves on the eager step meanwhile; switches when done
+            if settings.compile == "auto" and not wait:  # serves on the eager step meanwhile; switches when done
                 threading.Thread(
                     target=components.engine.try_compile, name=COMPILE_THREAD, daemon=True
                 ).start()
