@@ -3,8 +3,9 @@
 Plain Python (no torch). Each iteration it *plans* (which waiting requests join the running batch now:
 free rows, free K/V pages, the token budget, round-robin across tasks so one task cannot starve the
 others), the engine *runs* the plan in a worker thread (prefill of the joiners, then one decode step
-for every running row), and a *postprocess* step hands tokens and finished requests back to their
-waiters. Each request's prefix is pinned before it queues (server/prefetch.py: a cold load never runs
+for every running row), and a *postprocess* step makes their text (server/output.py: incremental
+detokenizing and stop strings, here on the event loop, not on the engine thread) and hands tokens and
+finished requests back to their waiters. Each request's prefix is pinned before it queues (server/prefetch.py: a cold load never runs
 on the engine thread) and released when it finishes.
 """
 
@@ -26,6 +27,11 @@ from server.request import FinishReason, Request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class OutputLike(Protocol):
+    def update(self, request: Request) -> bool: ...
+    def done(self, request: Request) -> None: ...
 
 
 class EngineLike(Protocol):
@@ -73,8 +79,16 @@ class Event:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineLike, registry: RegistryLike | None, config: SchedulerConfig):
-        self.engine, self.registry, self.config = engine, registry, config
+    def __init__(
+        self,
+        engine: EngineLike,
+        registry: RegistryLike | None,
+        config: SchedulerConfig,
+        output: OutputLike | None = None,
+    ):
+        """`output`: makes the requests' text from their tokens (server/output.py's OutputProcessor);
+        None: the engine does (test fakes)."""
+        self.engine, self.registry, self.config, self.output = engine, registry, config, output
         # Ready requests (prefix pinned) per tenant (or task), in the order they became ready.
         self.waiting: dict[str, collections.deque[Request]] = {}
         self._rr: collections.deque[str] = collections.deque()  # round-robin order of keys with waiters
@@ -435,6 +449,8 @@ class Scheduler:
     def _postprocess(self, finished: list[Request]) -> None:
         now = time.monotonic()
         for request in [*self.engine.running, *finished]:
+            if self.output is not None and self.output.update(request):
+                self._aborts.add(request)  # a stop string matched: its row leaves before the next step
             if request.first_token_time is None and request.output_token_ids:
                 request.first_token_time = now
             if request.stream and request.error is None:
@@ -443,6 +459,8 @@ class Scheduler:
                     request.sink.put_nowait(Event("token", tokens, text))
         for request in finished:
             self.running_tokens -= request.budget_tokens  # every finished request was admitted by plan()
+            if self.output is not None:
+                self.output.done(request)
             self._send_final(request)
 
     def _send_final(self, request: Request) -> None:

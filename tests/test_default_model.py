@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import load_model
+from server.output import finish_texts
 from server.registry.format import load_prefix
 from server.request import Request, SamplingParams
 
@@ -86,4 +87,5 @@ def test_base_rows_match_hf_generate(engine, loaded):
     ids = torch.tensor([prompt])
     ref = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert req.output_token_ids == ref[0, len(prompt) :].tolist()
+    finish_texts([req], loaded.tokenizer)  # the text, as the server's output processor makes it
     assert req.text == loaded.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)

@@ -8,6 +8,7 @@ from conftest import EOS_ID, make_tiny_model, peft_greedy, peft_prefix_model, ra
 
 from server.engine.engine import Engine
 from server.errors import InvalidRequest, PrefixFormatError
+from server.output import finish_texts
 from server.registry.format import ModelFingerprint, PrefixKV, load_prefix
 from server.request import FinishReason, Request, SamplingParams
 
@@ -166,7 +167,8 @@ def test_top_k_one_is_greedy(engine):
 
 
 def test_stop_string_and_eos(engine, tokenizer):
-    full = engine.generate(make_requests([None], [8], [12]))[0]
+    """The engine stops on EOS and max_new_tokens; stop strings cut the text (server/output.py)."""
+    full = finish_texts(engine.generate(make_requests([None], [8], [12])), tokenizer)[0]
     tokens = full.output_token_ids
     # Stop string: the text of tokens 3..4 -> text stops right before it.
     stop = tokenizer.decode(tokens[3:5])
@@ -174,7 +176,7 @@ def test_stop_string_and_eos(engine, tokenizer):
         pytest.skip("generated tokens have no printable text to use as a stop string")
     req = make_requests([None], [8], [12], stop=(stop,))[0]
     req.prompt_token_ids = full.prompt_token_ids
-    engine.generate([req])
+    finish_texts(engine.generate([req]), tokenizer)
     assert req.finish_reason is FinishReason.STOP
     assert req.text == full.text[: full.text.find(stop)]
     # EOS: make the 4th generated token an EOS id; the row stops there unless ignore_eos.

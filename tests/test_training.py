@@ -16,6 +16,7 @@ from peft import PeftModel
 from server.cli import main
 from server.engine.engine import Engine
 from server.errors import InvalidRequest
+from server.output import finish_texts
 from server.registry.format import ModelFingerprint, PrefixKV, load_prefix, read_metadata, save_native
 from server.registry.frame import TaskFrame, TaskScores
 from server.registry.registry import PrefixRegistry
@@ -255,7 +256,8 @@ def test_shipped_examples_change_the_default_model():
         prefix = load_prefix((folder / "prefix.safetensors").read_bytes(), engine.fingerprint)
         prompt = prompt_token_ids(example.prompt, loaded.tokenizer, summary["chat_template"])
         sampling = SamplingParams(max_new_tokens=len(loaded.tokenizer(example.completion)["input_ids"]) + 2)
-        base, tuned = engine.generate([Request(prompt, sampling), Request(prompt, sampling, prefix=prefix)])
+        requests = [Request(prompt, sampling), Request(prompt, sampling, prefix=prefix)]
+        base, tuned = finish_texts(engine.generate(requests), loaded.tokenizer)
         assert answer(tuned.text) == answer(example.completion), folder.name
         assert answer(base.text) != answer(tuned.text), folder.name
         assert summary["eval_after"] >= 0.9 and summary["eval_before"] <= 0.5, folder.name

@@ -21,6 +21,7 @@ from server.api.routes import router
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.pages import PAGE_SIZE, default_pool_bytes
+from server.output import OutputProcessor
 from server.registry.format import ModelFingerprint
 from server.registry.registry import PrefixRegistry
 from server.scheduler import Scheduler, SchedulerConfig
@@ -130,7 +131,8 @@ def create_app(settings: Settings | None = None, components: Components | None =
             continuous=settings.batching == "continuous",
             request_timeout_s=settings.request_timeout_s,
         )
-        scheduler = Scheduler(components.engine, components.registry, config)
+        output = OutputProcessor(components.engine.tokenizer)
+        scheduler = Scheduler(components.engine, components.registry, config, output)
         await scheduler.start()
         state.scheduler = scheduler
         log.info("ready: model %s, %d prefixes", components.model_name, len(components.registry.list()))
@@ -146,7 +148,9 @@ def create_app(settings: Settings | None = None, components: Components | None =
             if wait:
                 await in_own_thread(components.engine.try_compile)
             await start_serving(components)
-            if settings.compile == "auto" and not wait:  # serves on the eager step meanwhile; switches when done
+            if (
+                settings.compile == "auto" and not wait
+            ):  # serves on the eager step meanwhile; switches when done
                 threading.Thread(
                     target=components.engine.try_compile, name=COMPILE_THREAD, daemon=True
                 ).start()

@@ -281,7 +281,8 @@ class Engine:
         """Take running requests out of the batch now (client gone, timeout, shutdown)."""
         doomed = [r for r in requests if r in self.running]
         for r in doomed:
-            r.finish(FinishReason.ABORT)
+            if not r.finished:  # finished already: by a stop string (server/output.py)
+                r.finish(FinishReason.ABORT)
         return self._remove(doomed)
 
     def generate(self, requests: Sequence[Request]) -> list[Request]:
@@ -421,30 +422,16 @@ class Engine:
         return done
 
     def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Tokens in, tokens out: a row stops on EOS (unless ignore_eos) or max_new_tokens. Text and stop
+        strings are the output processor's (server/output.py), off this thread."""
         request.output_token_ids.append(token)
         if logprob is not None:
             request.output_logprobs.append(logprob)
         params = request.sampling
-        # Detokenizing is O(output) per token: do it every step only when stop strings or a stream
-        # need the text as it grows, otherwise once when the request finishes.
-        if params.stop or request.stream:
-            request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-            cut = _find_stop(request.text, params.stop)
-            if cut is not None:
-                request.text = request.text[:cut]
-                request.finish(FinishReason.STOP)
-                return
         if token in self.eos_token_ids and not params.ignore_eos:
             request.finish(FinishReason.STOP)
         elif len(request.output_token_ids) >= params.max_new_tokens:
             request.finish(FinishReason.LENGTH)
-        if request.finished and not (params.stop or request.stream):
-            request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.engine.engine import Engine
+from server.output import finish_texts
 from server.registry.format import PrefixKV
 from server.request import Request, SamplingParams
 from server.training.data import Example, answer, prompt_token_ids
@@ -42,6 +43,6 @@ def evaluate(
         ]
         for request in requests:
             engine.validate(request)
-        outputs += [r.text for r in engine.generate(requests)]
+        outputs += [r.text for r in finish_texts(engine.generate(requests), engine.tokenizer)]
     hits = sum(answer(out) == answer(ex.completion) for out, ex in zip(outputs, examples, strict=True))
     return EvalResult(hits / len(examples), outputs)
