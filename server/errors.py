@@ -25,6 +25,13 @@ class InvalidRequest(PrefixServerError):
     code = "invalid_request"
 
 
+class ConfigError(PrefixServerError):
+    """Bad server configuration (a flag, a PREFIX_SERVER_* variable, a Ray Serve argument): the operator's
+    to fix at start-up, never a client's."""
+
+    code = "invalid_config"
+
+
 class PrefixFormatError(PrefixServerError):
     """A prefix file that cannot be read, or does not fit the base model."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from server.config import Settings
 from server.errors import InvalidRequest, NotReady, Overloaded, PrefixServerError, RequestTimeout
 from server.prefetch import PrefixLoader
 from server.request import FinishReason, Request
@@ -58,14 +60,31 @@ class RegistryLike(Protocol):
     def release(self, record: Any) -> None: ...
 
 
+def _default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(Settings) if f.name == name)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_wait_ms: float = 5.0  # an idle engine waits this long for a first batch to fill
-    max_batch_size: int = 32  # the row limit (= the engine's)
-    max_batch_tokens: int = 32768  # sum of running rows' prefix + prompt + max_new_tokens
-    max_queue: int = 256  # waiting requests beyond this get 429
+    """The scheduler's part of the Settings (`from_settings`); the defaults are the server's."""
+
+    max_batch_wait_ms: float = _default("max_batch_wait_ms")  # an idle engine waits for a first batch
+    max_batch_size: int = _default("max_batch_size")  # the row limit (= the engine's)
+    max_batch_tokens: int = _default("max_batch_tokens")  # sum of running rows' prefix + prompt + new
+    max_queue: int = _default("max_queue")  # waiting requests beyond this get 429
     continuous: bool = True  # False: static batches (a batch runs to its end before the next starts)
-    request_timeout_s: float = 0.0  # 0 = none
+    request_timeout_s: float = _default("request_timeout_s")  # 0 = none
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SchedulerConfig:
+        return cls(
+            max_batch_wait_ms=settings.max_batch_wait_ms,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue=settings.max_queue,
+            continuous=settings.batching == "continuous",
+            request_timeout_s=settings.request_timeout_s,
+        )
 
 
 @dataclass

@@ -110,9 +110,9 @@ def test_abort_while_prefilling_gives_its_pages_back(tiny_models, tokenizer):
 
 def test_a_negative_chunk_budget_is_refused():
     from server.config import Settings
-    from server.errors import InvalidRequest
+    from server.errors import ConfigError
 
-    with pytest.raises(InvalidRequest, match="prefill_chunk_tokens must be >= 0"):
+    with pytest.raises(ConfigError, match="prefill_chunk_tokens must be >= 0"):
         Settings(prefill_chunk_tokens=-1)
 
 

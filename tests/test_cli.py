@@ -93,3 +93,21 @@ cli.main(["serve", "--model-cache-dir", {str(tmp_path / "models")!r}, "--prefix-
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == str(tmp_path / "models" / "inductor")
+
+
+def test_the_operations_table_names_every_setting_and_no_other():
+    """docs/operations.md's flag table is checked against the one source of the flags (Settings)."""
+    import dataclasses
+    import re
+
+    from server.config import REPO_ROOT, Settings
+
+    rows = [
+        line
+        for line in (REPO_ROOT / "docs" / "operations.md").read_text().splitlines()
+        if line.startswith("| `--")
+    ]
+    documented = {name for row in rows for name in re.findall(r"`--([a-z0-9-]+)`", row.split("|")[1])}
+    flags = {f.name.replace("_", "-") for f in dataclasses.fields(Settings)}
+    assert sorted(flags - documented) == [] and sorted(documented - flags) == []
+    assert all(f.metadata.get("help") for f in dataclasses.fields(Settings))

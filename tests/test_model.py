@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MambaConfig, T5Config, T5ForCondi
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import check_prefix_support, load_model, resolve_dtype
-from server.errors import InvalidRequest, UnsupportedModel
+from server.errors import ConfigError, UnsupportedModel
 from server.registry.format import ModelFingerprint
 
 
@@ -74,7 +74,7 @@ def test_settings_from_env_and_overrides(tmp_path):
     }
     s = Settings.from_env({"port": 9002, "model": None}, environ=env)
     assert (s.port, s.max_batch_wait_ms, s.prefix_dir, s.model) == (9002, 2.5, tmp_path, "default")
-    with pytest.raises(InvalidRequest, match="PREFIX_SERVER_PORT must be an integer, got 'eighty'"):
+    with pytest.raises(ConfigError, match="PREFIX_SERVER_PORT must be an integer, got 'eighty'"):
         Settings.from_env(environ={"PREFIX_SERVER_PORT": "eighty"})
-    with pytest.raises(InvalidRequest, match="max_batch_size must be a positive integer"):
+    with pytest.raises(ConfigError, match="max_batch_size must be a positive integer"):
         Settings(max_batch_size=0)

@@ -15,7 +15,7 @@ from test_api import parse_sse
 from server.cli import build_parser
 from server.config import Settings
 from server.engine.engine import Engine
-from server.errors import InvalidRequest
+from server.errors import ConfigError
 from server.registry.format import load_prefix, save_native
 from server.request import Request, SamplingParams
 
@@ -184,5 +184,5 @@ def test_the_slow_store_knob_is_a_flag_and_a_variable():
     env = {"PREFIX_SERVER_STORE_READ_DELAY_MS": "12.5"}
     assert Settings.from_env(environ=env).store_read_delay_ms == 12.5
     assert Settings().store_read_delay_ms == 0.0
-    with pytest.raises(InvalidRequest, match="store_read_delay_ms must be >= 0"):
+    with pytest.raises(ConfigError, match="store_read_delay_ms must be >= 0"):
         Settings(store_read_delay_ms=-1.0)

@@ -26,7 +26,7 @@ from conftest import app_client, make_tiny_model, native_bytes, use_s3_endpoint 
 from conftest import put_prefix as put  # noqa: E402
 
 from server.config import Settings  # noqa: E402
-from server.errors import InvalidRequest, PrefixNotFound, PrefixServerError  # noqa: E402
+from server.errors import ConfigError, InvalidRequest, PrefixNotFound, PrefixServerError  # noqa: E402
 from server.registry.format import save_native  # noqa: E402
 from server.registry.registry import PrefixRegistry  # noqa: E402
 from server.registry.s3_store import S3PrefixStore  # noqa: E402
@@ -317,7 +317,7 @@ def test_a_bucket_that_cannot_be_used_fails_with_its_url(aws_env, monkeypatch):
         with pytest.raises(PrefixServerError, match=rf"s3://some-bucket: .*127.0.0.1:{port}.*cannot be used"):
             S3PrefixStore.from_url("s3://some-bucket")
     for bad in ("s3://", "s3://UPPER", "http://bucket", "s3://a"):
-        with pytest.raises(InvalidRequest, match="prefix_store"):
+        with pytest.raises(ConfigError, match="prefix_store"):
             Settings(prefix_store=bad)
     env = {"PREFIX_SERVER_PREFIX_STORE": "s3://b-1/k", "PREFIX_SERVER_PREFIX_STORE_TTL_S": "0.5"}
     settings = Settings.from_env(environ=env)

@@ -100,13 +100,7 @@ def build_components(settings: Settings) -> Components:
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
     """An app serving `components`, or loading them from `settings` in the background at startup."""
     settings = settings or Settings.from_env()
-    quotas = Quotas(
-        max_prefixes=settings.tenant_max_prefixes,
-        max_prefix_bytes=settings.tenant_max_prefix_bytes,
-        max_concurrent=settings.tenant_max_concurrent,
-        rate=settings.tenant_rate,
-        burst=settings.tenant_burst,
-    )
+    quotas = Quotas.from_settings(settings)
     keyring = KeyRing.load(settings.api_keys_file, quotas)
     if keyring.open:
         log.warning(
@@ -123,14 +117,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
     async def start_serving(components: Components) -> None:
         state.components = components
-        config = SchedulerConfig(
-            max_batch_wait_ms=settings.max_batch_wait_ms,
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_queue=settings.max_queue,
-            continuous=settings.batching == "continuous",
-            request_timeout_s=settings.request_timeout_s,
-        )
+        config = SchedulerConfig.from_settings(settings)
         output = OutputProcessor(components.engine.tokenizer)
         scheduler = Scheduler(components.engine, components.registry, config, output)
         await scheduler.start()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fastapi import Request
 
+from server.config import Settings
 from server.errors import InvalidRequest, QuotaExceeded, Unauthorized, shown
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ class Quotas:
     max_concurrent: int = 0
     rate: float = 0.0  # requests per second (token bucket refill)
     burst: int = 0  # bucket size; 0 = max(1, rate)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Quotas:
+        """The defaults every key gets (`--tenant-*`); a key may set its own in the keys file."""
+        return cls(
+            max_prefixes=settings.tenant_max_prefixes,
+            max_prefix_bytes=settings.tenant_max_prefix_bytes,
+            max_concurrent=settings.tenant_max_concurrent,
+            rate=settings.tenant_rate,
+            burst=settings.tenant_burst,
+        )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ray.serve import Application
 from server.config import ENV_PREFIX, Settings
 from server.distributed.ingress import PrefixServerIngress
 from server.distributed.replica import PrefixServerReplica
-from server.errors import InvalidRequest
+from server.errors import ConfigError
 
 APP_OPTIONS = {
     "num_replicas": (int, 2),
@@ -41,7 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     fields = {f.name for f in dataclasses.fields(Settings)}
     unknown = set(args) - fields - set(APP_OPTIONS)
     if unknown:
-        raise InvalidRequest(
+        raise ConfigError(
             f"unknown arguments {sorted(unknown)}; expected Settings fields or {sorted(APP_OPTIONS)}"
         )
     # Arguments arrive as strings from `serve run`: they go through the same parsing as the environment.

@@ -37,7 +37,8 @@ from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 log = logging.getLogger(__name__)
 
 # Prompt tokens per prefill forward: a 16-row batch of 30-token prompts goes in one; on this project's
-# 2-core CPU a chunk of 512 takes ~0.8 s, the most a long prompt holds the decoding rows up.
+# 2-core CPU a 3,000-token prompt then holds the decoding rows up at most 2.3 s (whole: 11 s), measured by
+# loadtest/bench_chunked.py (docs/internals.md).
 PREFILL_CHUNK_TOKENS = 512
 
 
