@@ -273,3 +273,22 @@ def test_default_pool_size_wants_the_tokens_within_a_quarter_of_free_memory(mode
     assert pages.default_pool_bytes(fp, torch.float32, "cpu", tokens=16 * 500) == 100 * page  # a quarter
     monkeypatch.setattr(pages, "_mem_available", lambda: 0)  # unknown: what is wanted
     assert pages.default_pool_bytes(fp, torch.float32, "cpu", tokens=16 * 500) == 501 * page
+
+
+def test_default_pool_size_on_a_gpu_takes_most_of_its_free_memory(model, monkeypatch):
+    """On CUDA (its free memory faked): 60% of what is free after the model, less the prefix cache, and
+    never into the reserve for activations and graphs."""
+    from server.engine import pages
+
+    fp = ModelFingerprint.from_config(model.config)
+    page = bytes_per_page(fp, 16, torch.bfloat16)
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    size = pages.default_pool_bytes(fp, torch.bfloat16, "cuda", tokens=16 * 50, other_bytes=gib // 2)
+    assert size == int(40 * gib * 0.6) - gib // 2
+    # A small GPU: what the tokens want, within what is free beyond the reserve and the prefix cache.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 8 * gib))
+    size = pages.default_pool_bytes(fp, torch.bfloat16, "cuda", tokens=10**9, other_bytes=gib // 2)
+    assert size == 3 * gib - 2 * gib - gib // 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib, 8 * gib))  # nothing left
+    assert pages.default_pool_bytes(fp, torch.bfloat16, "cuda", tokens=16) == 2 * page

@@ -71,6 +71,7 @@ def build_components(settings: Settings) -> Components:
         loaded.model.device,
         tokens=settings.max_batch_tokens
         + settings.max_batch_size * (settings.max_virtual_tokens + PAGE_SIZE),
+        other_bytes=settings.prefix_cache_bytes,
     )
     engine = Engine(
         loaded.model,
@@ -81,6 +82,24 @@ def build_components(settings: Settings) -> Components:
         kv_cache_bytes=kv_cache_bytes,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
+    tokens = engine.pool.num_usable * engine.page_size
+    log.info(
+        "K/V pool: %d pages of %d tokens (%.2f GiB, %d tokens); row limit %d, batch token budget %d",
+        engine.pool.num_usable,
+        engine.page_size,
+        kv_cache_bytes / 2**30,
+        tokens,
+        settings.max_batch_size,
+        settings.max_batch_tokens,
+    )
+    if tokens > 2 * settings.max_batch_tokens:  # a GPU's pool: the batch limits leave most of it idle
+        log.info(
+            "the pool holds %d tokens, the batch limits use %d: raise --max-batch-size (e.g. 256) and "
+            "--max-batch-tokens (up to %d) to serve more rows (docs/operations.md)",
+            tokens,
+            settings.max_batch_tokens,
+            tokens,
+        )
     registry = PrefixRegistry.open(
         settings.prefix_store or settings.prefix_dir,  # an s3:// URL, else the folder
         engine.fingerprint,

@@ -44,14 +44,30 @@ def _versioned(key: Hashable) -> bool:
     return isinstance(key, tuple) and len(key) == 3 and isinstance(key[1], int)
 
 
-def default_pool_bytes(fp: ModelFingerprint, dtype: torch.dtype, device, tokens: int) -> int:
-    """The pool's size when none is set: `tokens` tokens (the caller's worst case of running rows and their
-    prefixes) and the scratch page, at most a quarter of the memory free now (CPU: MemAvailable; CUDA:
-    the device's free memory), at least 2 pages."""
+# On a GPU the pool takes this share of the memory free once the model is loaded (vLLM's
+# gpu_memory_utilization idea), less GPU_RESERVE_BYTES for activations, CUDA graphs and logits.
+GPU_POOL_SHARE = 0.6
+GPU_RESERVE_BYTES = 2 << 30
+
+
+def default_pool_bytes(
+    fp: ModelFingerprint, dtype: torch.dtype, device, tokens: int, other_bytes: int = 0
+) -> int:
+    """The pool's size when none is set, at least 2 pages.
+
+    CPU: `tokens` tokens (the caller's worst case of running rows and their prefixes) and the scratch
+    page, at most a quarter of MemAvailable (memory is shared with everything else on the machine).
+    CUDA: the GPU is the server's: `GPU_POOL_SHARE` of its free memory less `GPU_RESERVE_BYTES` and
+    `other_bytes` (the prefix cache, which lives on the GPU too), and never less than the tokens want if
+    that fits; pages beyond what running rows need keep more idle task prefixes resident."""
     page = bytes_per_page(fp, PAGE_SIZE, dtype)
     wanted = (pages_for(tokens, PAGE_SIZE) + 1) * page
     device = torch.device(device)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        room = max(0, free - GPU_RESERVE_BYTES - other_bytes)
+        return max(2 * page, min(max(wanted, int(free * GPU_POOL_SHARE) - other_bytes), room))
+    free = _mem_available()
     return max(2 * page, min(wanted, free // 4) if free else wanted)
 
 
