@@ -35,17 +35,16 @@ def test_static_inputs_pad_rows_and_columns_with_the_scratch_page():
     rows = [RowKV(prefix, [7, 8], length=3), RowKV(None, [9], length=15)]
     batch = DecodeBatch.build(rows, 2, 16, "cpu")
     ids = torch.tensor([[11], [12]])
-    inputs.block_tables.fill_(99)  # stale contents of a wider earlier step
+    inputs.batch.block_tables.fill_(99)  # stale contents of a wider earlier step
     inputs.load(ids, batch, rows=4, width=4)
-    ids_v, positions, tables, prefix_lens, own_lens, slots = inputs.view(4, 4)
+    ids_v, b = inputs.view(4, 4)
     assert ids_v[:, 0].tolist() == [11, 12, 0, 0]
-    assert positions[:, 0].tolist() == [20 + 3, 15, 0, 0]
-    assert (
-        tables.tolist()
-        == [[5, 6, 7, SCRATCH_PAGE], [9, SCRATCH_PAGE, SCRATCH_PAGE, SCRATCH_PAGE]] + [[SCRATCH_PAGE] * 4] * 2
-    )
-    assert prefix_lens.tolist() == [20, 0, 0, 0] and own_lens.tolist() == [4, 16, 1, 1]
-    assert slots.tolist() == [7 * 16 + 3, 9 * 16 + 15, 0, 0]
+    assert b.positions[:, 0].tolist() == [20 + 3, 15, 0, 0]
+    pad = [SCRATCH_PAGE] * 4
+    assert b.block_tables.tolist() == [[5, 6, 7, SCRATCH_PAGE], [9, *pad[:3]], pad, pad]
+    assert b.prefix_lens.tolist() == [20, 0, 0, 0] and b.own_lens.tolist() == [4, 16, 1, 1]
+    assert b.slots.tolist() == [7 * 16 + 3, 9 * 16 + 15, 0, 0]
+    assert b.block_tables.data_ptr() == inputs.batch.block_tables.data_ptr()  # a view of the buffers
 
 
 def test_graph_decode_equals_the_eager_step_under_joins_leaves_and_hot_swaps(model, tokenizer):

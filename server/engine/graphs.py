@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.compiled import batch_buckets, bucket_for
-from server.engine.paged import DecodeBatch, additive_mask
+from server.engine.paged import DecodeBatch
 from server.engine.pages import SCRATCH_PAGE, PagePool, pages_for
 
 log = logging.getLogger(__name__)
@@ -40,26 +40,19 @@ def width_buckets(max_blocks: int) -> list[int]:
 
 @dataclass
 class StaticInputs:
-    """The graphs' inputs at the largest bucket; a step fills the first `rows` x `width` of them.
-
-    input_ids, positions [max_rows, 1]; block_tables [max_rows, max_blocks]; prefix_lens, own_lens, slots
-    [max_rows] (paged.DecodeBatch's meaning)."""
+    """The graphs' inputs at the largest bucket: token ids [max_rows, 1] and a DecodeBatch whose tensors
+    ([max_rows, max_blocks] block tables, [max_rows] lengths and slots) are the graphs' buffers. A step
+    fills the first `rows` x `width` of them; `view` gives a bucket's slices (the same memory)."""
 
     input_ids: torch.Tensor
-    positions: torch.Tensor
-    block_tables: torch.Tensor
-    prefix_lens: torch.Tensor
-    own_lens: torch.Tensor
-    slots: torch.Tensor
-    page_size: int
+    batch: DecodeBatch
 
     @classmethod
     def allocate(cls, max_rows: int, max_blocks: int, page_size: int, device) -> StaticInputs:
         def zeros(*shape):
             return torch.zeros(shape, dtype=torch.long, device=device)
 
-        inputs = cls(
-            input_ids=zeros(max_rows, 1),
+        batch = DecodeBatch(
             positions=zeros(max_rows, 1),
             block_tables=zeros(max_rows, max_blocks),
             prefix_lens=zeros(max_rows),
@@ -67,41 +60,45 @@ class StaticInputs:
             slots=zeros(max_rows),
             page_size=page_size,
         )
+        inputs = cls(zeros(max_rows, 1), batch)
         inputs.reset(max_rows)
         return inputs
 
     def reset(self, rows: int) -> None:
         """Rows [0, rows) as padding: the scratch page only (one own token, its K/V written there)."""
+        b = self.batch
         self.input_ids[:rows] = 0
-        self.positions[:rows] = 0
-        self.block_tables[:rows] = SCRATCH_PAGE
-        self.prefix_lens[:rows] = 0
-        self.own_lens[:rows] = 1
-        self.slots[:rows] = SCRATCH_PAGE * self.page_size
+        b.positions[:rows] = 0
+        b.block_tables[:rows] = SCRATCH_PAGE
+        b.prefix_lens[:rows] = 0
+        b.own_lens[:rows] = 1
+        b.slots[:rows] = SCRATCH_PAGE * b.page_size
 
     def load(self, input_ids: torch.Tensor, batch: DecodeBatch, rows: int, width: int) -> None:
         """Copy a step's n real rows into the buffers; rows [n, rows) and columns past the batch's own width
         become padding (the scratch page)."""
         n, w = batch.block_tables.shape
+        b = self.batch
         self.reset(rows)
         self.input_ids[:n].copy_(input_ids[:n])
-        self.positions[:n].copy_(batch.positions[:n])
-        self.block_tables[:n, :width] = SCRATCH_PAGE
-        self.block_tables[:n, :w].copy_(batch.block_tables[:n])
-        self.prefix_lens[:n].copy_(batch.prefix_lens[:n])
-        self.own_lens[:n].copy_(batch.own_lens[:n])
-        self.slots[:n].copy_(batch.slots[:n])
+        b.block_tables[:n, :width] = SCRATCH_PAGE
+        b.block_tables[:n, :w].copy_(batch.block_tables[:n])
+        b.positions[:n].copy_(batch.positions[:n])
+        b.prefix_lens[:n].copy_(batch.prefix_lens[:n])
+        b.own_lens[:n].copy_(batch.own_lens[:n])
+        b.slots[:n].copy_(batch.slots[:n])
 
-    def view(self, rows: int, width: int) -> tuple[torch.Tensor, ...]:
-        """(input_ids, positions, block_tables, prefix_lens, own_lens, slots) of one bucket: views, so a
-        graph captured on them reads whatever `load` wrote."""
-        return (
-            self.input_ids[:rows],
-            self.positions[:rows],
-            self.block_tables[:rows, :width],
-            self.prefix_lens[:rows],
-            self.own_lens[:rows],
-            self.slots[:rows],
+    def view(self, rows: int, width: int) -> tuple[torch.Tensor, DecodeBatch]:
+        """(input_ids, batch) of one bucket: slices of the buffers, so a graph captured on them reads
+        whatever `load` wrote."""
+        b = self.batch
+        return self.input_ids[:rows], DecodeBatch(
+            positions=b.positions[:rows],
+            block_tables=b.block_tables[:rows, :width],
+            prefix_lens=b.prefix_lens[:rows],
+            own_lens=b.own_lens[:rows],
+            slots=b.slots[:rows],
+            page_size=b.page_size,
         )
 
 
@@ -123,9 +120,10 @@ class GraphDecode:
         self._pool = None  # the graphs' shared memory pool
 
     def _run(self, rows: int, width: int, pool: PagePool) -> torch.Tensor:
-        ids, positions, tables, prefix_lens, own_lens, slots = self.inputs.view(rows, width)
-        mask = additive_mask(width * pool.page_size, prefix_lens, own_lens, pool.page_size, pool.keys.dtype)
-        return self.step(ids, positions, mask, tables, prefix_lens, own_lens, slots, pool.keys, pool.values)
+        ids, b = self.inputs.view(rows, width)
+        mask = b.mask(pool.keys.dtype)  # computed inside the graph from the buffers
+        args = (ids, b.positions, mask, b.block_tables, b.prefix_lens, b.own_lens, b.slots)
+        return self.step(*args, pool.keys, pool.values)
 
     @torch.inference_mode()
     def warm_up(self, pool: PagePool) -> float:
