@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format bench clean examples
+.PHONY: install serve test test-fast lint format bench clean examples gpu-wheels
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ format: install
 
 bench: install
 	$(BIN)/python loadtest/bench_engine.py
+
+# Wheels for loadtest/gpu_check.sh on a GPU machine that cannot download (CPython 3.12, manylinux x86-64),
+# pinned to this venv's versions, into the git-ignored .gpu-wheels/ (~32 MB; see loadtest/README.md).
+gpu-wheels: install
+	$(BIN)/python -m loadtest.gpu_wheels --dest .gpu-wheels
 
 # Re-generate the example tasks' data, re-train their prefixes on the default model (minutes on a
 # 2-core CPU), and print the before/after table of prefixes/examples/README.md.
