@@ -10,13 +10,14 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, shown
 
 if TYPE_CHECKING:
     from server.registry.format import PrefixKV
 
 _ids = itertools.count()
 MAX_TOP_LOGPROBS = 20  # most alternatives a request may ask for per token (as OpenAI and vLLM allow)
+MAX_TOP_K = 2**31 - 1  # a top_k the sampler's int64 tensors hold (any above the vocabulary keeps every token)
 
 
 class RequestStatus(enum.Enum):
@@ -53,8 +54,11 @@ class SamplingParams:
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequest(
+                f"top_k must be an integer in [0, {MAX_TOP_K}] (0 = off; above the vocabulary = all), "
+                f"got {shown(self.top_k)}"
+            )
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):

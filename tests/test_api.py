@@ -418,3 +418,18 @@ async def test_ready_and_generate_say_503_when_the_scheduler_loop_is_not_running
         await api.post("/generate", json={"prompt": "hi"}), 503, "not_ready", "scheduler loop stopped"
     )
     scheduler._task = None  # nothing left for the shutdown to wait on
+
+
+async def test_a_top_k_beyond_int64_is_a_clear_4xx_not_a_failed_batch(api):
+    """Found by the schema fuzzer: a huge top_k passed validation and failed the engine step (500 for the
+    whole batch). Now it is refused (422 here, 400 on the OpenAI route), and a top_k above the vocabulary
+    keeps every token."""
+    body = {"prompt": "hi", "max_new_tokens": 2, "temperature": 1.0, "seed": 3}
+    huge = 17553672784685947682816
+    reply = await api.post("/generate", json={**body, "top_k": huge})
+    assert reply.status_code == 422 and "top_k must be an integer in [0, 2147483647]" in reply.text
+    openai = await api.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "top_k": huge})
+    assert openai.status_code == 400 and "top_k" in openai.text
+    everything = await api.post("/generate", json={**body, "top_k": 2**31 - 1})
+    assert everything.status_code == 200
+    assert everything.json()["text"] == (await api.post("/generate", json=body)).json()["text"]
