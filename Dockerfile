@@ -34,7 +34,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     PREFIX_SERVER_HOST=0.0.0.0 \
     PREFIX_SERVER_PORT=8000 \
-    PREFIX_SERVER_PREFIX_DIR=/data/prefixes
+    PREFIX_SERVER_PREFIX_DIR=/data/prefixes \
+    PREFIX_SERVER_EXAMPLES=on
 
 # g++: torch.compile's inductor and the decode step's CPU kernels compile C++ where the server runs
 # (without it the server still serves, with the eager decode step).

@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 serve: install
-	$(BIN)/prefix-server serve --host $(HOST) --port $(PORT)
+	$(BIN)/prefix-server serve --host $(HOST) --port $(PORT) --examples on
 
 test: install
 	$(BIN)/ruff check .

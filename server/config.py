@@ -112,6 +112,12 @@ class Settings:
     )
     max_virtual_tokens: int = setting(256, help="largest prefix accepted, in virtual tokens")
     max_upload_bytes: int = setting(64 * 1024 * 1024, help="largest prefix upload accepted (413 beyond it)")
+    examples: str = setting(
+        "off",
+        help="on: register the shipped example tasks (prefixes/examples/: sentiment, booking) at start, unless "
+        "those task ids exist or ever existed; off: the store is served as it is (`make serve` and the Docker "
+        "image set on)",
+    )
     # batching and limits
     # Rows decoded together. 32: on a 2-core CPU 32 and 64 concurrent requests gave 1.27-1.29x and 1.20-1.31x
     # the tokens/s of 16 (two runs of loadtest/bench_pool.py): 64 is no better within noise, and costs one
@@ -195,6 +201,8 @@ class Settings:
             )
         if self.compile not in ("auto", "wait", "off"):
             raise ConfigError(f"setting compile must be 'auto', 'wait' or 'off', got {self.compile!r}")
+        if self.examples not in ("on", "off"):
+            raise ConfigError(f"setting examples must be 'on' or 'off', got {self.examples!r}")
         if self.batching not in ("continuous", "static"):
             raise ConfigError(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
 

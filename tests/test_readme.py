@@ -59,7 +59,7 @@ def test_the_front_page_has_examples():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
-    args = ["--prefix-dir", str(work / "prefixes"), "--compile", "off"]
+    args = ["--prefix-dir", str(work / "prefixes"), "--compile", "off", "--examples", "on"]  # as make serve
     with open(work / "server.log", "w+") as log, serverproc.running(args, log=log) as (_, base):
         yield base
 

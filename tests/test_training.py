@@ -335,3 +335,24 @@ async def test_a_freshly_trained_task_answers_by_input_and_by_openai_chat(tmp_pa
             assert chat.choices[0].message.content == reply["text"]
             right += answer(reply["text"]) == answer(example.completion)
     assert right / len(held_out) == eval_after
+
+
+def test_the_examples_are_registered_only_when_asked(tmp_path):
+    """`--examples on` (make serve, the Docker image) registers the shipped tasks; off (the default, e.g. an
+    S3 fleet or a Ray replica) leaves the store as it is."""
+    from server.api.app import register_shipped_examples
+    from server.config import Settings
+
+    smollm2 = ModelFingerprint("llama", 30, 3, 64)  # the default model's, which the examples fit
+
+    def registry(name):
+        return PrefixRegistry.open(
+            tmp_path / name, smollm2, cache_bytes=1 << 26, dtype=torch.float32, device="cpu"
+        )
+
+    off = registry("off")
+    assert register_shipped_examples(Settings(), off) == [] and off.list() == []
+    on = registry("on")
+    shipped = sorted(p.parent.name for p in EXAMPLES.glob("*/prefix.safetensors"))
+    assert register_shipped_examples(Settings(examples="on"), on) == shipped == ["booking", "sentiment"]
+    assert [r.task_id for r in on.list()] == shipped

@@ -110,10 +110,18 @@ def build_components(settings: Settings) -> Components:
         store_ttl_s=settings.prefix_store_ttl_s,
         store_read_delay_ms=settings.store_read_delay_ms,
     )
+    register_shipped_examples(settings, registry)
+    return Components(engine=engine, registry=registry, model_name=loaded.name)
+
+
+def register_shipped_examples(settings: Settings, registry: PrefixRegistry) -> list[str]:
+    """`--examples on`: the shipped example tasks, unless those task ids exist or ever existed (an S3 fleet
+    or a Ray replica leaves it off, so no server uploads demo tasks into a shared store by itself)."""
+    if settings.examples != "on":
+        return []
     from server.training.examples import register_examples
 
-    register_examples(registry)  # the shipped example tasks, unless those task ids exist or existed
-    return Components(engine=engine, registry=registry, model_name=loaded.name)
+    return register_examples(registry)
 
 
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
