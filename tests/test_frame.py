@@ -440,12 +440,12 @@ def test_shipped_examples_carry_their_frames(task):
 
 @pytest.mark.slow
 async def test_shipped_examples_answer_by_input_and_by_openai_chat(tmp_path):
-    """The default model as `prefix-server serve` starts it (loaded in the background, the examples
-    registered): each example answers its held-out prompts by `input`, and the official client's chat
+    """The default model as `make serve` starts it (loaded in the background, the examples registered:
+    `--examples on`): each example answers its held-out prompts by `input`, and the official client's chat
     call, which fills the template, answers the same."""
     import openai
 
-    real_app = create_app(Settings(prefix_dir=tmp_path / "prefixes", compile="off"))
+    real_app = create_app(Settings(prefix_dir=tmp_path / "prefixes", compile="off", examples="on"))
     async with real_app.router.lifespan_context(real_app):
         transport = httpx.ASGITransport(app=real_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=300) as api:
