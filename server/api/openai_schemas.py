@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
 from server.api.schemas import StopString, TextCheck, check_text
 from server.errors import shown
+from server.request import MAX_TOP_K
 
 # Fields that change nothing at these values (compared by type and value: `0` is not `False`).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -74,7 +75,7 @@ class SamplingFields(_OpenAIBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extensions (as vLLM accepts them): the same knobs /generate has.
-    top_k: int = Field(0, ge=0, description="0 = off")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = off; above the vocabulary = every token")
     ignore_eos: bool = False
 
     @field_validator("stop", mode="plain", json_schema_input_type=StopString | list[StopString] | None)

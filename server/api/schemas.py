@@ -9,6 +9,7 @@ from pydantic_core import PydanticCustomError
 
 from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
 from server.registry import frame
+from server.request import MAX_TOP_K
 
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
@@ -73,7 +74,7 @@ class GenerateRequest(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, else 64")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = off; above the vocabulary = every token")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: Annotated[list[StopString] | StopString | None, TextCheck] = Field(
         None, description="stop strings; the text ends before the first match; default: the task's"
