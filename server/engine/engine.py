@@ -247,7 +247,7 @@ class Engine:
         decoding = self._decoding()
         if not decoding:
             return finished
-        logits = self.decode_logits()  # [n, vocab]
+        logits = self.decode_logits(decoding)  # [n, vocab]
         requests = [self.running[i] for i in decoding]
         tokens = sample(logits, [r.sampling for r in requests], [self._generators[i] for i in decoding])
         logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
@@ -256,11 +256,11 @@ class Engine:
         return finished + self._remove([r for r in requests if r.finished])
 
     @torch.inference_mode()
-    def decode_logits(self) -> torch.Tensor:
-        """The forward of a decode step: the decoding rows' last tokens in (the running rows that are not
-        prefilling, in order), their K/V written to the pool, next-token logits [n, vocab] out. Compiled once
-        warmed up (padded to a bucket), else eager."""
-        decoding = self._decoding()
+    def decode_logits(self, decoding: list[int] | None = None) -> torch.Tensor:
+        """The forward of a decode step: the decoding rows' last tokens in (`decoding`: indices of the running
+        rows that are not prefilling, in order; found here if not given), their K/V written to the pool,
+        next-token logits [n, vocab] out. Compiled once warmed up (padded to a bucket), else eager."""
+        decoding = self._decoding() if decoding is None else decoding
         rows_kv = [self._rows[i] for i in decoding]
         n = len(decoding)
         decoder = self.decoder if self.decoder is not None and self.decoder.ready else None

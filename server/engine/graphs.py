@@ -64,22 +64,24 @@ class StaticInputs:
         inputs.reset(max_rows)
         return inputs
 
-    def reset(self, rows: int) -> None:
-        """Rows [0, rows) as padding: the scratch page only (one own token, its K/V written there)."""
+    def reset(self, rows: int, start: int = 0) -> None:
+        """Rows [start, rows) as padding: the scratch page only (one own token, its K/V written there)."""
         b = self.batch
-        self.input_ids[:rows] = 0
-        b.positions[:rows] = 0
-        b.block_tables[:rows] = SCRATCH_PAGE
-        b.prefix_lens[:rows] = 0
-        b.own_lens[:rows] = 1
-        b.slots[:rows] = SCRATCH_PAGE * b.page_size
+        self.input_ids[start:rows] = 0
+        b.positions[start:rows] = 0
+        b.block_tables[start:rows] = SCRATCH_PAGE
+        b.prefix_lens[start:rows] = 0
+        b.own_lens[start:rows] = 1
+        b.slots[start:rows] = SCRATCH_PAGE * b.page_size
 
     def load(self, input_ids: torch.Tensor, batch: DecodeBatch, rows: int, width: int) -> None:
-        """Copy a step's n real rows into the buffers; rows [n, rows) and columns past the batch's own width
-        become padding (the scratch page)."""
+        """Copy a step's n rows into the buffers (the engine pads them to the bucket already, so usually
+        n == rows); rows [n, rows) and columns past the batch's own width become padding (the scratch page).
+        Each buffer is written once per step: a few small copies outside the graph."""
         n, w = batch.block_tables.shape
         b = self.batch
-        self.reset(rows)
+        if n < rows:
+            self.reset(rows, start=n)
         self.input_ids[:n].copy_(input_ids[:n])
         b.block_tables[:n, :width] = SCRATCH_PAGE
         b.block_tables[:n, :w].copy_(batch.block_tables[:n])
