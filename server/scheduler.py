@@ -1,31 +1,31 @@
-"""The scheduler: waiting queues, admission, and the loop that drives the engine one step at a time.
+"""The scheduler: takes requests in, plans each step, and hands the results back to their waiters.
 
-Plain Python (no torch). Each iteration it *plans* (which waiting requests join the running batch now:
-free rows, free K/V pages, the token budget, round-robin across tasks so one task cannot starve the
-others), the engine *runs* the plan in a worker thread (prefill of the joiners, then one decode step
-for every running row), and a *postprocess* step makes their text (server/output.py: incremental
-detokenizing and stop strings, here on the event loop, not on the engine thread) and hands tokens and
-finished requests back to their waiters. Each request's prefix is pinned before it queues (server/prefetch.py: a cold load never runs
-on the engine thread) and released when it finishes.
+Plain Python (no torch). A request's prefix is pinned before it queues (server/prefetch.py: a cold load
+never runs on the engine thread) and released when it finishes. Each iteration of the loop *plans*
+(server/waiting.py: which waiting requests join the running batch now, round-robin across tasks, within
+the free rows, the free K/V pages and the token budget), the engine *runs* the plan on its own thread
+(server/worker.py: prefill of the joiners, then one decode step for every running row), and a
+*postprocess* step makes their text (server/output.py: incremental detokenizing and stop strings, here on
+the event loop, not on the engine thread) and hands tokens and finished requests back to their waiters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from server.config import Settings
-from server.errors import InvalidRequest, NotReady, Overloaded, PrefixServerError, RequestTimeout
+from server.errors import InvalidRequest, NotReady, Overloaded, RequestTimeout
 from server.prefetch import PrefixLoader
 from server.request import FinishReason, Request
+from server.waiting import WaitingQueues
+from server.worker import EngineLike, EngineWorker, fail
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,23 +34,6 @@ T = TypeVar("T")
 class OutputLike(Protocol):
     def update(self, request: Request) -> bool: ...
     def done(self, request: Request) -> None: ...
-
-
-class EngineLike(Protocol):
-    running: list[Request]
-    num_free_rows: int  # rows that may still join: the row limit minus the running rows
-    num_available_pages: int  # K/V pages free now, plus those held only by idle resident prefixes
-
-    def pages_needed(self, request: Request, counted: set) -> int:
-        """Pages admitting `request` (its prefix pinned) takes from `num_available_pages`: its own
-        (prompt + max_new_tokens, reserved at admission), plus its prefix's unless a running row uses
-        them or its `prefix_key` is in `counted` (the engine adds it: one plan counts a prefix once)."""
-        ...
-
-    def validate(self, request: Request) -> None: ...
-    def admit(self, requests: list[Request]) -> list[Request]: ...
-    def step(self) -> list[Request]: ...
-    def abort(self, requests: list[Request]) -> list[Request]: ...
 
 
 class RegistryLike(Protocol):
@@ -98,6 +81,8 @@ class Event:
 
 
 class Scheduler:
+    """submit / events / abort on the event loop; one loop task plans and runs the engine's steps."""
+
     def __init__(
         self,
         engine: EngineLike,
@@ -109,15 +94,12 @@ class Scheduler:
         None: the engine does (test fakes)."""
         self.engine, self.registry, self.config, self.output = engine, registry, config, output
         # Ready requests (prefix pinned) per tenant (or task), in the order they became ready.
-        self.waiting: dict[str, collections.deque[Request]] = {}
-        self._rr: collections.deque[str] = collections.deque()  # round-robin order of keys with waiters
+        self.waiting = WaitingQueues(on_failed=self._fail_ready)
         self._aborts: set[Request] = set()
         self.loader = PrefixLoader(registry, on_ready=self._enqueue, on_failed=self._fail_load)
         self.running_tokens = 0
-        self.num_steps = 0
-        self.engine_seconds = 0.0  # time the engine worker spent in steps (prefills + decodes)
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per step
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.worker = EngineWorker(engine, release=self._release)
+        self.batch_sizes = self.worker.batch_sizes  # rows per decode step (the same deque)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._accepting = False
@@ -141,11 +123,20 @@ class Scheduler:
     @property
     def num_ready(self) -> int:
         """Waiting requests plan() may admit (their prefix is pinned)."""
-        return sum(len(q) for q in self.waiting.values())
+        return len(self.waiting)
 
     @property
     def num_running(self) -> int:
         return len(self.engine.running)
+
+    @property
+    def num_steps(self) -> int:
+        return self.worker.num_steps
+
+    @property
+    def engine_seconds(self) -> float:
+        """Time the engine worker spent in steps (prefills + decodes)."""
+        return self.worker.engine_seconds
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting new requests; finish everything accepted, up to `timeout` seconds; abort the rest."""
@@ -159,7 +150,7 @@ class Scheduler:
                 self._draining = True  # the loop aborts what is left and exits
                 self._wake()
                 await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self.worker.shutdown()
 
     async def stop(self) -> None:
         """Stop now: fail what waits, abort what runs."""
@@ -213,14 +204,6 @@ class Scheduler:
             if not request.finished:
                 self.abort(request)
 
-    async def generate(self, request: Request) -> Request:
-        """Submit and wait for the finished request; raises its error if it failed."""
-        self.submit(request)
-        async for event in self.events(request):
-            if event.kind == "error":
-                raise event.error
-        return request
-
     def abort(self, request: Request) -> None:
         """Drop a request: loading or queued now, or (running, or planned and on its way into the batch) at
         the engine worker's next step. Safe to call more than once."""
@@ -230,12 +213,7 @@ class Scheduler:
             request.finish(FinishReason.ABORT)
             self._wake()  # a draining loop may have been waiting for this load only
             return
-        key = request.fairness_key
-        queue = self.waiting.get(key)
-        if queue is not None and request in queue:
-            queue.remove(request)
-            if not queue:  # an empty queue left in the rotation would stop plan() (it reads queue[0])
-                self._forget(key)
+        if self.waiting.remove(request):
             request.finish(FinishReason.ABORT)
             self._release(request)  # a ready request holds its prefix's pin
         else:
@@ -244,103 +222,33 @@ class Scheduler:
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run a model job (e.g. encoding a prefix from text) on the engine worker, between steps."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self.worker.run_exclusive(fn)
 
     def plan(self) -> list[Request]:
-        """Which ready requests join the running batch now: round-robin across tasks, within the free
-        rows, the free K/V pages and the token budget. Static mode admits only into an empty batch.
-
-        A queue whose next request does not fit (pages or tokens) is blocked this round: that request
-        keeps its place and other queues may go. Nothing reserves room for it, so while smaller requests
-        of other queues keep taking what frees up it may wait long (its own queue behind it), bounded
-        only by their load and the request timeout; it goes once the batch drains enough."""
+        """Which ready requests join the running batch now (`WaitingQueues.plan`: round-robin across
+        tasks, within the free rows, the free K/V pages and the token budget). Static mode admits only
+        into an empty batch."""
         if not self.config.continuous and self.engine.running:
             return []
-        free_rows = self.engine.num_free_rows
-        free_pages = self.engine.num_available_pages
-        budget = self.config.max_batch_tokens - self.running_tokens
-        counted: set = set()  # prefixes whose pages this plan has counted (pages_needed adds to it)
-        admitted: list[Request] = []
-        blocked = 0  # queues whose next request does not fit this round
-        key = None
-        try:
-            while free_rows and self._rr and blocked < len(self._rr):
-                key = self._rr[0]
-                self._rr.rotate(-1)
-                queue = self.waiting[key]
-                if queue[0].budget_tokens > budget:
-                    blocked += 1
-                    continue
-                seen = set(counted)  # what pages_needed adds counts only if this request goes
-                pages = self.engine.pages_needed(queue[0], seen)
-                if pages > free_pages and not self.engine.running and not admitted:
-                    self._refuse(queue.popleft(), pages, free_pages)  # an empty engine: it never fits
-                    if not queue:
-                        self._forget(key)
-                    continue
-                if pages > free_pages:
-                    blocked += 1
-                    continue
-                request = queue.popleft()
-                admitted.append(request)
-                free_rows -= 1
-                free_pages -= pages
-                counted = seen
-                budget -= request.budget_tokens
-                blocked = 0
-                if not queue:
-                    self._forget(key)
-        except Exception as e:  # a bookkeeping bug: fail what it touched, repair the rotation, go on
-            log.exception("planning failed at queue %r: failing the requests it touched", key)
-            self._fail_planned(admitted, key, e)
-            return []
+        admitted = self.waiting.plan(self.engine, self.config.max_batch_tokens - self.running_tokens)
         self.running_tokens += sum(r.budget_tokens for r in admitted)
         return admitted
 
     # ---- internals ----
     def _enqueue(self, request: Request) -> None:
         """A ready request joins the end of its fairness queue."""
-        key = request.fairness_key
-        if key not in self.waiting:
-            self.waiting[key] = collections.deque()
-            self._rr.append(key)
-        self.waiting[key].append(request)
+        self.waiting.add(request)
         self._wake()
 
-    def _forget(self, key: str) -> None:
-        """A fairness key with no waiters leaves both the queues and the rotation."""
-        self.waiting.pop(key, None)
-        with contextlib.suppress(ValueError):
-            self._rr.remove(key)
-
-    def _fail_planned(self, admitted: list[Request], key: str | None, error: Exception) -> None:
-        failure = PrefixServerError(
-            f"the scheduler failed to plan this request ({type(error).__name__}); see the server log"
-        )
-        doomed = [*admitted, *self.waiting.pop(key, ())] if key is not None else list(admitted)
-        for request in doomed:
-            self._fail(request, failure)
-            self._release(request)
-            self._send_final(request)
-        self.waiting = {k: q for k, q in self.waiting.items() if q}
-        self._rr = collections.deque(k for k in self._rr if k in self.waiting)
-        self._rr.extend(k for k in self.waiting if k not in self._rr)
-
-    def _refuse(self, request: Request, pages: int, num_pages: int) -> None:
-        """A request larger than the whole K/V pool (with every row free) fails instead of waiting forever."""
-        self._fail(
-            request,
-            InvalidRequest(
-                f"request needs {pages} K/V pages (prefix + prompt + max_new_tokens), the engine has "
-                f"{num_pages} in all; ask for fewer max_new_tokens"
-            ),
-        )
+    def _fail_ready(self, request: Request, error: Exception) -> None:
+        """A ready request out of its queue that will never run fails and gives back its prefix's pin."""
+        fail(request, error)
         self._release(request)
         self._send_final(request)
 
     def _fail_load(self, request: Request, error: Exception) -> None:
         """A prefix that did not load fails its request only (it was never planned: no tokens to return)."""
-        self._fail(request, error)
+        fail(request, error)
         self._send_final(request)
         self._wake()  # a draining loop may have been waiting for this load only
 
@@ -387,53 +295,12 @@ class Scheduler:
         admits, aborts = self.plan(), list(self._aborts)
         self._aborts.clear()
         try:
-            finished = await loop.run_in_executor(self._executor, self._step, admits, aborts)
+            finished = await self.worker.run(admits, aborts)
         except Exception as e:  # an engine bug: fail every row it held, keep serving
             log.exception("engine step failed")
-            finished = self._fail_running(admits, e)
+            finished = self.worker.fail_all(admits, e)
         self._postprocess(finished)
         return True
-
-    def _step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
-        """Worker thread: abort, validate + admit joiners, one decode step. Returns finished requests."""
-        start = time.perf_counter()
-        try:
-            return self._run_step(admits, aborts)
-        finally:
-            self.engine_seconds += time.perf_counter() - start
-
-    def _run_step(self, admits: list[Request], aborts: list[Request]) -> list[Request]:
-        finished = self.engine.abort(aborts)
-        runnable = []
-        gone = set(aborts)
-        for request in admits:
-            if request in gone:  # its client left between planning and now: never admitted
-                request.finish(FinishReason.ABORT)
-                finished.append(request)
-                continue
-            try:  # its prefix is pinned already (server/prefetch.py): no store read on this thread
-                self.engine.validate(request)
-                runnable.append(request)
-            except PrefixServerError as e:  # fails this request only, never the batch
-                self._fail(request, e)
-                finished.append(request)
-            except Exception as e:  # a validation bug: still this request only
-                log.exception("validating request %s failed", request.request_id)
-                self._fail(
-                    request,
-                    PrefixServerError(
-                        f"the request could not be admitted ({type(e).__name__}); see the server log"
-                    ),
-                )
-                finished.append(request)
-        finished += self.engine.admit(runnable)
-        if self.engine.running:
-            self.batch_sizes.append(len(self.engine.running))
-            self.num_steps += 1
-            finished += self.engine.step()
-        for request in finished:
-            self._release(request)
-        return finished
 
     def _release(self, request: Request) -> None:
         request.prefix = None
@@ -441,29 +308,12 @@ class Scheduler:
             self.registry.release(request.prefix_record)
             request.prefix_record = None
 
-    def _fail(self, request: Request, error: Exception) -> None:
-        request.error = error
-        request.finish(FinishReason.ERROR)
-
     def _fail_waiting(self, error: Exception) -> None:
         for request in self.loader.cancel_all():  # pins released when their loads end
-            self._fail(request, error)
+            fail(request, error)
             self._send_final(request)
-        for queue in self.waiting.values():
-            for request in queue:
-                self._fail(request, error)
-                self._release(request)
-                self._send_final(request)
-        self.waiting.clear()
-        self._rr.clear()
-
-    def _fail_running(self, admits: list[Request], error: Exception) -> list[Request]:
-        doomed = {*admits, *self.engine.running}
-        self.engine.abort(list(self.engine.running))
-        for request in doomed:
-            self._fail(request, error)
-            self._release(request)
-        return list(doomed)
+        for request in self.waiting.take_all():
+            self._fail_ready(request, error)
 
     def _postprocess(self, finished: list[Request]) -> None:
         now = time.monotonic()

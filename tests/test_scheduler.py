@@ -168,6 +168,15 @@ def make(slots=16, delay=0.0, pages=1 << 30, **config):
     return engine, registry, Scheduler(engine, registry, cfg)
 
 
+async def generate(sched, request: Request) -> Request:
+    """Submit and wait for the finished request; raises its error if it failed."""
+    sched.submit(request)
+    async for event in sched.events(request):
+        if event.kind == "error":
+            raise event.error
+    return request
+
+
 def req(task, n=2, prompt=1, stream=False) -> Request:
     r = Request([prompt], SamplingParams(max_new_tokens=n), task_id=task)
     r.stream = stream
@@ -191,7 +200,7 @@ async def running():
 async def test_eight_tasks_are_admitted_together_with_prefixes_pinned(running):
     engine, registry, sched = make(slots=8)
     await running(sched)
-    results = await asyncio.gather(*(sched.generate(req(f"t{i}", n=3)) for i in range(8)))
+    results = await asyncio.gather(*(generate(sched, req(f"t{i}", n=3)) for i in range(8)))
     assert engine.admissions == [[f"t{i}" for i in range(8)]]
     assert engine.pins_seen == [8, 8, 8] and registry.pinned() == 0
     assert all(r.prefix_version == 1 and r.prefix is None and len(r.output_token_ids) == 3 for r in results)
@@ -200,9 +209,9 @@ async def test_eight_tasks_are_admitted_together_with_prefixes_pinned(running):
 async def test_short_request_joins_a_running_batch_and_finishes_first(running):
     engine, _, sched = make(delay=0.01, max_batch_wait_ms=0.0)
     await running(sched)
-    long = asyncio.create_task(sched.generate(req("A", n=60)))
+    long = asyncio.create_task(generate(sched, req("A", n=60)))
     await asyncio.sleep(0.05)
-    short = await sched.generate(req("B", n=4))
+    short = await generate(sched, req("B", n=4))
     assert not long.done() and short.finish_reason is FinishReason.LENGTH
     await long
     assert engine.admissions == [["A"], ["B"]]
@@ -211,20 +220,20 @@ async def test_short_request_joins_a_running_batch_and_finishes_first(running):
 async def test_static_batching_makes_the_short_request_wait(running):
     _engine, _, sched = make(delay=0.01, max_batch_wait_ms=0.0, continuous=False)
     await running(sched)
-    long = asyncio.create_task(sched.generate(req("A", n=30)))
+    long = asyncio.create_task(generate(sched, req("A", n=30)))
     await asyncio.sleep(0.05)
-    await sched.generate(req("B", n=4))
+    await generate(sched, req("B", n=4))
     assert long.done()  # B was only admitted after A's batch ended
 
 
 async def test_round_robin_admission_does_not_starve_a_quiet_task(running):
     engine, _, sched = make(slots=2, delay=0.005, max_batch_wait_ms=0.0)
     await running(sched)
-    flood = [asyncio.create_task(sched.generate(req("A", n=3))) for _ in range(20)]
+    flood = [asyncio.create_task(generate(sched, req("A", n=3))) for _ in range(20)]
     await asyncio.sleep(0.02)
     # Planned so far (the loop plans; the worker thread may not have run those admissions yet).
     admitted_before = 20 - sched.num_waiting
-    quiet = await sched.generate(req("B", n=3))
+    quiet = await generate(sched, req("B", n=3))
     assert quiet.finished
     order = [task for batch in engine.admissions for task in batch]
     # B takes the next free slot (round-robin across tasks), not a place behind the ~17 queued A's.
@@ -236,7 +245,7 @@ async def test_token_budget_bounds_the_running_batch(running):
     engine, _, sched = make(delay=0.005, max_batch_wait_ms=50.0, max_batch_tokens=20)
     await running(sched)
     # each request: 4 (prefix) + 1 (prompt) + 5 (new) = 10 tokens -> two fit at a time
-    await asyncio.gather(*(sched.generate(req(f"t{i}", n=5)) for i in range(5)))
+    await asyncio.gather(*(generate(sched, req(f"t{i}", n=5)) for i in range(5)))
     assert max(len(b) for b in engine.admissions) <= 2
     assert sched.running_tokens == 0
     with pytest.raises(InvalidRequest, match=r"request needs 25 tokens .* max-batch-tokens is 20"):
@@ -246,9 +255,9 @@ async def test_token_budget_bounds_the_running_batch(running):
 async def test_full_queue_is_429(running):
     _engine, _, sched = make(slots=1, delay=0.05, max_batch_wait_ms=0.0, max_queue=2)
     await running(sched)
-    first = asyncio.create_task(sched.generate(req("A", n=5)))
+    first = asyncio.create_task(generate(sched, req("A", n=5)))
     await asyncio.sleep(0.02)
-    queued = [asyncio.create_task(sched.generate(req("B", n=1))) for _ in range(2)]
+    queued = [asyncio.create_task(generate(sched, req("B", n=1))) for _ in range(2)]
     await asyncio.sleep(0)
     with pytest.raises(Overloaded, match="queue is full"):
         sched.submit(req("B"))
@@ -289,8 +298,8 @@ async def test_engine_failure_fails_its_rows_and_serving_goes_on(running):
     await running(sched)
     engine.fail_next = True
     with pytest.raises(RuntimeError, match="exploded"):
-        await sched.generate(req("t1"))
-    ok = await sched.generate(req("t2", n=3))
+        await generate(sched, req("t1"))
+    ok = await generate(sched, req("t2", n=3))
     assert len(ok.output_token_ids) == 3 and registry.pinned() == 0 and sched.running_tokens == 0
 
 
@@ -334,7 +343,7 @@ async def test_request_timeout(running):
     _engine, registry, sched = make(delay=0.01, max_batch_wait_ms=0.0, request_timeout_s=0.05)
     await running(sched)
     with pytest.raises(RequestTimeout, match=r"0\.05 s request timeout"):
-        await sched.generate(req("t1", n=1000))
+        await generate(sched, req("t1", n=1000))
     for _ in range(100):
         if registry.pinned() == 0:
             break
@@ -345,8 +354,8 @@ async def test_request_timeout(running):
 async def test_drain_finishes_accepted_requests_and_refuses_new_ones():
     _engine, _, sched = make(slots=1, delay=0.01, max_batch_wait_ms=0.0)
     await sched.start()
-    a = asyncio.create_task(sched.generate(req("A", n=10)))
-    b = asyncio.create_task(sched.generate(req("B", n=10)))  # queued behind A
+    a = asyncio.create_task(generate(sched, req("A", n=10)))
+    b = asyncio.create_task(generate(sched, req("B", n=10)))  # queued behind A
     await asyncio.sleep(0.02)
     drain = asyncio.create_task(sched.drain(timeout=10))
     await asyncio.sleep(0)
@@ -359,7 +368,7 @@ async def test_drain_finishes_accepted_requests_and_refuses_new_ones():
 async def test_drain_timeout_aborts_with_an_explicit_error():
     _engine, registry, sched = make(slots=1, delay=0.01, max_batch_wait_ms=0.0)
     await sched.start()
-    a = asyncio.create_task(sched.generate(req("A", n=10_000)))
+    a = asyncio.create_task(generate(sched, req("A", n=10_000)))
     await asyncio.sleep(0.03)
     await sched.drain(timeout=0.05)
     with pytest.raises(NotReady, match="shut down before the request finished"):
@@ -369,7 +378,7 @@ async def test_drain_timeout_aborts_with_an_explicit_error():
 
 async def _served(sched, *requests, timeout=5.0):
     """Each request submitted and waited for, all within `timeout` seconds (a dead loop would hang)."""
-    return await asyncio.wait_for(asyncio.gather(*(sched.generate(r) for r in requests)), timeout)
+    return await asyncio.wait_for(asyncio.gather(*(generate(sched, r) for r in requests)), timeout)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -378,7 +387,7 @@ async def test_an_abandoned_queued_request_leaves_the_others_served(running, str
     other tasks (and of A) are served, and the queue holds nothing of A."""
     engine, registry, sched = make(slots=1, delay=0.005, max_batch_wait_ms=0.0)
     await running(sched)
-    blocker = asyncio.create_task(sched.generate(req("B", n=20)))
+    blocker = asyncio.create_task(generate(sched, req("B", n=20)))
     await asyncio.sleep(0.02)
     assert engine.running  # the only slot is taken
     queued = req("A", n=3, stream=stream)
@@ -389,7 +398,11 @@ async def test_an_abandoned_queued_request_leaves_the_others_served(running, str
     consumer.cancel()  # the client goes away while its request waits
     await asyncio.gather(consumer, return_exceptions=True)
     await events.aclose()
-    assert queued.finish_reason is FinishReason.ABORT and "A" not in sched.waiting and "A" not in sched._rr
+    assert (
+        queued.finish_reason is FinishReason.ABORT
+        and "A" not in sched.waiting.queues
+        and "A" not in sched.waiting.rotation
+    )
     later = await _served(sched, req("t1", n=2), req("A", n=2), req("t2", n=2))
     assert [len(r.output_token_ids) for r in later] == [2, 2, 2]
     await blocker
@@ -401,10 +414,10 @@ async def test_a_request_timing_out_in_the_queue_leaves_the_others_served(runnin
 
     _engine, registry, sched = make(slots=1, delay=0.005, max_batch_wait_ms=0.0, request_timeout_s=0.05)
     await running(sched)
-    blocker = asyncio.create_task(sched.generate(req("B", n=5)))
+    blocker = asyncio.create_task(generate(sched, req("B", n=5)))
     await asyncio.sleep(0.01)
     with pytest.raises(RequestTimeout):
-        await sched.generate(req("A", n=1000))  # waits behind B, then times out while still queued
+        await generate(sched, req("A", n=1000))  # waits behind B, then times out while still queued
     await asyncio.gather(blocker, return_exceptions=True)
     (done,) = await _served(sched, req("t3", n=2))
     assert len(done.output_token_ids) == 2 and registry.pinned() == 0
@@ -418,7 +431,7 @@ async def test_a_request_abandoned_between_planning_and_admission_is_never_run(r
     r = req("A", n=10_000, stream=True)
     sched.submit(r)
     await asyncio.sleep(0.01)  # planned; the worker is inside the step that admits it
-    assert r not in sched.waiting.get("A", ())
+    assert r not in sched.waiting.queues.get("A", ())
     sched.abort(r)
     for _ in range(200):
         if r.finished:
@@ -436,7 +449,7 @@ async def test_a_planning_bug_fails_the_requests_it_touched_and_the_loop_goes_on
     broken.budget_tokens = None  # planning compares it with the budget: TypeError inside plan()
     event = await asyncio.wait_for(anext(sched.events(broken)), 5)
     assert event.kind == "error" and "failed to plan this request" in str(event.error)
-    assert sched.loop_running and not sched.waiting and not sched._rr
+    assert sched.loop_running and not sched.waiting.queues and not sched.waiting.rotation
     (ok,) = await _served(sched, req("B", n=3))
     assert len(ok.output_token_ids) == 3 and registry.pinned() == 0
 
@@ -574,7 +587,7 @@ async def test_a_request_abandoned_while_its_prefix_loads_ends_now_and_its_pin_l
     await until(lambda: registry.num_loads_ended == 1 and registry.pinned() == 0)
     (again,) = await _served(sched, req("cold", n=2))  # cached now
     assert len(again.output_token_ids) == 2 and engine.admissions == [["cold"]]
-    assert registry.pinned() == 0 and not sched.waiting
+    assert registry.pinned() == 0 and not sched.waiting.queues
 
 
 async def test_a_failing_load_fails_its_own_request_only(running, caplog):
@@ -584,7 +597,7 @@ async def test_a_failing_load_fails_its_own_request_only(running, caplog):
     registry.fail = {"broken": OSError("disk on fire"), "full": Overloaded("prefix cache is full")}
     ok, broken, full = req("A", n=3), req("broken"), req("full")
     results = await asyncio.wait_for(
-        asyncio.gather(*(sched.generate(r) for r in (broken, ok, full)), return_exceptions=True), 5
+        asyncio.gather(*(generate(sched, r) for r in (broken, ok, full)), return_exceptions=True), 5
     )
     assert type(results[0]) is PrefixServerError
     assert str(results[0]) == (
@@ -601,7 +614,7 @@ async def test_a_hot_swap_keeps_each_requests_version(running):
     keeps the version it resolved; requests after the swap get the new one; every pin is given back."""
     engine, registry, sched = make(slots=4, delay=0.005, max_batch_wait_ms=0.0)
     await running(sched)
-    run_v1 = asyncio.create_task(sched.generate(req("A", n=10_000)))
+    run_v1 = asyncio.create_task(generate(sched, req("A", n=10_000)))
     await until(lambda: engine.running)
     gate = gated(registry, "S")
     try:
@@ -725,13 +738,13 @@ async def test_a_request_blocked_by_pages_keeps_its_place_and_goes_when_pages_fr
     queues it could wait as long as they keep the pages taken."""
     engine, registry, sched = make(pages=10_010, max_batch_wait_ms=0.0)
     await running(sched)
-    big = asyncio.create_task(sched.generate(req("A", n=10_000)))  # 10_001 + 4 = 10_005 pages
+    big = asyncio.create_task(generate(sched, req("A", n=10_000)))  # 10_001 + 4 = 10_005 pages
     await until(lambda: engine.running)
     blocked, small = req("B", n=100), Request([1], SamplingParams(max_new_tokens=4))  # 105; 5 pages
     sched.submit(blocked)
     sched.submit(small)
     assert [e.kind for e in await finals(sched, small)] == ["done"]
-    assert blocked.status is RequestStatus.WAITING and sched.waiting["B"][0] is blocked
+    assert blocked.status is RequestStatus.WAITING and sched.waiting.queues["B"][0] is blocked
     sched.abort(engine.running[0])  # the big row ends: its pages free up
     assert [e.kind for e in await finals(sched, blocked)] == ["done"]
     assert engine.admissions == [["A"], [None], ["B"]] and len(blocked.output_token_ids) == 100
@@ -743,11 +756,11 @@ async def test_a_request_larger_than_every_page_fails_instead_of_waiting_forever
     await running(sched)
     huge, ok = req("A", n=30), req("B", n=5)  # 1 + 30 + 4 = 35 pages of 20; 10 pages
     results = await asyncio.wait_for(
-        asyncio.gather(sched.generate(huge), sched.generate(ok), return_exceptions=True), 5
+        asyncio.gather(generate(sched, huge), generate(sched, ok), return_exceptions=True), 5
     )
     assert isinstance(results[0], InvalidRequest)
     assert "request needs 35 K/V pages (prefix + prompt + max_new_tokens), the engine has 20" in str(
         results[0]
     )
     assert results[1] is ok and len(ok.output_token_ids) == 5
-    assert engine.admissions == [["B"]] and registry.pinned() == 0 and not sched.waiting
+    assert engine.admissions == [["B"]] and registry.pinned() == 0 and not sched.waiting.queues
