@@ -14,9 +14,14 @@ def shown(value: object, limit: int = MAX_SHOWN_CHARS, *, quoted: bool = True) -
 
 
 class PrefixServerError(Exception):
-    """Base class; `code` is the stable machine-readable name clients see."""
+    """Base class; `code` is the stable machine-readable name clients see, `param` the request field at
+    fault where one is (OpenAI's error shape names it)."""
 
     code = "internal_error"
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class InvalidRequest(PrefixServerError):

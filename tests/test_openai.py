@@ -19,6 +19,7 @@ from conftest import app_client, chat_engine, tiny_app, wait_for_load_error
 from loadtest import serverproc
 from server.api import openai as openai_routes
 from server.api.app import create_app
+from server.api.service import GenerationService
 from server.config import Settings
 from server.registry.format import save_native
 from server.request import Request, SamplingParams
@@ -251,7 +252,7 @@ COMPLETION = {"model": "tiny", "prompt": "hi"}
         ("completions", {**COMPLETION, "bogus": 1}, 400, "bogus", "unknown_parameter", "bogus"),
         ("completions", {**COMPLETION, "tools": []}, 400, "tools", "unknown_parameter", ""),
         ("completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", "invalid_request", ""),
-        ("completions", {**COMPLETION, "max_tokens": 5000}, 400, "max_tokens", None, "<= 1024"),
+        ("completions", {**COMPLETION, "max_tokens": 5000}, 400, "max_tokens", "invalid_request", "<= 1024"),
         ("completions", {**COMPLETION, "max_tokens": 600}, 400, None, "invalid_request", "context is 512"),
         ("completions", {**COMPLETION, "max_tokens": "5"}, 400, "max_tokens", "invalid_request", "'5'"),
         ("completions", {**COMPLETION, "temperature": -1}, 400, "temperature", "invalid_request", ""),
@@ -414,13 +415,14 @@ async def test_not_ready_is_503_in_openai_shape(tmp_path):
 async def test_closing_the_event_stream_aborts_every_choice(api):
     """A client that goes away mid-stream (the generator is closed) aborts all n choices, and the
     server keeps serving."""
-    scheduler = api.app.state.server.scheduler
+    state = api.app.state.server
+    scheduler = state.scheduler
     sampling = SamplingParams(max_new_tokens=400, ignore_eos=True)
     requests = [Request([5, 6, 7], sampling) for _ in range(3)]
     for req in requests:
         req.stream = True
         scheduler.submit(req)
-    async with contextlib.aclosing(openai_routes._merged_events(scheduler, requests)) as events:
+    async with contextlib.aclosing(GenerationService(state).events(requests)) as events:
         async for _, event in events:
             assert event.kind == "token"
             break

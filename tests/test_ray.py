@@ -249,7 +249,8 @@ def test_streaming_through_the_ingress(cluster):
     ],
 )
 def test_routing_id_names_the_stored_task(tmp_path, path, body, key, expected):
-    from server.api.auth import KeyRing, Quotas
+    from server.api.auth import KeyRing
+    from server.api.quotas import Quotas
     from server.distributed.ingress import routing_id
 
     keys = tmp_path / "keys.json"

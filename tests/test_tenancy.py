@@ -238,7 +238,11 @@ async def test_concurrency_quota(make_api, tmp_path):
     api = await make_api(api_keys_file=keys_file(tmp_path), tenant_max_concurrent=1)
     long = {"prompt": "x", "max_new_tokens": 200, "ignore_eos": True}
     first = asyncio.create_task(api.post("/generate", json=long, headers=auth(ACME)))
-    await asyncio.sleep(0.2)
+    scheduler = api.app.state.server.scheduler
+    for _ in range(500):  # until the first is in flight (it tokenizes on a worker thread first)
+        if scheduler.num_running + scheduler.num_waiting:
+            break
+        await asyncio.sleep(0.01)
     second = await api.post("/generate", json={"prompt": "y", "max_new_tokens": 1}, headers=auth(ACME))
     assert second.status_code == 429 and "concurrent requests (max 1)" in second.json()["error"]["message"]
     other = await api.post("/generate", json={"prompt": "y", "max_new_tokens": 1}, headers=auth(GLOBEX))

@@ -6,18 +6,20 @@ import asyncio
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
-from server.api.auth import KeyRing, Quotas, TenantLimits
+from server.api.auth import KeyRing
 from server.api.errors import install_error_handlers
 from server.api.forms import Utf8Forms
 from server.api.limits import BodySizeLimit, BodyTimeout
 from server.api.logs import RequestIdMiddleware
 from server.api.metrics import Metrics
 from server.api.openai import router as openai_router
+from server.api.prefixes import router as prefix_router
+from server.api.quotas import Quotas, TenantLimits
 from server.api.routes import router
+from server.api.state import Components, ServerState
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.pages import PAGE_SIZE, default_pool_bytes
@@ -29,32 +31,6 @@ from server.threads import in_own_thread
 
 COMPILE_THREAD = "compile"  # --compile auto: the background compile's thread (cli.py looks for it at exit)
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Components:
-    """What a running server holds; tests build it from a tiny model, `serve` from the real one."""
-
-    engine: Engine
-    registry: PrefixRegistry
-    model_name: str
-
-
-@dataclass
-class ServerState:
-    settings: Settings
-    keyring: KeyRing
-    limits: TenantLimits
-    components: Components | None = None
-    scheduler: Scheduler | None = None
-    load_error: str | None = None
-    loop: asyncio.AbstractEventLoop | None = None  # for signal handlers
-    metrics: Metrics | None = None
-    background: list[asyncio.Task] = field(default_factory=list)
-
-    @property
-    def ready(self) -> bool:
-        return self.scheduler is not None and self.scheduler.accepting
 
 
 def build_components(settings: Settings) -> Components:
@@ -199,6 +175,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # a body sent a byte a second: 408
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(router)  # /health, /ready, /metrics, /generate
+    app.include_router(prefix_router)  # /prefixes
     app.include_router(openai_router)  # /v1/models, /v1/completions, /v1/chat/completions
     return app

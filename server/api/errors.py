@@ -55,6 +55,13 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def error_headers(status: int) -> dict | None:
+    """The headers an error reply carries, on every route: when to retry, or how to authenticate."""
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return {"Retry-After": "1"} if status in (429, 503) else None
+
+
 def status_for(error: PrefixServerError) -> int:
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
@@ -139,13 +146,10 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         if status == 500:  # 503 (loading, draining) and 504 (timeout) are expected states, not faults
             log.error("server error: %s", exc)
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
-        if status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
         message = _caller_message(request, str(exc))
         if isinstance(exc, PrefixNotFound):
             message += _known_tasks(request)
-        return error_response(status, exc.code, message, headers)
+        return error_response(status, exc.code, message, error_headers(status))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

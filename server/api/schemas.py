@@ -1,4 +1,6 @@
-"""Pydantic models of the HTTP API (the only place pydantic is used)."""
+"""Pydantic models of the native routes (/generate, /prefixes, /health, /ready); the OpenAI routes' are in
+openai_schemas.py. Pydantic is used only in these two files, at the HTTP edge: the layers below take plain
+dataclasses (SamplingParams, Request, Settings)."""
 
 from __future__ import annotations
 

@@ -21,9 +21,10 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from server.api.auth import KeyRing, Quotas, authenticate
+from server.api.auth import KeyRing, authenticate
 from server.api.errors import install_error_handlers
 from server.api.limits import BodySizeLimit
+from server.api.quotas import Quotas
 from server.api.schemas import TASK_ID_PATTERN, Health
 from server.config import Settings
 from server.distributed import BASE_MODEL_ID
