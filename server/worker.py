@@ -58,7 +58,7 @@ class EngineWorker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def shutdown(self) -> None:
-        """Wait for the job in hand; no later ones."""
+        """Let the jobs handed in finish, then end the thread."""
         self._executor.shutdown(wait=True)
 
     def fail_all(self, admits: list[Request], error: Exception) -> list[Request]:
