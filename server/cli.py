@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 from server.config import Settings
@@ -151,21 +150,19 @@ def serve(args: argparse.Namespace) -> None:
         http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
     )
     try:
-        _make_draining_server()(config, app.state.server, settings.shutdown_timeout_s).run()
+        _make_draining_server()(config, app.state.runtime).run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and re-raises it; no traceback for that
         logging.getLogger(__name__).info("interrupted (SIGINT): stopped")
-    _exit_now_if_compiling()
+    _exit_now_if_compiling(app.state.runtime)
 
 
-def _exit_now_if_compiling() -> None:
+def _exit_now_if_compiling(runtime) -> None:
     """After the server drained and stopped: a decode-step compile still running on its background
     thread (`--compile auto`, minutes on a cold cache) cannot be interrupted, and the interpreter's
     teardown under it aborts the process (libstdc++'s "terminate called without an active exception",
     exit 134). Leave without that teardown, exit 0: requests have drained, prefix files are written
     atomically, the compile cache keeps what finished."""
-    from server.api.app import COMPILE_THREAD
-
-    if any(t.name == COMPILE_THREAD and t.is_alive() for t in threading.enumerate()):
+    if runtime.compiling:
         logging.getLogger(__name__).info("exiting with the decode step's compile unfinished")
         logging.shutdown()
         sys.stdout.flush()
@@ -174,31 +171,29 @@ def _exit_now_if_compiling() -> None:
 
 
 def _make_draining_server():
-    import asyncio
     import signal
 
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """SIGTERM: stop admitting (/ready says 503), let accepted requests finish for up to
-        `shutdown_timeout_s`, then exit 0. A second signal, or SIGINT, exits at once."""
+        """SIGTERM: the runtime drains (stop admitting, /ready says 503; accepted requests finish for up
+        to --shutdown-timeout-s), then exit 0. A second signal, SIGINT, or SIGTERM while the model is
+        still loading exits at once."""
 
-        def __init__(self, config, state, shutdown_timeout_s: float):
+        def __init__(self, config, runtime):
             super().__init__(config)
-            self.state, self.shutdown_timeout_s = state, shutdown_timeout_s
+            self.runtime = runtime
             self._draining = False
 
         def handle_exit(self, sig, frame) -> None:
-            loop = self.state.loop
-            if sig != signal.SIGTERM or self._draining or loop is None or self.state.scheduler is None:
+            if sig != signal.SIGTERM or self._draining or not self.runtime.drain_soon(self._stop):
                 return super().handle_exit(sig, frame)
             self._draining = True
-            logging.getLogger(__name__).info("SIGTERM: draining for up to %.0f s", self.shutdown_timeout_s)
-            loop.call_soon_threadsafe(lambda: self.state.background.append(loop.create_task(self._drain())))
+            logging.getLogger(__name__).info(
+                "SIGTERM: draining for up to %.0f s", self.runtime.settings.shutdown_timeout_s
+            )
 
-        async def _drain(self) -> None:
-            await self.state.scheduler.drain(self.shutdown_timeout_s)
-            await asyncio.sleep(0.2)  # let the last replies flush
+        def _stop(self) -> None:
             self.should_exit = True
 
     return DrainingServer

@@ -7,7 +7,7 @@ import threading
 
 from conftest import app_client, wait_for_load_error
 
-import server.api.app as app_module
+import server.api.runtime as runtime_module
 from server.api.app import create_app
 from server.config import Settings
 from server.threads import in_own_thread
@@ -32,7 +32,7 @@ async def test_model_loading_thread_is_gone_once_ready(tmp_path, monkeypatch):
         loaders.append(threading.current_thread())
         raise RuntimeError("stop after recording the thread")  # the app then reports a load error
 
-    monkeypatch.setattr(app_module, "build_components", fake_build)
+    monkeypatch.setattr(runtime_module, "build_components", fake_build)
     app = create_app(Settings(prefix_dir=tmp_path, compile="off"))
     async with app_client(app) as client:
         assert await wait_for_load_error(app)

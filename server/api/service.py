@@ -66,7 +66,8 @@ class GenerationService:
 
     async def off_loop(self, fn: Callable[..., T], *args) -> T:
         """`fn(*args)` on a worker thread: tokenizing a long prompt or running a chat template must not
-        hold the event loop (and with it every stream) for milliseconds."""
+        hold the event loop (and with it every stream) for milliseconds. Never torch work: a pool thread
+        that ran torch ops would keep an OpenMP team alive (server/threads.py)."""
         return await asyncio.to_thread(fn, *args)
 
     async def tokenize(self, text: str) -> list[int]:

@@ -6,8 +6,7 @@ the server shuts down. Its own module so that the app factory and the routes do 
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -41,9 +40,7 @@ class ServerState:
     components: Components | None = None
     scheduler: Scheduler | None = None
     load_error: str | None = None
-    loop: asyncio.AbstractEventLoop | None = None  # for signal handlers
     metrics: Metrics | None = None
-    background: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
