@@ -72,7 +72,7 @@ HOOK = textwrap.dedent(
     import os, sys, tempfile, threading, time
     from pathlib import Path
 
-    import server.registry.store as store
+    import server.registry.folder_store as store
 
     ARM, REACHED = Path(os.environ["FAULT_ARM"]), Path(os.environ["FAULT_REACHED"])
     write_atomic, unlink_versions = store._write_atomic, store._unlink_versions

@@ -24,10 +24,10 @@ from conftest import (
 from server.api.app import create_app
 from server.config import Settings
 from server.errors import InvalidRequest, PrefixFormatError
+from server.registry.folder_store import FolderStore
 from server.registry.format import PrefixKV, read_metadata, save_native
 from server.registry.frame import TaskFrame, TaskScores
 from server.registry.registry import PrefixRegistry
-from server.registry.store import PrefixStore
 from server.training.data import Example, answer, read_jsonl
 from server.training.examples import register_examples
 from server.training.frame import default_max_new_tokens, default_stop, frame_from_data, infer_template
@@ -152,12 +152,12 @@ def test_defaults_from_completions(tokenizer):
 def test_store_reads_the_frame_from_the_file(tmp_path):
     prefix = PrefixKV(torch.ones(2, 2, 4, 16), torch.ones(2, 2, 4, 16), STORE_FP)
     data = save_native(prefix, FULL.to_metadata())
-    store = PrefixStore(tmp_path)
+    store = FolderStore(tmp_path)
     store.recover()
     record = store.put("t", lambda version: data, num_virtual_tokens=4, source="native")
     assert record.frame == FULL and record.to_dict()["frame"] == FULL.to_dict()
     assert json.loads((tmp_path / "tasks/t/v1.json").read_text())["frame"]["template"] == FULL.template
-    again = PrefixStore(tmp_path)
+    again = FolderStore(tmp_path)
     again.recover()
     assert again.get("t") == record  # after a restart, read back from the file
 
@@ -177,7 +177,7 @@ def test_upload_keeps_the_file_frame_and_applies_overrides(registry):
         "t", save_native(prefix, FULL.to_metadata()), frame=TaskFrame(template="<{input}>")
     )
     assert record.frame == FULL.merged(TaskFrame(template="<{input}>"))
-    assert TaskFrame.from_metadata(read_metadata(registry.read_file("t"))) == record.frame
+    assert TaskFrame.from_metadata(read_metadata(registry.store.read(registry.get("t")))) == record.frame
     assert registry.upload("plain", native_bytes(1)).frame is None
     assert registry.add("text", prefix, frame=TaskFrame(stop=("x",))).frame == TaskFrame(stop=("x",))
 

@@ -75,7 +75,7 @@ def test_upload_native_then_acquire_and_download(registry):
     assert kv.keys.is_contiguous() and kv.values.is_contiguous() and kv.keys.device == CPU
     registry.release(got)
 
-    data = registry.read_file("qa")
+    data = registry.store.read(registry.get("qa"))
     assert hashlib.sha256(data).hexdigest() == record.sha256
     assert_same(load_prefix(data, FP), prefix)
     meta = read_metadata(data)
@@ -88,7 +88,7 @@ def test_upload_peft_is_stored_native(registry):
     blob, config = to_peft(prefix)
     record = registry.upload("peft-task", blob, json.dumps(config).encode())
     assert (record.source, record.num_virtual_tokens) == ("peft", 6)
-    assert read_metadata(registry.read_file("peft-task"))["format"] == "prefix-server/v1"
+    assert read_metadata(registry.store.read(registry.get("peft-task")))["format"] == "prefix-server/v1"
     _, kv = registry.acquire("peft-task")
     assert_same(kv, prefix)
     registry.release(record)
@@ -108,7 +108,7 @@ def test_add_from_text_and_bfloat16_device_copies(tmp_path):
 
 
 def test_get_and_delete_unknown_task(registry):
-    for call in (registry.get, registry.delete, registry.acquire, registry.read_file):
+    for call in (registry.get, registry.delete, registry.acquire, registry.acquire_cached):
         with pytest.raises(PrefixNotFound, match="task 'nope' not found"):
             call("nope")
 
@@ -239,12 +239,12 @@ def test_capacity_and_stats(tmp_path):
         registry.upload(name, save_native(random_prefix(seed)))
     ra, _ = registry.acquire("a")
     rb, _ = registry.acquire("b")
-    assert registry.can_acquire("a") and not registry.can_acquire("c")
-    with pytest.raises(Overloaded):
+    assert ("a", ra.version) in registry.cache and ("c", 1) not in registry.cache
+    with pytest.raises(Overloaded):  # a and b are pinned: c cannot fit
         registry.acquire("c")
+    assert ("c", 1) not in registry.cache
     registry.release(ra)
-    assert registry.can_acquire("c")
-    rc, _ = registry.acquire("c")
+    rc, _ = registry.acquire("c")  # a is unpinned now: it is evicted for c
     registry.release(rb)
     registry.release(rc)
     ra, _ = registry.acquire("a")  # was evicted for c: loads again

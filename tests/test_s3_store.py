@@ -27,6 +27,7 @@ from conftest import put_prefix as put  # noqa: E402
 
 from server.config import Settings  # noqa: E402
 from server.errors import ConfigError, InvalidRequest, PrefixNotFound, PrefixServerError  # noqa: E402
+from server.registry.backends import open_store  # noqa: E402
 from server.registry.format import save_native  # noqa: E402
 from server.registry.registry import PrefixRegistry  # noqa: E402
 from server.registry.s3_store import S3PrefixStore  # noqa: E402
@@ -173,6 +174,18 @@ def test_on_change_runs_when_another_replica_changed_a_task(url):
     assert changed == ["t", "t", "t"]
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_open_store_picks_the_object_store_for_an_s3_url(url, tmp_path, shared):
+    """A Ray replica (shared=True) over an s3:// URL gets the very store a single server gets."""
+    settings = Settings(prefix_store=url, prefix_store_ttl_s=7.0, prefix_dir=tmp_path / "unused")
+    store = open_store(settings, shared=shared)
+    assert type(store) is S3PrefixStore and store.ttl_s == 7.0 and store.on_change is None
+    registry = PrefixRegistry.from_settings(settings, FP, dtype=torch.float32, device="cpu", shared=shared)
+    assert type(registry.store) is S3PrefixStore and registry.store.on_change == registry.cache.drop
+    assert registry.upload("t", native_bytes(1)).version == 1
+    assert not (tmp_path / "unused").exists()
+
+
 def registry_over(url: str) -> PrefixRegistry:
     return PrefixRegistry.open(
         url, FP, cache_bytes=10_000_000, dtype=torch.float32, device="cpu", store_ttl_s=0.0
@@ -194,7 +207,7 @@ def test_hot_swap_across_replicas(url):
     a.upload("t", native_bytes(3))
     b.get("t")  # b sees v3 and drops the superseded, unpinned v2 from its cache
     assert ("t", 2) not in b.cache
-    assert b.read_file("t") == a.read_file("t")
+    assert b.store.read(b.get("t")) == a.store.read(a.get("t"))
 
 
 def test_concurrent_uploads_from_two_replicas_get_distinct_increasing_versions(url):

@@ -1,4 +1,4 @@
-"""The shared prefix store (server/distributed/shared_store.py): several replicas over one folder.
+"""The shared prefix store (server/registry/shared_store.py): several replicas over one folder.
 
 No Ray needed: two stores (or registries, or processes) over one folder stand for two replicas.
 """
@@ -6,6 +6,7 @@ No Ray needed: two stores (or registries, or processes) over one folder stand fo
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -13,14 +14,14 @@ from conftest import STORE_FP as FP
 from conftest import native_bytes
 from conftest import put_prefix as put
 
-from server.distributed.shared_store import SharedPrefixStore
 from server.errors import PrefixNotFound
 from server.registry.cache import PrefixCache
 from server.registry.registry import PrefixRegistry
+from server.registry.shared_store import SharedFolderStore
 
 
-def replicas(root, n: int = 2) -> list[SharedPrefixStore]:
-    stores = [SharedPrefixStore(root) for _ in range(n)]
+def replicas(root, n: int = 2) -> list[SharedFolderStore]:
+    stores = [SharedFolderStore(root) for _ in range(n)]
     for store in stores:
         assert store.recover() == []
     return stores
@@ -67,7 +68,7 @@ def test_reads_touch_no_file_and_never_go_back_a_version(tmp_path):
         (folder / name).write_bytes(data)
     assert b.get("t").version == 2
     # Recovery (at startup) cleans leftovers, under the task's lock.
-    c = SharedPrefixStore(tmp_path)
+    c = SharedFolderStore(tmp_path)
     assert any("leftover temp file" in w for w in c.recover())
     assert not live.exists()
 
@@ -89,7 +90,7 @@ def test_on_change_runs_when_another_replica_changed_a_task(tmp_path):
 
 def registry_over(root) -> PrefixRegistry:
     cache = PrefixCache(10_000_000)
-    store = SharedPrefixStore(root, on_change=cache.drop)
+    store = SharedFolderStore(root, on_change=cache.drop)
     store.recover()
     return PrefixRegistry(store, cache, FP, dtype=torch.float32, device="cpu")
 
@@ -111,7 +112,7 @@ def test_hot_swap_across_replicas(tmp_path):
 
 
 def _upload_many(root: str, seeds: list[int]) -> list[int]:
-    store = SharedPrefixStore(root)
+    store = SharedFolderStore(root)
     store.recover()
     return [put(store, "t", seed).version for seed in seeds]
 
@@ -124,7 +125,43 @@ def test_concurrent_writers_in_two_processes_never_share_a_version(tmp_path):
         )
     versions = sorted(v for r in results for v in r)
     assert versions == list(range(1, 21))
-    store = SharedPrefixStore(tmp_path)
+    store = SharedFolderStore(tmp_path)
     assert store.recover() == []
     assert store.get("t").version == 20
     assert sorted(p.name for p in (tmp_path / "tasks" / "t").iterdir()) == ["v20.json", "v20.safetensors"]
+
+
+def test_a_ray_replica_opens_the_folder_as_a_shared_store(tmp_path, tokenizer, monkeypatch):
+    """A replica's registry: the shared folder store, recovered without touching other replicas' live
+    uploads (a single server's folder store would remove their temp files), its hook wired."""
+    pytest.importorskip("ray")
+    from conftest import make_tiny_model
+
+    import server.engine.model as model_module
+    from server.config import Settings
+    from server.distributed.replica import build_shared_components
+
+    def load_model(spec, **kwargs):  # the tiny model; the store is what is under test
+        return model_module.LoadedModel(make_tiny_model("llama-gqa"), tokenizer, "tiny", "test")
+
+    monkeypatch.setattr(model_module, "load_model", load_model)
+    root = tmp_path / "shared"
+    (peer,) = replicas(root, 1)
+    put(peer, "t", seed=1)
+    settings = Settings(prefix_dir=root, max_batch_size=2, max_virtual_tokens=8, max_prompt_tokens=16)
+    built = []
+    live = root / "tasks" / "t" / ".v2.safetensors.abc.tmp"
+    with peer.task_file_lock("t"):  # another replica's upload, in progress
+        live.write_bytes(b"half")
+        start = threading.Thread(target=lambda: built.append(build_shared_components(settings)))
+        start.start()
+        start.join(timeout=2.0)  # the replica's recovery waits for the upload's lock ...
+        assert live.exists() and not built  # ... and never removes its temp file
+        live.unlink()  # the upload ends (here: it gave up and cleaned up after itself)
+    start.join(timeout=120)
+    registry = built[0].registry
+    assert type(registry.store) is SharedFolderStore and registry.store.root == root
+    assert registry.store.on_change == registry.cache.drop
+    assert registry.get("t").version == 1 and registry.recovery_warnings == []
+    put(peer, "t", seed=2)
+    assert registry.get("t").version == 2  # the peer's upload is seen at once

@@ -14,7 +14,9 @@ from conftest import native_bytes
 from conftest import put_prefix as put
 
 from server.errors import InvalidRequest, PrefixNotFound
-from server.registry.store import PrefixRecord, PrefixStore, validate_task_id
+from server.registry.backends import recovered
+from server.registry.folder_store import FolderStore
+from server.registry.store import PrefixRecord, validate_task_id
 
 
 def files(folder: Path) -> list[str]:
@@ -22,14 +24,14 @@ def files(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def store(tmp_path) -> PrefixStore:
-    s = PrefixStore(tmp_path)
+def store(tmp_path) -> FolderStore:
+    s = FolderStore(tmp_path)
     assert s.recover() == []  # an empty or missing root is fine
     return s
 
 
-def reopen(store: PrefixStore) -> tuple[PrefixStore, list[str]]:
-    fresh = PrefixStore(store.root)
+def reopen(store: FolderStore) -> tuple[FolderStore, list[str]]:
+    fresh = FolderStore(store.root)
     return fresh, fresh.recover()
 
 
@@ -139,8 +141,9 @@ def test_recover_serves_latest_valid_version(store, tmp_path, caplog, damage, wo
         shutil.copy(tmp_path / "saved" / name, folder / name)
     damage(folder)
 
-    with caplog.at_level(logging.WARNING, logger="server.registry.store"):
-        fresh, warnings = reopen(store)
+    fresh = FolderStore(store.root)
+    with caplog.at_level(logging.WARNING, logger="server.registry.backends"):
+        warnings = recovered(fresh)  # as a server opens its store: the warnings are logged
     assert len(warnings) == 1 and "v2" in warnings[0] and words in warnings[0], warnings
     assert warnings[0] in caplog.text
     assert fresh.get("t") == v1

@@ -41,13 +41,13 @@ from conftest import (
 )
 
 from loadtest import serverproc
-from server.distributed.shared_store import SharedPrefixStore
 from server.engine.engine import Engine
 from server.errors import InsufficientStorage, PrefixNotFound, StoreReadOnly, StoreUnavailable
+from server.registry.folder_store import FolderStore
 from server.registry.format import PrefixKV, save_native
 from server.registry.s3_bucket import CALL_BOUND_S, PROBE_INTERVAL_S, TaskObjects
 from server.registry.s3_store import S3PrefixStore
-from server.registry.store import PrefixStore
+from server.registry.shared_store import SharedFolderStore
 from server.request import Request, SamplingParams
 
 PROMPT = "hello there"
@@ -223,7 +223,7 @@ def test_disk_full_during_upload_is_a_507_and_leaves_the_store_as_it_was(engine,
 @pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES"])
 def test_a_failed_write_is_undone_and_named(tmp_path, monkeypatch, code):
     """In process: the write of a version's file fails with `code` (at the rename: its temp file exists)."""
-    store = PrefixStore(tmp_path)
+    store = FolderStore(tmp_path)
     store.recover()
     v1 = put_prefix(store, "kept", seed=1)
     on_disk = files_under(tmp_path)
@@ -258,7 +258,7 @@ def refuse_writes(monkeypatch, root: Path, code: int = errno.EROFS) -> None:
 def test_a_read_only_store_recovers_and_serves_and_refuses_writes(tmp_path, monkeypatch, shared):
     """A restart on a store that turned read-only with leftovers in it (a temp file, a superseded version):
     recovery reads it all, cleans what it can (nothing), serves the same; writes are a StoreReadOnly."""
-    make = (lambda: SharedPrefixStore(tmp_path)) if shared else (lambda: PrefixStore(tmp_path))
+    make = (lambda: SharedFolderStore(tmp_path)) if shared else (lambda: FolderStore(tmp_path))
     store = make()
     store.recover()
     put_prefix(store, "t", seed=1)

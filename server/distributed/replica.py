@@ -20,8 +20,8 @@ from ray import serve
 from server.config import Settings
 from server.distributed import BASE_MODEL_ID
 from server.distributed.asgi import Headers, ResponseHead, call_asgi
-from server.distributed.shared_store import SharedPrefixStore
 from server.errors import NotReady, PrefixServerError
+from server.registry.registry import PrefixRegistry
 from server.threads import in_own_thread
 
 log = logging.getLogger(__name__)
@@ -58,22 +58,24 @@ class HeldTask:
 
 
 def build_shared_components(settings: Settings):
-    """`build_components`, but the registry's store is one every replica shares: the S3-compatible
-    object store of `settings.prefix_store` if set, else a SharedPrefixStore over `settings.prefix_dir`."""
+    """`build_components`, its registry over the store every replica shares: the S3-compatible object
+    store of `settings.prefix_store` if set, else the folder `settings.prefix_dir` as a shared folder
+    (backends.open_store with shared=True: its recovery cleans a task only under that task's
+    cross-process lock, never another replica's live upload)."""
     from server.api.app import build_components
 
     if settings.prefix_store:  # the S3 store is made for this: its recovery never removes a live upload
         return build_components(settings)
-    # build_components opens a PrefixStore, whose recovery also deletes leftovers (temp files of
-    # unfinished writes): in a folder other replicas write to right now, that could be a live upload.
-    # So the components are built over an empty folder, and the registry gets the shared store, whose
-    # recovery cleans each task only under that task's cross-process lock.
+    # build_components opens its registry over a folder this server alone writes, whose recovery
+    # would delete other replicas' live uploads' temp files: so it gets an empty folder, and the
+    # replica its registry from the same factory, shared. (Once build_components takes the `shared`
+    # of PrefixRegistry.from_settings, this is `build_components(settings, shared_store=True)`.)
     with tempfile.TemporaryDirectory(prefix="prefix-server-") as empty:
         components = build_components(dataclasses.replace(settings, prefix_dir=Path(empty)))
-    registry = components.registry
-    store = SharedPrefixStore(settings.prefix_dir, on_change=registry.cache.drop)
-    registry.recovery_warnings = store.recover()
-    registry.store = store
+    engine = components.engine
+    components.registry = PrefixRegistry.from_settings(
+        settings, engine.fingerprint, dtype=engine.dtype, device=engine.device, shared=True
+    )
     return components
 
 

@@ -53,11 +53,6 @@ class PrefixCache:
         self._evictions = 0
         self._load_seconds = 0.0
 
-    def can_acquire(self, key: Key, nbytes: int) -> bool:
-        """Whether `acquire(key)` of a value of `nbytes` would fit now (cached, or fits once unpinned go)."""
-        with self._lock:
-            return key in self._entries or self._pinned_bytes + nbytes <= self.capacity_bytes
-
     def acquire(self, key: Key, loader: Callable[[], V]) -> V:
         """Pin and return the value of `key`, calling `loader()` on a miss; Overloaded if it cannot fit."""
         with self._lock:

@@ -11,11 +11,12 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from server.errors import PrefixFormatError, PrefixServerError
+from server.registry.backends import open_store, recovered, store_at
 from server.registry.cache import PrefixCache
 from server.registry.format import (
     FORMAT_NAME,
@@ -27,6 +28,9 @@ from server.registry.format import (
 )
 from server.registry.frame import TaskFrame
 from server.registry.store import PrefixRecord, PrefixStore, validate_task_id
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 T = TypeVar("T")
 
@@ -52,7 +56,41 @@ class PrefixRegistry:
         self.device = torch.device(device)
         self.max_virtual_tokens = max_virtual_tokens
         self.store_read_delay_ms = store_read_delay_ms  # benchmarks and tests: a slow store (see _load)
-        self.recovery_warnings: list[str] = []  # filled by open(); shown at startup
+        self.recovery_warnings: list[str] = []  # what the store's recovery found; logged when opened
+        store.on_change = cache.drop  # another server changed a task: drop the versions it superseded
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        fingerprint: ModelFingerprint,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        shared: bool = False,
+    ) -> PrefixRegistry:
+        """The registry over the store `settings` name (see backends.open_store; `shared`: other servers
+        write its folder too, as Ray replicas do), recovered, its warnings logged."""
+        return cls.over(
+            open_store(settings, shared=shared),
+            fingerprint,
+            cache_bytes=settings.prefix_cache_bytes,
+            dtype=dtype,
+            device=device,
+            max_virtual_tokens=settings.max_virtual_tokens,
+            store_read_delay_ms=settings.store_read_delay_ms,
+        )
+
+    @classmethod
+    def over(
+        cls, store: PrefixStore, fingerprint: ModelFingerprint, *, cache_bytes: int, **options
+    ) -> PrefixRegistry:
+        """A registry over `store`, whose index is recovered now (warnings logged, and kept in
+        `recovery_warnings`); `options` as the constructor's."""
+        warnings = recovered(store)
+        registry = cls(store, PrefixCache(cache_bytes), fingerprint, **options)
+        registry.recovery_warnings = warnings
+        return registry
 
     @classmethod
     def open(
@@ -69,27 +107,17 @@ class PrefixRegistry:
     ) -> PrefixRegistry:
         """A registry over the store at `root`, its index recovered: a folder, or an S3-compatible
         object store for a string s3://bucket[/key/prefix] (see s3_store.py; `store_ttl_s` is its TTL).
-        `store_read_delay_ms`: each prefix load sleeps this long before reading (a slow store, for tests)."""
-        if isinstance(root, str) and root.startswith("s3://"):
-            from server.registry.s3_store import S3PrefixStore
-
-            store = S3PrefixStore.from_url(root, ttl_s=store_ttl_s)
-        else:
-            store = PrefixStore(Path(root))
-        warnings = store.recover()
-        registry = cls(
-            store,
-            PrefixCache(cache_bytes),
+        `store_read_delay_ms`: each prefix load sleeps this long before reading (a slow store, for tests).
+        Servers open theirs with `from_settings`; this is for tests and tools."""
+        return cls.over(
+            store_at(root, ttl_s=store_ttl_s),
             fingerprint,
+            cache_bytes=cache_bytes,
             dtype=dtype,
             device=device,
             max_virtual_tokens=max_virtual_tokens,
             store_read_delay_ms=store_read_delay_ms,
         )
-        registry.recovery_warnings = warnings
-        if hasattr(store, "on_change"):  # other servers write to it too: drop what they superseded
-            store.on_change = registry.cache.drop
-        return registry
 
     def upload(
         self,
@@ -144,15 +172,6 @@ class PrefixRegistry:
         self.cache.drop(task_id)
         return record
 
-    def can_acquire(self, task_id: str) -> bool:
-        """Whether `acquire(task_id)` would fit in the cache now; PrefixNotFound if the task does not exist."""
-        record = self.store.get(task_id)
-        fp = self.fingerprint
-        nbytes = (
-            2 * fp.num_layers * fp.kv_heads * record.num_virtual_tokens * fp.head_dim * self.dtype.itemsize
-        )
-        return self.cache.can_acquire((task_id, record.version), nbytes)
-
     def acquire(self, task_id: str) -> tuple[PrefixRecord, PrefixKV]:
         """Pin the latest version of a task; pair with `release(record)`.
 
@@ -173,10 +192,6 @@ class PrefixRegistry:
     def release(self, record: PrefixRecord) -> None:
         """Unpin what `acquire` returned with `record`."""
         self.cache.release((record.task_id, record.version))
-
-    def read_file(self, task_id: str) -> bytes:
-        """The stored native file (safetensors bytes) of the task's latest version, for download."""
-        return self._with_latest(task_id, self.store.read)[1]
 
     def stats(self) -> dict:
         """Cache counters (see PrefixCache.stats) plus the number of tasks."""

@@ -21,31 +21,29 @@ delete, whose ETag readers compare.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import re
-import threading
 import time
 import uuid
 from collections.abc import Callable
 
-from server.errors import PrefixNotFound, PrefixServerError, StoreUnavailable
+from server.errors import PrefixServerError, StoreUnavailable
+from server.registry import versions
+from server.registry.index import TaskIndex
 from server.registry.s3_bucket import Listing, TaskObjects
 from server.registry.store import (
-    SOURCES,
     PrefixRecord,
+    check_source,
     check_version_bytes,
-    frame_of,
+    metadata_bytes,
+    record_for,
     validate_task_id,
     verified,
 )
 
 logger = logging.getLogger(__name__)
 
-_VERSION_RE = re.compile(r"v([1-9][0-9]*)\.(safetensors|json)")
-_TOMBSTONE_RE = re.compile(r"deleted-([0-9]+)\.json")
 _MARKER = "latest.json"
 _ATTEMPTS = 100  # versions one put tries before it gives up (only under heavy contention on one task)
 _STALE = "(stale)"  # an ETag no real one equals: the next lookup lists the task
@@ -53,7 +51,7 @@ _MAX_ABSENT = 10_000  # unknown ids remembered (for `ttl_s`), so a flood of them
 
 
 class S3PrefixStore:
-    """PrefixStore's interface over a bucket; thread-safe. `on_change(task_id)` runs when a check finds
+    """PrefixStore over a bucket; thread-safe. `on_change(task_id)` runs when a check finds
     a task changed by another server (the registry then drops the superseded tensors)."""
 
     def __init__(
@@ -62,13 +60,11 @@ class S3PrefixStore:
         self.objects, self.root = objects, objects.url
         self.ttl_s, self.on_change = ttl_s, on_change
         self._writer = uuid.uuid4().hex  # in latest.json, so that every write changes its ETag
-        self._lock = threading.Lock()  # guards the dicts below; never held during a request to the store
-        self._latest: dict[str, PrefixRecord] = {}
-        self._max_version: dict[str, int] = {}  # highest version issued or seen, deleted included
+        self.index = TaskIndex()
+        self._lock = self.index.lock  # also guards the dicts below; never held during a request to the store
         self._seen: dict[str, tuple[str | None, float]] = {}  # task -> (latest.json ETag, when checked)
         self._absent: dict[str, float] = {}  # ids with no object -> when checked
         self._listed_at = -math.inf
-        self._task_locks: dict[str, threading.Lock] = {}
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: float = 1.0) -> S3PrefixStore:
@@ -78,11 +74,7 @@ class S3PrefixStore:
     def get(self, task_id: str) -> PrefixRecord:
         """The latest committed version, as of a check at most `ttl_s` old; PrefixNotFound if none."""
         self._sync(validate_task_id(task_id))
-        with self._lock:
-            record = self._latest.get(task_id)
-        if record is None:
-            raise PrefixNotFound(f"task {task_id!r} not found")
-        return record
+        return self.index.get(task_id)
 
     def list(self) -> list[PrefixRecord]:
         """Latest version of every task (the bucket listed at most once per `ttl_s`), sorted by task_id."""
@@ -91,8 +83,7 @@ class S3PrefixStore:
                 self._scan_all([])
             except Exception as e:
                 logger.warning("prefix store %s: listing failed, serving the last index: %s", self.root, e)
-        with self._lock:
-            return sorted(self._latest.values(), key=lambda r: r.task_id)
+        return self.index.list()
 
     def known(self, task_id: str) -> bool:
         """Whether the task has, or ever had, anything stored (a version, a tombstone, a half upload)."""
@@ -103,33 +94,21 @@ class S3PrefixStore:
     ) -> PrefixRecord:
         """Commit a new version whose file is `encode(version)`; older versions' objects are then removed."""
         validate_task_id(task_id)
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        with self._task_lock(task_id):
+        check_source(source)
+        with self.index.task_lock(task_id):
             kinds, deleted = _parse(self.objects.list_task(task_id))
-            version = max(deleted, *kinds, self._max_version.get(task_id, 0)) + 1
+            version = max(versions.highest_issued(kinds, deleted), self.index.max_version(task_id)) + 1
             for _ in range(_ATTEMPTS):
                 data = encode(version)  # may raise: nothing of this version is written yet
-                sha256 = hashlib.sha256(data).hexdigest()
-                record = PrefixRecord(
-                    task_id,
-                    version,
-                    sha256,
-                    num_virtual_tokens,
-                    len(data),
-                    time.time(),
-                    source,
-                    frame_of(data),
-                )
-                meta = json.dumps(record.to_dict(), indent=1).encode()
+                record = record_for(task_id, version, data, num_virtual_tokens, source)
                 if self.objects.create(task_id, f"v{version}.safetensors", data) and self.objects.create(
-                    task_id, f"v{version}.json", meta
+                    task_id, f"v{version}.json", metadata_bytes(record)
                 ):
                     kinds, deleted = _parse(self.objects.list_task(task_id))
-                    if deleted < version and not any(v > version and "json" in k for v, k in kinds.items()):
+                    if not versions.overtaken(kinds, deleted, version):
                         break  # committed, and nothing got ahead of it
                     self._remove(task_id, [version])  # overtaken before it was ever the latest: withdrawn
-                version = max(version, deleted, *kinds) + 1  # a 412: another writer has this version
+                version = max(version, versions.highest_issued(kinds, deleted)) + 1  # a 412: taken
             else:
                 raise PrefixServerError(f"no version of {task_id!r} committed in {_ATTEMPTS} tries")
             # after the marker, readers look again: then the older versions can go
@@ -139,19 +118,16 @@ class S3PrefixStore:
     def delete(self, task_id: str) -> PrefixRecord:
         """Remove a task's objects; its tombstone keeps the deleted versions from ever being issued again."""
         validate_task_id(task_id)
-        with self._task_lock(task_id):
+        with self.index.task_lock(task_id):
             listing = self.objects.list_task(task_id)
             self._refresh(task_id, listing, [])
-            with self._lock:
-                record = self._latest.get(task_id)
-            if record is None:
-                raise PrefixNotFound(f"task {task_id!r} not found")
+            record = self.index.get(task_id)
             kinds, deleted = _parse(listing)
-            through = max(deleted, *kinds, self._max_version.get(task_id, 0))
+            through = max(versions.highest_issued(kinds, deleted), self.index.max_version(task_id))
             tombstone = {"task_id": task_id, "deleted_through": through, "deleted_at": time.time()}
             # Before any object goes, so a crash mid-delete cannot resurrect the task.
             self.objects.put(task_id, f"deleted-{through}.json", json.dumps(tombstone).encode())
-            old = [f"deleted-{n}.json" for n in _tombstones(listing) if n < through]
+            old = [f"deleted-{n}.json" for n in versions.tombstones(listing) if n < through]
             self._publish(task_id, None, through, through, kinds, old, deleted_through=through)
         return record
 
@@ -168,11 +144,10 @@ class S3PrefixStore:
 
     def recover(self) -> list[str]:
         """Build the index from the bucket, removing only what no reader or writer can need (versions
-        below a task's newest whole one, deleted ones, older tombstones). Returns the warnings logged."""
+        below a task's newest whole one, deleted ones, older tombstones). Returns the warnings (the opener
+        logs them)."""
         warnings: list[str] = []
         self._scan_all(warnings, cleanup=True)
-        for line in warnings:
-            logger.warning("prefix store: %s", line)
         return warnings
 
     def _sync(self, task_id: str) -> None:
@@ -216,11 +191,13 @@ class S3PrefixStore:
             with self._lock:
                 seen = self._seen.get(task_id)
                 # a commit this index never saw: its writer died before rewriting latest.json
-                unseen = max(kinds, default=0) > self._max_version.get(task_id, 0)
+                unseen = max(kinds, default=0) > self.index.max_version(task_id)
             if cleanup or seen is None or seen[0] != etag or unseen:
                 self._refresh(task_id, listing, warnings, etag=etag, when=now, cleanup=cleanup)
         with self._lock:  # tasks whose every object is gone, unless indexed since the listing began
-            gone = [t for t in self._latest if t not in tasks and self._seen.get(t, (0, now))[1] < now]
+            gone = [
+                t for t in self.index.task_ids() if t not in tasks and self._seen.get(t, (0, now))[1] < now
+            ]
         for task_id in gone:
             self._index(task_id, None, 0, math.inf, None, when=now)
         self._listed_at = now
@@ -231,28 +208,23 @@ class S3PrefixStore:
         """Index the newest whole version in `listing`; `cleanup` removes what can never be served."""
         etag = listing.get(_MARKER, (None, 0))[0] if etag == _STALE else etag
         kinds, deleted = _parse(listing)
-        found: list[str] = []
-        record = None
-        for version in sorted((v for v in kinds if v > deleted), reverse=True):
-            record, problem = self._check(task_id, version, kinds[version])
-            if record is not None:
-                break
-            if problem and ("json" in kinds[version] or cleanup):  # an uncommitted one may be a live upload
-                found.append(f"skipped {self.objects.where(task_id)}v{version}.*: {problem}")
-        self._index(task_id, record, max(deleted, *kinds, 0), deleted, etag, when=when)
+        record, skipped = versions.newest_whole(kinds, deleted, lambda v: self._read_version(task_id, v))
+        found = [
+            f"skipped {self.objects.where(task_id)}v{version}.*: {problem}"
+            for version, problem in skipped  # an uncommitted one may be a live upload: unremarked
+            if problem and ("json" in kinds[version] or cleanup)
+        ]
+        self._index(task_id, record, versions.highest_issued(kinds, deleted), deleted, etag, when=when)
         if cleanup:  # newer broken versions stay, for inspection
-            keep_above = record.version if record is not None else deleted
-            old = [f"deleted-{n}.json" for n in _tombstones(listing) if n < deleted]
-            self._remove(task_id, [v for v in kinds if v < keep_above or v <= deleted], old)
+            served = None if record is None else record.version
+            old = [f"deleted-{n}.json" for n in versions.tombstones(listing) if n < deleted]
+            self._remove(task_id, versions.removable(kinds, served, deleted), old)
         warnings += found
         for line in () if cleanup else found:
             logger.warning("prefix store: %s", line)
 
-    def _check(self, task_id: str, version: int, kinds: set[str]) -> tuple[PrefixRecord | None, str]:
-        if "json" not in kinds:
-            return None, f"no v{version}.json (upload not committed)"
-        if "safetensors" not in kinds:
-            return None, f"v{version}.json has no v{version}.safetensors"
+    def _read_version(self, task_id: str, version: int) -> tuple[PrefixRecord | None, str]:
+        """(record, "") if a committed version's objects are whole and agree, else (None, what is wrong)."""
         try:
             meta = self.objects.get(task_id, f"v{version}.json")
             data = self.objects.get(task_id, f"v{version}.safetensors")
@@ -262,20 +234,14 @@ class S3PrefixStore:
 
     def _index(self, task_id, record, max_version, deleted, etag, *, when=None, notify=True) -> None:
         """Take what a listing (or a write) says of a task into the index; never moves back a version."""
-        with self._lock:
-            before = current = self._latest.get(task_id)
-            if record is not None and (current is None or record.version > current.version):
-                self._latest[task_id] = record
-            elif current is not None and deleted >= current.version:
-                del self._latest[task_id]
-            self._max_version[task_id] = max(self._max_version.get(task_id, 0), max_version)
+        with self._lock:  # the index and what this store saw of the task change together
+            changed = self.index.take(task_id, record, max_version, deleted)
             self._seen[task_id] = (etag, time.monotonic() if when is None else when)
             self._absent.pop(task_id, None)
-            changed = self._latest.get(task_id) != before
         if changed and notify and self.on_change is not None:
             self.on_change(task_id)
 
-    def _publish(self, task_id, record, max_version, deleted, versions, names=(), **marker: int) -> None:
+    def _publish(self, task_id, record, max_version, deleted, old, names=(), **marker: int) -> None:
         """After a commit (a version's .json, or a tombstone): rewrite latest.json, index the commit,
         remove what it superseded. The commit stands whatever fails here, so that is logged, not raised:
         other servers then find it by listing, and a later write or recovery removes the leftovers."""
@@ -288,7 +254,7 @@ class S3PrefixStore:
             etag = _STALE
         self._index(task_id, record, max_version, deleted, etag, notify=False)
         try:
-            self._remove(task_id, versions, names)
+            self._remove(task_id, old, names)
         except Exception as e:
             logger.warning("prefix store %s: %r committed, old objects left: %s", self.root, task_id, e)
 
@@ -296,26 +262,14 @@ class S3PrefixStore:
         body = {"task_id": task_id, **info, "at": time.time(), "writer": self._writer}
         return self.objects.put(task_id, _MARKER, json.dumps(body).encode())
 
-    def _remove(self, task_id: str, versions, names=()) -> None:
+    def _remove(self, task_id: str, old, names=()) -> None:
         """Remove versions' objects, every .json (commit marker) before any .safetensors, then `names`."""
-        versions = sorted(versions)
+        old = sorted(old)
         self.objects.remove(
-            task_id, [f"v{v}.json" for v in versions] + [f"v{v}.safetensors" for v in versions] + list(names)
+            task_id, [f"v{v}.json" for v in old] + [f"v{v}.safetensors" for v in old] + list(names)
         )
 
-    def _task_lock(self, task_id: str) -> threading.Lock:
-        with self._lock:
-            return self._task_locks.setdefault(task_id, threading.Lock())
 
-
-def _parse(listing: Listing) -> tuple[dict[int, set[str]], int]:
+def _parse(listing: Listing) -> tuple[versions.Kinds, int]:
     """({version: which of "json", "safetensors" exist}, highest deleted version) of a task's listing."""
-    kinds: dict[int, set[str]] = {}
-    for name in listing:
-        if m := _VERSION_RE.fullmatch(name):
-            kinds.setdefault(int(m[1]), set()).add(m[2])
-    return kinds, max(_tombstones(listing), default=0)
-
-
-def _tombstones(listing: Listing) -> list[int]:
-    return [int(m[1]) for name in listing if (m := _TOMBSTONE_RE.fullmatch(name))]
+    return versions.version_files(listing), max(versions.tombstones(listing), default=0)

@@ -1,50 +1,33 @@
-"""On-disk prefix store: one folder per task, versioned files, atomic writes, restart recovery.
+"""The prefix store's contract: `PrefixStore`, the protocol every backend follows, and what it stores.
 
-Layout under `root`: tasks/<task_id>/v<version>.safetensors, then v<version>.json (the metadata, written
-last: it is the commit marker), and deleted.json (a tombstone: versions up to `deleted_through` are gone
-and never issued again). Plain bytes and files; the registry does the tensor work.
+Backends (open one with `backends.open_store(settings)`): folder_store.py (a folder this server alone
+writes), shared_store.py (a folder several servers write, e.g. Ray replicas), s3_store.py (an
+S3-compatible object store). Their version log is versions.py, their in-memory index index.py. Plain
+bytes and records; the registry does the tensor work.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
-import logging
-import os
 import re
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from server.errors import (
-    InsufficientStorage,
-    InvalidRequest,
-    PrefixFormatError,
-    PrefixNotFound,
-    PrefixServerError,
-    StoreReadOnly,
-)
+from server.errors import InvalidRequest, PrefixFormatError, PrefixServerError
 from server.registry.format import read_metadata
 from server.registry.frame import TaskFrame
-
-logger = logging.getLogger(__name__)
 
 TASK_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, and not '.' or '..'"
 # Stored ids may carry a tenant namespace, "tenant~task" (tenant: 1-32 of A-Z a-z 0-9 _ -); see api/auth.py.
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 SOURCES = ("native", "peft", "text")
 _TASK_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_VERSION_FILE_RE = re.compile(r"v([1-9][0-9]*)\.(safetensors|json)")
-_TOMBSTONE = "deleted.json"
 _JSON_TYPES = {"str": str, "int": int, "float": (int, float)}  # field annotation -> accepted JSON types
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # read-only mount, permissions
 
 
 def is_task_id(name: object) -> bool:
@@ -98,222 +81,66 @@ class PrefixRecord:
         return cls(**{f.name: d[f.name] for f in fields})
 
 
-class PrefixStore:
-    """Versioned prefix files under `root`; thread-safe. Call `recover()` once, at startup, before use."""
+class PrefixStore(Protocol):
+    """Versioned prefix files of every task; thread-safe. Call `recover()` once, at startup, before use.
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.tasks_dir = self.root / "tasks"
-        self._lock = threading.Lock()  # guards the dicts below; never held during file I/O
-        self._latest: dict[str, PrefixRecord] = {}
-        self._max_version: dict[str, int] = {}  # highest version issued or seen on disk, deleted included
-        self._task_locks: dict[str, threading.Lock] = {}  # one writer per task, so versions commit in order
+    `on_change(task_id)`, when set, runs when the store finds a task changed by another server (the
+    registry then drops the superseded tensors from its cache); a store only this server writes never
+    calls it.
+    """
+
+    root: Path | str  # where the files are (a folder, or an s3:// URL), for messages
+    on_change: Callable[[str], object] | None
 
     def get(self, task_id: str) -> PrefixRecord:
         """The latest committed version; PrefixNotFound if the task has none."""
-        validate_task_id(task_id)
-        with self._lock:
-            record = self._latest.get(task_id)
-        if record is None:
-            raise PrefixNotFound(f"task {task_id!r} not found")
-        return record
+        ...
 
     def list(self) -> list[PrefixRecord]:
         """Latest version of every task, sorted by task_id."""
-        with self._lock:
-            return sorted(self._latest.values(), key=lambda r: r.task_id)
+        ...
 
     def put(
         self, task_id: str, encode: Callable[[int], bytes], *, num_virtual_tokens: int, source: str
     ) -> PrefixRecord:
         """Commit a new version whose file is `encode(version)`; older versions' files are then removed."""
-        validate_task_id(task_id)
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        folder = self.tasks_dir / task_id
-        with self._task_lock(task_id):
-            with self._lock:
-                version = self._max_version.get(task_id, 0) + 1
-            data = encode(version)  # may raise: nothing is written yet
-            sha256 = hashlib.sha256(data).hexdigest()
-            record = PrefixRecord(
-                task_id, version, sha256, num_virtual_tokens, len(data), time.time(), source, frame_of(data)
-            )
-            with self._lock:
-                self._max_version[task_id] = version
-            new_folder = not folder.is_dir()
-            with storage_errors(self.root, f"the upload of {task_id!r}"):
-                try:
-                    if new_folder:  # a new folder's entry (and tasks/'s) must survive a crash too
-                        folder.mkdir(parents=True)
-                        for parent in (self.tasks_dir, self.root):
-                            _fsync_dir(parent)
-                    _write_atomic(folder / f"v{version}.safetensors", data)
-                    _write_atomic(
-                        folder / f"v{version}.json", json.dumps(record.to_dict(), indent=1).encode()
-                    )
-                except BaseException:
-                    self._abandon(task_id, version, folder, new_folder)  # never committed, never visible
-                    raise
-            with self._lock:
-                self._latest[task_id] = record
-            self._cleanup(folder, _versions_on_disk(folder) - {version})
-        return record
+        ...
 
     def delete(self, task_id: str) -> PrefixRecord:
         """Remove a task's files; its tombstone keeps the deleted versions from ever being issued again."""
-        validate_task_id(task_id)
-        folder = self.tasks_dir / task_id
-        with self._task_lock(task_id):
-            record = self.get(task_id)
-            with self._lock:
-                through = self._max_version[task_id]
-            tombstone = {"task_id": task_id, "deleted_through": through, "deleted_at": time.time()}
-            # Durable before any file goes, so a crash mid-delete cannot resurrect the task.
-            with storage_errors(self.root, f"the delete of {task_id!r}"):
-                _write_atomic(folder / _TOMBSTONE, json.dumps(tombstone).encode())
-            with self._lock:
-                del self._latest[task_id]
-            self._cleanup(folder, _versions_on_disk(folder))
-        return record
+        ...
 
     def known(self, task_id: str) -> bool:
         """Whether the task has, or ever had, anything stored (a version, a tombstone, a half upload)."""
-        return (self.tasks_dir / validate_task_id(task_id)).exists()
+        ...
 
     def read(self, record: PrefixRecord) -> bytes:
         """The file of `record`, checked against its sha256; FileNotFoundError once superseded or deleted."""
-        validate_task_id(record.task_id)
-        return verified(
-            record, (self.tasks_dir / record.task_id / f"v{record.version}.safetensors").read_bytes()
-        )
+        ...
 
     def recover(self) -> list[str]:
-        """Rebuild the index from disk (latest valid committed version per task); returns the warnings logged."""
-        warnings: list[str] = []
-        latest: dict[str, PrefixRecord] = {}
-        max_version: dict[str, int] = {}
-        folders = sorted(self.tasks_dir.iterdir()) if self.tasks_dir.is_dir() else []
-        for folder in folders:
-            if not (is_task_id(folder.name) and folder.is_dir()):
-                warnings.append(f"ignored {folder}: not a folder named by a valid task id")
-                continue
-            record, max_version[folder.name], _ = self._recover_task(folder, warnings)
-            if record is not None:
-                latest[folder.name] = record
-        with self._lock:
-            self._latest, self._max_version = latest, max_version
-        for line in warnings:
-            logger.warning("prefix store: %s", line)
-        return warnings
-
-    def refresh(self, task_id: str, *, cleanup: bool = False) -> list[str]:
-        """Re-read one task from disk, for a root that other processes write too (server/distributed).
-
-        Touches no file unless `cleanup` (the caller then holds the task's cross-process lock), and never
-        moves a task back to an older version: versions only grow, so an older one means this scan raced
-        a newer commit. Returns the warnings (logged only with `cleanup`: otherwise they are live writes).
-        """
-        validate_task_id(task_id)
-        folder = self.tasks_dir / task_id
-        if not folder.is_dir():
-            return []
-        warnings: list[str] = []
-        record, max_version, deleted_through = self._recover_task(folder, warnings, cleanup=cleanup)
-        with self._lock:
-            current = self._latest.get(task_id)
-            if record is not None and (current is None or record.version > current.version):
-                self._latest[task_id] = record
-            elif current is not None and deleted_through >= current.version:
-                del self._latest[task_id]
-            self._max_version[task_id] = max(self._max_version.get(task_id, 0), max_version)
-        for line in warnings if cleanup else ():
-            logger.warning("prefix store: %s", line)
-        return warnings
-
-    def _recover_task(
-        self, folder: Path, warnings: list[str], cleanup: bool = True
-    ) -> tuple[PrefixRecord | None, int, int]:
-        """(latest valid committed record or None, highest version ever issued, highest deleted version)
-        for one task folder; `cleanup` removes temp files and versions that can never be served."""
-        kinds: dict[int, set[str]] = {}
-        for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                if cleanup:  # an interrupted atomic write; its target was never replaced
-                    try:
-                        path.unlink(missing_ok=True)
-                        warnings.append(f"removed leftover temp file {path}")
-                    except OSError as e:  # a read-only store: never read anyway
-                        warnings.append(f"left temp file {path} ({e.strerror})")
-            elif m := _VERSION_FILE_RE.fullmatch(path.name):
-                kinds.setdefault(int(m[1]), set()).add(m[2])
-            elif path.name != _TOMBSTONE:
-                warnings.append(f"ignored unexpected file {path}")
-        deleted_through = _read_tombstone(folder, max(kinds, default=0), warnings)
-        record = None
-        for version in sorted((v for v in kinds if v > deleted_through), reverse=True):
-            record, problem = _check_version(folder, version, kinds[version])
-            if record is not None:
-                break
-            warnings.append(f"skipped {folder / f'v{version}'}.*: {problem}")
-        # Finish an interrupted delete or post-commit cleanup; newer broken files stay for inspection.
-        keep_above = record.version if record is not None else deleted_through
-        if cleanup:
-            try:
-                _unlink_versions(folder, [v for v in kinds if v < keep_above or v <= deleted_through])
-            except OSError as e:  # a read-only store: what is left is never served, the next recovery retries
-                warnings.append(f"left old versions in {folder} ({e.strerror})")
-        return record, max(deleted_through, *kinds, 0), deleted_through
-
-    def _task_lock(self, task_id: str) -> threading.Lock:
-        with self._lock:
-            return self._task_locks.setdefault(task_id, threading.Lock())
-
-    def _abandon(self, task_id: str, version: int, folder: Path, new_folder: bool) -> None:
-        """Undo a put that failed before its commit: its files, its folder if new, its version number
-        (the caller holds the task's lock, so no later version was issued meanwhile)."""
-        with contextlib.suppress(OSError):  # a store that cannot write may not unlink either
-            _unlink_versions(folder, [version])
-            if new_folder:
-                folder.rmdir()  # only if empty
-        with self._lock:
-            if self._max_version.get(task_id) == version:
-                self._max_version[task_id] = version - 1
-
-    def _cleanup(self, folder: Path, versions: Iterable[int]) -> None:
-        """Remove superseded or deleted versions after a commit; a failure leaves them to recovery,
-        since the commit itself stands (they are never served: the index names the newer state)."""
-        try:
-            _unlink_versions(folder, versions)
-        except OSError as e:
-            logger.warning("prefix store: could not remove old files in %s (%s); recovery will", folder, e)
+        """Build the index from the stored files (latest valid committed version per task), removing only
+        what can never be served; returns the warnings."""
+        ...
 
 
-@contextlib.contextmanager
-def storage_errors(root: Path, what: str) -> Iterator[None]:
-    """A write under `root` that fails for lack of space or permission raises its domain error (507 /
-    503, naming `what`); any other error passes through."""
-    try:
-        yield
-    except OSError as e:
-        if (error := _storage_error(e, root, what)) is None:
-            raise
-        raise error from e
+def check_source(source: str) -> None:
+    """ValueError unless `source` is one of SOURCES (a caller's bug, not a client's)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
 
 
-def _storage_error(e: BaseException, root: Path, what: str) -> PrefixServerError | None:
-    """The domain error for a failed write under `root` (no space, not writable), else None."""
-    if isinstance(e, OSError) and e.errno in _NO_SPACE:
-        return InsufficientStorage(
-            f"prefix store {root} is out of space ({e.strerror}): {what} was not stored; "
-            "the stored prefixes are unchanged"
-        )
-    if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
-        return StoreReadOnly(
-            f"prefix store {root} is not writable ({e.strerror}): {what} was refused and nothing changed; "
-            "uploads and deletes fail until it is writable, generation goes on"
-        )
-    return None
+def record_for(task_id: str, version: int, data: bytes, num_virtual_tokens: int, source: str) -> PrefixRecord:
+    """The record of a version about to be written, whose file is `data`."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    return PrefixRecord(
+        task_id, version, sha256, num_virtual_tokens, len(data), time.time(), source, frame_of(data)
+    )
+
+
+def metadata_bytes(record: PrefixRecord) -> bytes:
+    """The v<version>.json of `record` (its commit marker)."""
+    return json.dumps(record.to_dict(), indent=1).encode()
 
 
 def verified(record: PrefixRecord, data: bytes) -> bytes:
@@ -327,25 +154,11 @@ def verified(record: PrefixRecord, data: bytes) -> bytes:
     return data
 
 
-def _check_version(folder: Path, version: int, kinds: set[str]) -> tuple[PrefixRecord | None, str]:
-    """(record, "") if one committed version's files are whole and agree, else (None, what is wrong)."""
-    if "json" not in kinds:
-        return None, f"no v{version}.json (upload never committed)"
-    if "safetensors" not in kinds:
-        return None, f"v{version}.json has no v{version}.safetensors"
-    try:
-        metadata = (folder / f"v{version}.json").read_bytes()
-        data = (folder / f"v{version}.safetensors").read_bytes()
-    except OSError as e:
-        return None, f"unreadable ({e})"
-    return check_version_bytes(folder.name, version, metadata, data)
-
-
 def check_version_bytes(
     task_id: str, version: int, metadata: bytes, data: bytes
 ) -> tuple[PrefixRecord | None, str]:
     """(record, "") if a version's v<N>.json bytes and .safetensors bytes are whole and agree, else
-    (None, what is wrong). Shared with the object store (s3_store.py)."""
+    (None, what is wrong)."""
     try:
         record = PrefixRecord.from_dict(json.loads(metadata))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -368,57 +181,3 @@ def check_version_bytes(
 def frame_of(data: bytes) -> TaskFrame | None:
     """The prompt frame in a prefix file's metadata, None if it has none; PrefixFormatError if unreadable."""
     return TaskFrame.from_metadata(read_metadata(data))
-
-
-def _read_tombstone(folder: Path, newest_on_disk: int, warnings: list[str]) -> int:
-    """Highest deleted version (0 if never deleted); an unreadable tombstone deletes everything present."""
-    path = folder / _TOMBSTONE
-    if not path.exists():
-        return 0
-    try:
-        through = json.loads(path.read_bytes())["deleted_through"]
-        if isinstance(through, int) and not isinstance(through, bool) and through >= 0:
-            return through
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    # Serving a task its owner deleted is worse than losing one that was re-uploaded.
-    warnings.append(f"unreadable tombstone {path}: deleting versions up to {newest_on_disk}")
-    return newest_on_disk
-
-
-def _versions_on_disk(folder: Path) -> set[int]:
-    return {int(m[1]) for p in folder.iterdir() if (m := _VERSION_FILE_RE.fullmatch(p.name))}
-
-
-def _unlink_versions(folder: Path, versions: Iterable[int]) -> None:
-    """Remove versions' files, each .json (commit marker) before its .safetensors."""
-    versions = list(versions)
-    for version in versions:
-        for suffix in ("json", "safetensors"):
-            (folder / f"v{version}.{suffix}").unlink(missing_ok=True)
-    if versions:
-        _fsync_dir(folder)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over `path`, fsync the folder: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

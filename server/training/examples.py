@@ -59,7 +59,7 @@ def _lacks_frame(registry: PrefixRegistry, task_id: str, example: bytes) -> bool
         return False
     if record.frame is not None or frame_of(example) is None:
         return False
-    stored = registry.read_file(task_id)
+    stored = registry.store.read(record)  # FileNotFoundError (an OSError) if an upload superseded it
     ours = safetensors.torch.load(example)
     theirs = safetensors.torch.load(stored)
     return all(torch.equal(ours[n].float(), theirs[n].float()) for n in ("keys", "values"))
