@@ -241,7 +241,7 @@ def train(args: argparse.Namespace) -> None:
     eval_examples = read_jsonl(args.eval_data) if args.eval_data is not None else None
 
     from server.engine.model import load_model
-    from server.errors import InvalidRequest
+    from server.errors import ConfigError
     from server.registry.frame import TaskFrame, TaskScores
     from server.registry.store import validate_task_id
     from server.training.data import split_examples
@@ -253,7 +253,7 @@ def train(args: argparse.Namespace) -> None:
     TaskFrame(template=args.template, description=args.description)  # refused now, not after training
     output = args.output or Path(f"{args.task}.safetensors")
     if output.suffix != ".safetensors":
-        raise InvalidRequest(
+        raise ConfigError(
             f"--output must end in .safetensors (a .json summary goes beside it), got {output}"
         )
     config = TrainConfig(

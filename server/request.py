@@ -1,4 +1,5 @@
-"""The one request object that travels route -> scheduler -> engine -> response."""
+"""The one request object that travels route -> scheduler -> engine -> response: what the client asked
+(RequestInput, immutable) inside the running request (Request)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import enum
 import itertools
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from server.errors import InvalidRequest, shown
 
 if TYPE_CHECKING:
+    import asyncio
+
     from server.registry.format import PrefixKV
+    from server.registry.store import PrefixRecord
+    from server.scheduler import Event
 
 _ids = itertools.count()
 MAX_TOP_LOGPROBS = 20  # most alternatives a request may ask for per token (as OpenAI and vLLM allow)
@@ -84,39 +89,91 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), as many as the request asked for
 
 
-@dataclass(eq=False)
-class Request:
-    """A generation request. The prefix (if any) is pinned by whoever set it and released when finished."""
+@dataclass(frozen=True)
+class RequestInput:
+    """What the client asked, fixed once the HTTP layer has built it; every layer reads it, none writes."""
 
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    task_id: str | None = None  # the registry's (tenant-namespaced) id
+    task_id: str | None = None  # the registry's (tenant-namespaced) id; None: the base model
     tenant: str | None = None
-    prefix: PrefixKV | None = None
-    prefix_version: int | None = None
-    # Names the prefix's content for the engine's page pool (rows with equal keys share its pages):
-    # (task_id, version, sha256) from the registry; None = the PrefixKV object itself.
-    prefix_key: Hashable | None = None
-    prompt: str | None = None
+    stream: bool = False  # send a token event per step, not just the final reply
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
-    status: RequestStatus = RequestStatus.WAITING
-    output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    error: Exception | None = None
-    stream: bool = False  # send a token event per step, not just the final reply
-    budget_tokens: int = 0  # prefix + prompt + max_new_tokens: its share of --max-batch-tokens
-    prefix_record: Any = None  # the registry record pinned while the request runs
-    # Set by whoever waits on the request (the scheduler's event queue).
-    sink: Any = None
-    num_streamed_tokens: int = 0
-    num_streamed_chars: int = 0
-    # time.monotonic() stamps, for latency metrics
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
+
+class Request:
+    """A request as it travels route -> scheduler -> engine -> output: its `input` (what the client
+    asked) and the state each layer writes. The prefix (if any) is pinned by whoever set it (the
+    scheduler, from the registry; or an engine-direct caller) and released when it finishes."""
+
+    def __init__(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams | None = None,
+        task_id: str | None = None,
+        *,
+        tenant: str | None = None,
+        stream: bool = False,
+        request_id: str | None = None,
+        prefix: PrefixKV | None = None,
+        prefix_key: Hashable | None = None,
+    ) -> None:
+        asked = {"request_id": request_id} if request_id is not None else {}
+        self.input = RequestInput(
+            tuple(prompt_token_ids), sampling or SamplingParams(), task_id, tenant, stream, **asked
+        )
+        # The prefix, set when the scheduler pins the task's latest version (registry.acquire).
+        self.prefix = prefix
+        self.prefix_version: int | None = None
+        self.prefix_record: PrefixRecord | None = None  # what the scheduler releases when it finishes
+        # Names the prefix's content for the engine's page pool (rows with equal keys share its pages):
+        # (task_id, version, sha256) from the registry; None = the PrefixKV object itself.
+        self.prefix_key = prefix_key
+        # The scheduler's: admission and the waiter's queue.
+        self.status = RequestStatus.WAITING
+        self.budget_tokens = 0  # prefix + prompt + max_new_tokens: its share of --max-batch-tokens
+        self.sink: asyncio.Queue[Event] | None = None  # the events its waiter reads
+        # The engine's: one token (and its logprob, if asked) per step.
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprob] = []
+        self.finish_reason: FinishReason | None = None
+        self.error: Exception | None = None
+        # The output processor's: the text so far, and how much of it a stream has sent.
+        self.text = ""
+        self.num_streamed_tokens = 0
+        self.num_streamed_chars = 0
+        # time.monotonic() stamps, for latency metrics
+        self.arrival_time = 0.0
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    def __repr__(self) -> str:
+        return f"Request({self.request_id}, task={self.task_id!r}, {self.status.value})"
+
+    # What the client asked, read through the request as every layer does.
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...]:
+        return self.input.prompt_token_ids
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.input.sampling
+
+    @property
+    def task_id(self) -> str | None:
+        return self.input.task_id
+
+    @property
+    def tenant(self) -> str | None:
+        return self.input.tenant
+
+    @property
+    def stream(self) -> bool:
+        return self.input.stream
+
+    @property
+    def request_id(self) -> str:
+        return self.input.request_id
 
     @property
     def fairness_key(self) -> str:

@@ -9,6 +9,7 @@ shape the warm-up did not foresee raises instead of silently running eagerly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -145,7 +146,10 @@ def test_compiled_logprobs_equal_the_models_own_forward(compiled):
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 6, 2)]
     reqs = make_requests(prefixes, [5, 9, 4], [8, 6, 8], logprobs=4)
-    reqs[1].sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)  # 3 rows: bucket 4, one asks not
+    reqs[1].input = dataclasses.replace(
+        reqs[1].input, sampling=SamplingParams(max_new_tokens=6, ignore_eos=True)
+    )
+    # 3 rows: bucket 4, one asks not
     engine.generate(reqs)
     assert reqs[1].output_logprobs == [] and len(reqs[1].output_token_ids) == 6
     for r, prefix in ((reqs[0], prefixes[0]), (reqs[2], prefixes[2])):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import EOS_ID, make_tiny_model, peft_greedy, peft_prefix_model, random_prompt
@@ -151,7 +153,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine):
     alone = engine.generate(make_requests([prefix], [9], [12], **params))[0]
     mixed = make_requests([None, prefix, random_prefix(fp, 2, 8)], [4, 9, 13], [5, 12, 3], **params)
     mixed[0] = Request(mixed[0].prompt_token_ids, SamplingParams(max_new_tokens=5, temperature=0.7, seed=9))
-    mixed[1].prompt_token_ids = alone.prompt_token_ids
+    mixed[1].input = dataclasses.replace(mixed[1].input, prompt_token_ids=alone.prompt_token_ids)
     engine.generate(mixed)
     assert mixed[1].output_token_ids == alone.output_token_ids
     other_seed = engine.generate(
@@ -175,7 +177,7 @@ def test_stop_string_and_eos(engine, tokenizer):
     if stop.strip() == "" or full.text.find(stop) < 0:
         pytest.skip("generated tokens have no printable text to use as a stop string")
     req = make_requests([None], [8], [12], stop=(stop,))[0]
-    req.prompt_token_ids = full.prompt_token_ids
+    req.input = dataclasses.replace(req.input, prompt_token_ids=full.prompt_token_ids)
     finish_texts(engine.generate([req]), tokenizer)
     assert req.finish_reason is FinishReason.STOP
     assert req.text == full.text[: full.text.find(stop)]

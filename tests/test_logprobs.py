@@ -157,7 +157,7 @@ def test_text_prefix_logprobs_equal_one_forward_over_text_and_sequence(engine):
     text = random_prompt(torch.Generator().manual_seed(7), 8)
     r = request(8, 6, engine.encode_prefix(text), 7, logprobs=4)
     engine.generate([r, request(9, 3, None, 5)])
-    ids = text + r.prompt_token_ids + r.output_token_ids[:-1]
+    ids = [*text, *r.prompt_token_ids, *r.output_token_ids[:-1]]
     with torch.inference_mode():
         logits = engine.model(input_ids=torch.tensor([ids])).logits[0]  # [len(ids), vocab]
     ref = torch.log_softmax(logits.float(), dim=-1)[len(text) + len(r.prompt_token_ids) - 1 :]

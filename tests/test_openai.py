@@ -418,9 +418,8 @@ async def test_closing_the_event_stream_aborts_every_choice(api):
     state = api.app.state.server
     scheduler = state.scheduler
     sampling = SamplingParams(max_new_tokens=400, ignore_eos=True)
-    requests = [Request([5, 6, 7], sampling) for _ in range(3)]
+    requests = [Request([5, 6, 7], sampling, stream=True) for _ in range(3)]
     for req in requests:
-        req.stream = True
         scheduler.submit(req)
     async with contextlib.aclosing(GenerationService(state).events(requests)) as events:
         async for _, event in events:

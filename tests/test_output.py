@@ -4,6 +4,7 @@ decode of all the tokens; stop strings cut the text and take the row out of the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ TEXT = "naïve café → 🙂 done; ünïcode ✓ and plain ascii. " * 3
 
 def stream_text(processor: OutputProcessor, tokenizer, ids: list[int], stop=()) -> tuple[str, Request]:
     """Feed ids one token per step as the scheduler does; returns the concatenated deltas."""
-    request = Request([1], SamplingParams(max_new_tokens=len(ids), stop=stop))
-    request.stream, request.status = True, RequestStatus.RUNNING
+    request = Request([1], SamplingParams(max_new_tokens=len(ids), stop=stop), stream=True)
+    request.status = RequestStatus.RUNNING
     sent = ""
     for token in ids:
         request.output_token_ids.append(token)
@@ -94,8 +95,8 @@ async def test_a_stop_string_takes_the_row_out_of_the_engine(tiny_models, tokeni
     await sched.start()
     try:
         stopped, other = make_requests([None, None], [8, 5], [24, 24])
-        stopped.sampling = SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,))
-        stopped.stream = True
+        sampling = SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,))
+        stopped.input = dataclasses.replace(stopped.input, sampling=sampling, stream=True)
         sched.submit(stopped)
         sched.submit(other)
 

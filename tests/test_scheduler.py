@@ -116,7 +116,7 @@ class FakeEngine:
         return pages
 
     def validate(self, request):
-        if request.prompt_token_ids == [666]:
+        if request.prompt_token_ids == (666,):
             raise InvalidRequest("prompt 666 is not allowed")
 
     def admit(self, requests):
@@ -178,9 +178,7 @@ async def generate(sched, request: Request) -> Request:
 
 
 def req(task, n=2, prompt=1, stream=False) -> Request:
-    r = Request([prompt], SamplingParams(max_new_tokens=n), task_id=task)
-    r.stream = stream
-    return r
+    return Request([prompt], SamplingParams(max_new_tokens=n), task_id=task, stream=stream)
 
 
 @pytest.fixture
@@ -710,9 +708,7 @@ async def test_admission_stops_at_the_free_pages(running):
 
 
 def tenant_req(tenant, task, n) -> Request:
-    r = req(task, n=n)
-    r.tenant = tenant
-    return r
+    return Request([1], SamplingParams(max_new_tokens=n), task_id=task, tenant=tenant)
 
 
 async def test_a_prefix_is_counted_once_per_plan_and_only_for_requests_that_go(running):

@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import Request
 
 from server.api.quotas import Quotas
-from server.errors import InvalidRequest, Unauthorized, shown
+from server.errors import ConfigError, InvalidRequest, Unauthorized, shown
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,18 @@ class KeyRing:
         try:
             doc = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            raise InvalidRequest(f"api keys file {path}: cannot read JSON: {e}") from e
+            raise ConfigError(f"api keys file {path}: cannot read JSON: {e}") from e
         if not isinstance(doc, dict) or not set(doc) <= {"admin", "tenants", "quotas"}:
-            raise InvalidRequest(f'api keys file {path}: expected {{"admin": [...], "tenants": {{...}}}}')
+            raise ConfigError(f'api keys file {path}: expected {{"admin": [...], "tenants": {{...}}}}')
         ring = cls()
         for key in _key_list(doc.get("admin", []), "admin"):
             ring.entries.append((_parse_key(key, "admin"), ADMIN))
         tenants = doc.get("tenants", {})
         if not isinstance(tenants, dict):
-            raise InvalidRequest("api keys file: 'tenants' must map tenant names to lists of keys")
+            raise ConfigError("api keys file: 'tenants' must map tenant names to lists of keys")
         for tenant, keys in tenants.items():
             if not TENANT_RE.fullmatch(tenant):
-                raise InvalidRequest(
+                raise ConfigError(
                     f"api keys file: tenant name must be 1-32 of A-Za-z0-9_-, got {tenant!r}"
                 )
             for key in _key_list(keys, tenant):
@@ -109,9 +109,9 @@ class KeyRing:
             try:
                 ring.quotas[tenant] = Quotas(**{**default_quotas.__dict__, **overrides})
             except TypeError as e:
-                raise InvalidRequest(f"api keys file: quotas for {tenant!r}: {e}") from e
+                raise ConfigError(f"api keys file: quotas for {tenant!r}: {e}") from e
         if not ring.entries:
-            raise InvalidRequest(f"api keys file {path} holds no keys")
+            raise ConfigError(f"api keys file {path} holds no keys")
         return ring
 
     def lookup(self, key: str) -> Caller | None:
@@ -126,7 +126,7 @@ class KeyRing:
 
 def _key_list(keys: object, who: str) -> list[str]:
     if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
-        raise InvalidRequest(f"api keys file: keys of {who!r} must be a list of non-empty strings")
+        raise ConfigError(f"api keys file: keys of {who!r} must be a list of non-empty strings")
     return keys
 
 
@@ -134,7 +134,7 @@ def _parse_key(key: str, who: str) -> bytes:
     if key.startswith("sha256:"):
         hexdigest = key.removeprefix("sha256:")
         if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigest):
-            raise InvalidRequest(f"api keys file: a sha256 key of {who!r} must be 64 hex digits")
+            raise ConfigError(f"api keys file: a sha256 key of {who!r} must be 64 hex digits")
         return bytes.fromhex(hexdigest)
     return _digest(key)
 

@@ -90,8 +90,7 @@ class GenerationService:
     def context_room(self, record: PrefixRecord | None, num_prompt_tokens: int) -> int:
         """How many tokens a request may still generate: the model's context and the batch token budget,
         less the prefix and the prompt (may be < 1: `build` then says why the request cannot run)."""
-        limit = min(self.engine.max_seq_len, self.engine.max_context or self.engine.max_seq_len)
-        limit = min(limit, self.scheduler.config.max_batch_tokens)
+        limit = min(self.engine.max_request_tokens, self.scheduler.config.max_batch_tokens)
         prefix_len = 0 if record is None else record.num_virtual_tokens
         return limit - prefix_len - num_prompt_tokens
 
@@ -128,12 +127,13 @@ class GenerationService:
             for j in range(n):
                 seed = None if sampling.seed is None else (sampling.seed + j) % 2**63
                 req = GenRequest(
-                    prompt_token_ids=list(prompt_ids),
-                    sampling=dataclasses.replace(sampling, seed=seed) if j else sampling,
-                    task_id=task_id,
+                    prompt_ids,
+                    dataclasses.replace(sampling, seed=seed) if j else sampling,
+                    task_id,
+                    tenant=caller.tenant,
+                    stream=stream,
+                    request_id=f"{request_id}-{len(requests)}" if numbered else request_id,
                 )
-                req.tenant, req.stream = caller.tenant, stream
-                req.request_id = f"{request_id}-{len(requests)}" if numbered else request_id
                 self.engine.validate(req)  # prompt and lengths now (the prefix again when admitted)
                 requests.append(req)
         return requests

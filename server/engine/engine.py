@@ -140,6 +140,11 @@ class Engine:
         return self.pool.page_size
 
     @property
+    def max_request_tokens(self) -> int:
+        """Prefix + prompt + max_new_tokens of one request at most: the model's context, --max-* limits."""
+        return min(self.max_seq_len, self.max_context or self.max_seq_len)
+
+    @property
     def num_free_rows(self) -> int:
         return self.max_rows - len(self.running)
 
@@ -202,7 +207,7 @@ class Engine:
             f"({request.sampling.max_new_tokens})"
         )
         total = request.prefix_len + request.num_prompt_tokens + request.sampling.max_new_tokens
-        limit = min(self.max_seq_len, self.max_context or self.max_seq_len)
+        limit = self.max_request_tokens
         if total > limit:
             raise InvalidRequest(f"{lengths} = {total} tokens, model context is {limit}")
         pages = pages_for(request.prefix_len, self.page_size) + self.rows.own_pages(request)
