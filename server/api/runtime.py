@@ -115,8 +115,9 @@ class Runtime:
             task.cancel()
 
 
-def build_components(settings: Settings) -> Components:
-    """Load the base model and open the prefix registry (blocking; seconds once the model is cached)."""
+def build_components(settings: Settings, *, shared_store: bool = False) -> Components:
+    """Load the base model and open the prefix registry (blocking; seconds once the model is cached).
+    `shared_store`: other servers write `settings.prefix_dir` at the same time (the Ray replicas)."""
     from server.engine.model import load_model
 
     loaded = load_model(
@@ -158,15 +159,8 @@ def build_components(settings: Settings) -> Components:
             settings.max_batch_tokens,
             tokens,
         )
-    registry = PrefixRegistry.open(
-        settings.prefix_store or settings.prefix_dir,  # an s3:// URL, else the folder
-        engine.fingerprint,
-        cache_bytes=settings.prefix_cache_bytes,
-        dtype=engine.dtype,
-        device=engine.device,
-        max_virtual_tokens=settings.max_virtual_tokens,
-        store_ttl_s=settings.prefix_store_ttl_s,
-        store_read_delay_ms=settings.store_read_delay_ms,
+    registry = PrefixRegistry.from_settings(
+        settings, engine.fingerprint, dtype=engine.dtype, device=engine.device, shared=shared_store
     )
     register_shipped_examples(settings, registry)
     return Components(engine=engine, registry=registry, model_name=loaded.name)

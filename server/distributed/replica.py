@@ -9,11 +9,8 @@ engine thread, see server/prefetch.py), and dropped from the cache when Ray evic
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from ray import serve
 
@@ -21,7 +18,6 @@ from server.config import Settings
 from server.distributed import BASE_MODEL_ID
 from server.distributed.asgi import Headers, ResponseHead, call_asgi
 from server.errors import NotReady, PrefixServerError
-from server.registry.registry import PrefixRegistry
 from server.threads import in_own_thread
 
 log = logging.getLogger(__name__)
@@ -64,19 +60,7 @@ def build_shared_components(settings: Settings):
     cross-process lock, never another replica's live upload)."""
     from server.api.app import build_components
 
-    if settings.prefix_store:  # the S3 store is made for this: its recovery never removes a live upload
-        return build_components(settings)
-    # build_components opens its registry over a folder this server alone writes, whose recovery
-    # would delete other replicas' live uploads' temp files: so it gets an empty folder, and the
-    # replica its registry from the same factory, shared. (Once build_components takes the `shared`
-    # of PrefixRegistry.from_settings, this is `build_components(settings, shared_store=True)`.)
-    with tempfile.TemporaryDirectory(prefix="prefix-server-") as empty:
-        components = build_components(dataclasses.replace(settings, prefix_dir=Path(empty)))
-    engine = components.engine
-    components.registry = PrefixRegistry.from_settings(
-        settings, engine.fingerprint, dtype=engine.dtype, device=engine.device, shared=True
-    )
-    return components
+    return build_components(settings, shared_store=True)
 
 
 class PrefixServerReplica:
@@ -89,8 +73,8 @@ class PrefixServerReplica:
         components = await in_own_thread(build_shared_components, settings)
         self.registry = components.registry
         self.app = create_app(settings, components)
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        await self._lifespan.__aenter__()  # starts the scheduler on this replica's event loop
+        self.runtime = self.app.state.runtime  # Ray sends no lifespan events: the replica drives it
+        await self.runtime.start()  # the scheduler, on this replica's event loop
 
         async def hold(task_id: str) -> HeldTask:
             return HeldTask(task_id, self.registry)
@@ -118,4 +102,4 @@ class PrefixServerReplica:
 
     async def __del__(self) -> None:
         """Ray calls this when the replica stops: running requests finish (up to shutdown_timeout_s)."""
-        await self._lifespan.__aexit__(None, None, None)
+        await self.runtime.close()
