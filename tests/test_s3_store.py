@@ -30,6 +30,7 @@ from server.errors import ConfigError, InvalidRequest, PrefixNotFound, PrefixSer
 from server.registry.backends import open_store  # noqa: E402
 from server.registry.format import save_native  # noqa: E402
 from server.registry.registry import PrefixRegistry  # noqa: E402
+from server.registry.s3_bucket import TaskObjects  # noqa: E402
 from server.registry.s3_store import S3PrefixStore  # noqa: E402
 
 
@@ -332,6 +333,8 @@ def test_a_bucket_that_cannot_be_used_fails_with_its_url(aws_env, monkeypatch):
     for bad in ("s3://", "s3://UPPER", "http://bucket", "s3://a"):
         with pytest.raises(ConfigError, match="prefix_store"):
             Settings(prefix_store=bad)
+    with pytest.raises(ConfigError, match="must be s3://bucket"):  # the operator's to fix, not a client's
+        TaskObjects(None, "http://bucket")
     env = {"PREFIX_SERVER_PREFIX_STORE": "s3://b-1/k", "PREFIX_SERVER_PREFIX_STORE_TTL_S": "0.5"}
     settings = Settings.from_env(environ=env)
     assert (settings.prefix_store, settings.prefix_store_ttl_s) == ("s3://b-1/k", 0.5)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from server.config import S3_URL_RE
-from server.errors import InvalidRequest, PrefixServerError, StoreUnavailable
+from server.errors import ConfigError, PrefixServerError, StoreUnavailable
 from server.registry.store import is_task_id
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class TaskObjects:
     def __init__(self, client, url: str) -> None:
         m = S3_URL_RE.fullmatch(url)
         if m is None:
-            raise InvalidRequest(f"prefix store URL must be s3://bucket[/key/prefix], got {url!r:.200}")
+            raise ConfigError(f"prefix store URL must be s3://bucket[/key/prefix], got {url!r:.200}")
         self.client, self.url, self.bucket = client, url, m["bucket"]
         key_prefix = (m["key_prefix"] or "").strip("/")
         self.prefix = f"{key_prefix}/tasks/" if key_prefix else "tasks/"
