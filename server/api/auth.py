@@ -99,9 +99,7 @@ class KeyRing:
             raise ConfigError("api keys file: 'tenants' must map tenant names to lists of keys")
         for tenant, keys in tenants.items():
             if not TENANT_RE.fullmatch(tenant):
-                raise ConfigError(
-                    f"api keys file: tenant name must be 1-32 of A-Za-z0-9_-, got {tenant!r}"
-                )
+                raise ConfigError(f"api keys file: tenant name must be 1-32 of A-Za-z0-9_-, got {tenant!r}")
             for key in _key_list(keys, tenant):
                 ring.entries.append((_parse_key(key, tenant), Caller(tenant=tenant, admin=False)))
         for tenant in tenants:

@@ -38,7 +38,6 @@ from server.api.service import GenerationService, frame_of
 from server.api.state import ServerState, serving
 from server.errors import InvalidRequest, PrefixNotFound, shown
 from server.registry.store import PrefixRecord
-from server.request import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -268,16 +267,7 @@ async def _run(call: Call, body, record, prompts, max_tokens: int, param: str, *
     Each choice is a request to the scheduler, to the tenant's quotas and to the metrics, as n calls of
     /generate would be."""
     service = call.service
-    sampling = SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=service.task_stop(record, body.stop),
-        ignore_eos=body.ignore_eos,
-        logprobs=body.num_top_logprobs,
-    )
+    sampling = service.sampling(record, body, max_new_tokens=max_tokens, logprobs=body.num_top_logprobs)
     requests = service.build(
         call.caller,
         record,

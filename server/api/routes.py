@@ -27,7 +27,6 @@ from server.api.state import app_state, serving
 from server.errors import InvalidRequest, NotReady, PrefixNotFound, PrefixServerError, Unauthorized
 from server.registry.frame import TaskFrame
 from server.request import Request as GenRequest
-from server.request import SamplingParams
 
 router = APIRouter()
 _ERR = {"model": ErrorResponse}
@@ -103,16 +102,8 @@ async def generate(body: GenerateRequest, request: Request, caller: CallerDep):
         raise
     frame = frame_of(record)
     prompt = body.prompt if body.input is None else fill_input(frame, body.task_id, body.input)
-    sampling = SamplingParams(
-        max_new_tokens=body.max_new_tokens or service.task_max_new_tokens(record) or DEFAULT_MAX_NEW_TOKENS,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=service.task_stop(record, body.stop),
-        ignore_eos=body.ignore_eos,
-        logprobs=body.logprobs,
-    )
+    max_new_tokens = body.max_new_tokens or service.task_max_new_tokens(record) or DEFAULT_MAX_NEW_TOKENS
+    sampling = service.sampling(record, body, max_new_tokens=max_new_tokens, logprobs=body.logprobs)
     prompt_ids = await service.tokenize(prompt)
     # the reply, the X-Request-ID header and the logs agree on the id
     requests = service.build(

@@ -87,6 +87,22 @@ class GenerationService:
             return () if frame is None or frame.stop is None else tuple(frame.stop)
         return (stop,) if isinstance(stop, str) else tuple(stop)
 
+    def sampling(
+        self, record: PrefixRecord | None, body, *, max_new_tokens: int, logprobs: int | None
+    ) -> SamplingParams:
+        """SamplingParams from a request body's sampling fields, which both wire formats name alike
+        (temperature, top_p, top_k, seed, stop, ignore_eos); the task's stop strings if it gives none."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=self.task_stop(record, body.stop),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+
     def context_room(self, record: PrefixRecord | None, num_prompt_tokens: int) -> int:
         """How many tokens a request may still generate: the model's context and the batch token budget,
         less the prefix and the prompt (may be < 1: `build` then says why the request cannot run)."""
