@@ -253,9 +253,7 @@ def train(args: argparse.Namespace) -> None:
     TaskFrame(template=args.template, description=args.description)  # refused now, not after training
     output = args.output or Path(f"{args.task}.safetensors")
     if output.suffix != ".safetensors":
-        raise ConfigError(
-            f"--output must end in .safetensors (a .json summary goes beside it), got {output}"
-        )
+        raise ConfigError(f"--output must end in .safetensors (a .json summary goes beside it), got {output}")
     config = TrainConfig(
         num_virtual_tokens=args.num_virtual_tokens,
         prefix_projection=args.prefix_projection,

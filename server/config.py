@@ -50,6 +50,12 @@ class Settings:
         "auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)"
     )
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    quantize: str = setting(
+        "off",
+        help="off | int8: weight-only int8 for every linear and the lm_head (a float32 scale per output "
+        "feature); activations, K/V and prefixes stay in --dtype. Halves bfloat16's weight reads; outputs "
+        "change a little (docs/internals.md measures how much)",
+    )
     compile: str = setting(
         "auto",
         help="auto | wait | off: compile the decode step with torch.compile (Llama, Mistral, Qwen2/3 models). "
@@ -199,6 +205,8 @@ class Settings:
                 "setting prefix_store must be empty (the folder prefix_dir) or s3://bucket[/key/prefix] "
                 f"(bucket: 3-63 of a-z 0-9 . -), got {self.prefix_store!r:.200}"
             )
+        if self.quantize not in ("off", "int8"):
+            raise ConfigError(f"setting quantize must be 'off' or 'int8', got {self.quantize!r}")
         if self.compile not in ("auto", "wait", "off"):
             raise ConfigError(f"setting compile must be 'auto', 'wait' or 'off', got {self.compile!r}")
         if self.examples not in ("on", "off"):

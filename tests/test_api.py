@@ -428,7 +428,9 @@ async def test_a_top_k_beyond_int64_is_a_clear_4xx_not_a_failed_batch(api):
     huge = 17553672784685947682816
     reply = await api.post("/generate", json={**body, "top_k": huge})
     message = reply.json()["error"]["message"]
-    assert reply.status_code == 422 and "top_k" in message and "2147483647" in message and str(huge) in message
+    assert (
+        reply.status_code == 422 and "top_k" in message and "2147483647" in message and str(huge) in message
+    )
     openai = await api.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "top_k": huge})
     assert openai.status_code == 400 and "top_k" in openai.text
     everything = await api.post("/generate", json={**body, "top_k": 2**31 - 1})

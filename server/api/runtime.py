@@ -121,7 +121,11 @@ def build_components(settings: Settings, *, shared_store: bool = False) -> Compo
     from server.engine.model import load_model
 
     loaded = load_model(
-        settings.model, dtype=settings.dtype, device=settings.device, cache_dir=settings.model_cache_dir
+        settings.model,
+        dtype=settings.dtype,
+        device=settings.device,
+        cache_dir=settings.model_cache_dir,
+        quantize=settings.quantize,
     )
     fingerprint = ModelFingerprint.from_config(loaded.model.config)
     kv_cache_bytes = settings.kv_cache_bytes or default_pool_bytes(

@@ -68,23 +68,33 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 class _Packed(torch.nn.Module):
     """Linears reading the same input (q/k/v, gate/up, or one alone) as one: the weight packed for
-    `prefix_server::linear` (float32 or bfloat16, AVX-512) where the output features are a multiple of
-    16, else torch's linear over the concatenated weight."""
+    `prefix_server::linear` (float32 or bfloat16) or `linear_int8` (Int8Linear's int8 weights and their
+    scales; engine/quantize.py), AVX-512, where the output features are a multiple of 16; else torch's
+    linear over the concatenated weight (int8 widened to the input's dtype)."""
 
-    def __init__(self, *linears: torch.nn.Linear):
+    def __init__(self, *linears: torch.nn.Module):
         super().__init__()
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [N, K]
+        self.int8 = weight.dtype == torch.int8
+        scales = torch.cat([lin.scales for lin in linears]) if self.int8 else None  # [N] float32
+        self.register_buffer("scales", scales)
         self.packed = weight.shape[0] % 16 == 0
         self.register_buffer("weight", torch.ops.prefix_server.pack_linear(weight) if self.packed else weight)
+        biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
         bias = None  # [N]
-        if any(lin.bias is not None for lin in linears):  # e.g. Qwen2's q/k/v
-            zeros = [lin.weight.new_zeros(lin.out_features) for lin in linears]
+        if biases:  # e.g. Qwen2's q/k/v
+            zero = biases[0].new_zeros
             bias = torch.cat(
-                [z if lin.bias is None else lin.bias.detach() for z, lin in zip(zeros, linears, strict=True)]
+                [zero(lin.out_features) if lin.bias is None else lin.bias.detach() for lin in linears]
             )
         self.register_buffer("bias", bias)
 
     def forward(self, x):  # [..., K] -> [..., N]
+        if self.int8:
+            if self.packed:
+                return torch.ops.prefix_server.linear_int8(x, self.weight, self.scales, self.bias)
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            return out if self.bias is None else out + self.bias
         if self.packed:
             return torch.ops.prefix_server.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

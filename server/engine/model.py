@@ -20,6 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
+from server.engine.quantize import quantize_model
 from server.errors import UnsupportedModel
 from server.registry.format import ModelFingerprint
 
@@ -119,8 +120,11 @@ def _convert(gguf_path: Path, cache_dir: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path) -> LoadedModel:
-    """Load, freeze and check a base model. spec: 'default', a folder, a .gguf file, or a hub id."""
+def load_model(
+    spec: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path, quantize: str = "off"
+) -> LoadedModel:
+    """Load, freeze and check a base model. spec: 'default', a folder, a .gguf file, or a hub id;
+    quantize: 'off' or 'int8' (engine/quantize.py)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == DEFAULT_MODEL:
@@ -139,7 +143,7 @@ def load_model(spec: str, *, dtype: str = "auto", device: str = "auto", cache_di
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedModel(f"cannot load model {spec!r}: {e}") from e
-    model = freeze(model.to(dev))
+    model = quantize_model(freeze(model.to(dev)), quantize)
     check_prefix_support(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
 

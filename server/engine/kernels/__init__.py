@@ -1,9 +1,11 @@
 """CPU kernels for the compiled decode step (`cpu_decode.cpp`), loaded as the torch ops
 `torch.ops.prefix_server.*`:
 
-    pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32 or bfloat16, N a multiple of 16
+    pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32, bfloat16 or int8, N a multiple of 16
     linear(x [..., K], packed, bias?) -> [..., N]         x in the weight's dtype, float32 or bfloat16
                                                           (accumulated in float32), AVX-512
+    linear_int8(x [..., K], packed, scales [N], bias?)    int8 weights, a float32 scale per output feature;
+        -> [..., N]                                       x float32 or bfloat16 (its dtype out), AVX-512
     write_kv(keys!, values!, layer, slots [b], k, v)      the pool's dtype, any device: each row's new K/V
                                                           into its pool slot
     paged_attention(q [b, heads, d], keys, values, layer, block_tables [b, blocks], prefix_lens [b],
@@ -142,6 +144,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("prefix_server::linear")
     def _(x, packed, bias):
+        return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
+
+    @torch.library.register_fake("prefix_server::linear_int8")
+    def _(x, packed, scales, bias):
         return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
 
     @torch.library.register_fake("prefix_server::write_kv")

@@ -2,7 +2,8 @@
 //
 // Why these exist (measured on the 2-core AVX-512 VM the project is developed on, SmolLM2-135M; the
 // figures are in README.md, "Performance: the compiled decode step"):
-//  - linear (float32 and bfloat16 weights): MKL's float32 GEMM is poor at the few rows of a decode step.
+//  - linear (float32 and bfloat16 weights; linear_int8: int8 weights with a scale per output feature): MKL's
+//    float32 GEMM is poor at the few rows of a decode step.
 //    A decode step reads every weight once, so the kernel streams each weight block once and multiplies
 //    it into every row while it is in registers.
 //  - write_kv: writing the new K/V into the page pool in place (an indexed assignment traced by
@@ -43,6 +44,12 @@ inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 inline __m512 load16(const at::BFloat16* w) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+// int8 (weight-only quantized): the integer as a float (exact); its per-feature scale is applied to the
+// finished dot products (linear_int8), so the inner loop is the same as for the float weights.
+inline __m512 load16(const int8_t* w) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 
 // out[m, (nb + j) * 16 : +16] = x[m, :] . w_block[nb + j] for M rows and NB consecutive blocks.
@@ -328,8 +335,9 @@ void attend_unit(const float* q, float* out, const HeadPages<T>& kp, const HeadP
 
 // [N, K] -> [N / 16, K, 16]: each block of 16 output features contiguous over K.
 at::Tensor pack_linear(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
-              "pack_linear: expected a 2-D float32 or bfloat16 weight, got ", weight.scalar_type());
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 2 && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar),
+              "pack_linear: expected a 2-D float32, bfloat16 or int8 weight, got ", dtype, " ", weight.sizes());
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(n % kBlock == 0, "pack_linear: output features must be a multiple of 16, got ", n);
   return weight.reshape({n / kBlock, kBlock, k}).transpose(1, 2).contiguous();
@@ -359,6 +367,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
               "linear: expected a weight packed by pack_linear [N / 16, K, 16], got ", packed.sizes());
   const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
   const auto dtype = packed.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "linear: expected a float32 or bfloat16 packed weight (int8 weights go to linear_int8), got ", dtype);
   TORCH_CHECK(x.scalar_type() == dtype && x.size(-1) == k, "linear: expected ", dtype, " input [..., ", k, "], got ",
               x.scalar_type(), " ", x.sizes());
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
@@ -372,6 +382,34 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
     gemm(x2.data_ptr<float>(), packed.data_ptr<float>(), out.data_ptr<float>(), m_total, k, blocks);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear: expected a bias [", n, "], got ", bias->sizes());
+    out.add_(*bias);
+  }
+  return out.to(dtype).view(out_shape);
+}
+
+// x [..., K] @ (packed int8 weight * scales[:, None]).T (+ bias) -> [..., N], in x's dtype (float32 or
+// bfloat16): weight-only int8, one scale per output feature. The integer dot products accumulate in float32
+// (exact for the integers; x's rounding as for the float weights), then each column is scaled once.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.is_contiguous() && packed.scalar_type() == at::kChar,
+              "linear_int8: expected an int8 weight packed by pack_linear [N / 16, K, 16], got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.size(-1) == k,
+              "linear_int8: expected a float32 or bfloat16 input [..., ", k, "], got ", dtype, " ", x.sizes());
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat,
+              "linear_int8: expected float32 scales [", n, "], got ", scales.scalar_type(), " ", scales.sizes());
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
+  const int64_t m_total = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
+  gemm(x2.data_ptr<float>(), packed.data_ptr<int8_t>(), out.data_ptr<float>(), m_total, k, blocks);
+  out.mul_(scales);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear_int8: expected a bias [", n, "], got ", bias->sizes());
     out.add_(*bias);
   }
   return out.to(dtype).view(out_shape);
@@ -489,6 +527,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
 TORCH_LIBRARY(prefix_server, m) {
   m.def("pack_linear(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor scales, Tensor? bias) -> Tensor");
   m.def("write_kv(Tensor(a!) keys, Tensor(b!) values, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
   m.def("paged_attention(Tensor q, Tensor keys, Tensor values, int layer, Tensor block_tables, Tensor prefix_lens, "
         "Tensor own_lens, float scale) -> Tensor");
@@ -496,6 +535,7 @@ TORCH_LIBRARY(prefix_server, m) {
 
 TORCH_LIBRARY_IMPL(prefix_server, CPU, m) {
   m.impl("linear", linear);
+  m.impl("linear_int8", linear_int8);
   m.impl("paged_attention", paged_attention);
 }
 

@@ -1,0 +1,156 @@
+"""Weight-only int8 (server/engine/quantize.py, `--quantize int8`): the quantizer's error bound, the
+`linear_int8` kernel against a float reference, and a mixed-task batch under int8 equal to each request
+alone (greedy), eager and compiled. How close int8 stays to float32 on the real model is measured by
+`python -m loadtest.bench_int8`, not asserted here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_model, run_joining
+from test_engine import make_requests, random_prefix
+
+from server.config import Settings
+from server.engine import kernels
+from server.engine.compiled import DecodeStep
+from server.engine.engine import Engine
+from server.engine.quantize import Int8Linear, quantize_int8, quantize_model
+from server.errors import ConfigError
+
+
+def test_quantize_int8_rounds_each_weight_to_its_rows_grid():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=gen) * torch.linspace(0.01, 10, 32)[:, None]  # rows of any magnitude
+    w[5] = 0.0  # an all-zero row
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (32,)
+    assert (q[5] == 0).all()
+    err = (w - q.float() * scales[:, None]).abs()  # [N, K]
+    assert (err <= scales[:, None] / 2 + 1e-6 * w.abs()).all()  # half a step, at most
+    nonzero = [i for i in range(32) if i != 5]
+    assert (q[nonzero].abs().amax(dim=1) == 127).all()  # each row's largest weight uses the whole range
+    assert q.min() >= -127
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_the_dequantized_linear(bias):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(40, 24, bias=bias)
+    q8 = Int8Linear(lin)
+    x = torch.randn(3, 5, 40)
+    want = F.linear(x, q8.weight.float() * q8.scales[:, None], lin.bias)
+    torch.testing.assert_close(q8(x), want, rtol=1e-5, atol=1e-5)
+    # and close to the float linear: each weight within half a step of its row's grid
+    assert (q8(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+needs_kernels = pytest.mark.skipif(
+    not (kernels.avx512() and kernels.load()), reason="the int8 kernel needs AVX-512 and a C++ compiler"
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_linear_int8_kernel_matches_a_float_reference(dtype, rows):
+    """The kernel's integer dot products times the scales, against x @ (q * scales).T in float64;
+    float32 within float32 rounding, bfloat16 within its one final rounding (2**-8 relative)."""
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 80, 72  # 5 packed blocks; K not a multiple of 16
+    w, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    q, scales = quantize_int8(w)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    packed = torch.ops.prefix_server.pack_linear(q)
+    got = torch.ops.prefix_server.linear_int8(x, packed, scales, bias)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@needs_kernels
+def test_linear_int8_says_what_it_expected():
+    q, scales = quantize_int8(torch.randn(32, 16))
+    packed = torch.ops.prefix_server.pack_linear(q)
+    x = torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match=r"expected float32 scales \[32\]"):
+        torch.ops.prefix_server.linear_int8(x, packed, scales[:16], None)
+    with pytest.raises(RuntimeError, match=r"expected a float32 or bfloat16 input \[\.\.\., 16\]"):
+        torch.ops.prefix_server.linear_int8(torch.randn(2, 8), packed, scales, None)
+    with pytest.raises(RuntimeError, match="expected an int8 weight packed by pack_linear"):
+        torch.ops.prefix_server.linear_int8(x, torch.ops.prefix_server.pack_linear(q.float()), scales, None)
+    with pytest.raises(RuntimeError, match="int8 weights go to linear_int8"):  # the float kernel refuses int8
+        torch.ops.prefix_server.linear(x, packed, None)
+
+
+def int8_engine(seed: int = 0, **kw) -> Engine:
+    from conftest import byte_tokenizer
+
+    return Engine(quantize_model(make_tiny_model("llama-gqa", seed), "int8"), byte_tokenizer(), **kw)
+
+
+def test_quantize_model_replaces_every_linear_and_keeps_the_embedding():
+    model = quantize_model(make_tiny_model("llama-gqa"), "int8")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == []
+    num_int8 = sum(isinstance(m, Int8Linear) for m in model.modules())
+    assert num_int8 == 7 * len(model.model.layers) + 1  # q k v o gate up down per layer, and lm_head
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(ConfigError, match="Llama-family"):
+        quantize_model(make_tiny_model("gpt2"), "int8")
+    with pytest.raises(ConfigError, match="quantize must be one of off, int8"):
+        quantize_model(make_tiny_model("llama-gqa"), "int4")
+
+
+def test_int8_stays_close_to_float32():
+    """One forward's logits: int8 weights move them by a few percent of their spread, not more."""
+    ids = torch.tensor([[3, 17, 42, 9, 77, 5]])
+    with torch.inference_mode():
+        want = make_tiny_model("llama-gqa").forward(input_ids=ids).logits[0, -1]  # [vocab]
+        got = quantize_model(make_tiny_model("llama-gqa"), "int8").forward(input_ids=ids).logits[0, -1]
+    assert F.cosine_similarity(got, want, dim=0) > 0.99
+    assert (got - want).abs().max() < 0.1 * (want.max() - want.min())
+
+
+def test_int8_mixed_batch_equals_each_request_alone():
+    """Rows of different prefixes (and none) joining mid-flight under int8: each row's greedy tokens
+    are the tokens it gets alone."""
+    engine = int8_engine(max_rows=4)
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
+    prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [12, 5, 10, 8], [0, 0, 2, 4]
+    batch = make_requests(prefixes, prompt_lens, new_tokens)
+    run_joining(engine, batch, joins_at)
+    for i, req in enumerate(batch):
+        alone = make_requests(prefixes, prompt_lens, new_tokens)[i]
+        engine.generate([alone])
+        assert req.output_token_ids == alone.output_token_ids, f"row {i}"
+
+
+@pytest.mark.slow
+def test_int8_compiled_step_equals_the_eager_int8_engine():
+    """The compiled step on `linear_int8` (or torch's int8 path without AVX-512) gives the eager int8
+    engine's greedy tokens, as rows join and leave."""
+    engine = int8_engine(max_rows=4)
+    engine.compile(on_new_shape="fail")
+    eager = Engine(engine.model, engine.tokenizer, max_rows=4)
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 9, 2), None, random_prefix(fp, 5, 3)]
+    prompt_lens, new_tokens, joins_at = [6, 14, 2, 40, 5], [20, 5, 12, 30, 9], [0, 0, 3, 4, 10]
+    got = make_requests(prefixes, prompt_lens, new_tokens)
+    run_joining(engine, got, joins_at)
+    want = make_requests(prefixes, prompt_lens, new_tokens)
+    run_joining(eager, want, joins_at)
+    assert [r.output_token_ids for r in got] == [r.output_token_ids for r in want]
+    assert engine.decoder.packed == kernels.avx512()
+    if kernels.avx512():  # the packed linears are the int8 ones
+        step = DecodeStep(engine.model, packed=True, attention_kernel=True)
+        assert step.qkv[0].int8 and step.lm_head.int8 and step.down[0].weight.dtype == torch.int8
+
+
+def test_quantize_setting():
+    assert Settings().quantize == "off"
+    assert Settings.from_env(environ={"PREFIX_SERVER_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(ConfigError, match="quantize must be 'off' or 'int8', got 'int4'"):
+        Settings(quantize="int4")
