@@ -44,12 +44,29 @@ VARIANTS = {
     "int8": ("float32", "int8"),
     "int8+bf16": ("bfloat16", "int8"),
 }
+# Quality only: float32 weights rounded to Q8_0's grid (a scale per 32 weights along K, llama.cpp's
+# Q8_0 blocks; the tied embedding too, as a Q8_0 GGUF has it), activations float32. llama.cpp also
+# rounds activations to 8 bits in its Q8_0 dot products, so it can only be further from float32.
+GROUP32 = "q8_0 grid"
 
 
 def load(variant: str) -> Engine:
-    dtype, quantize = VARIANTS[variant]
+    dtype, quantize = VARIANTS.get(variant, ("float32", "off"))
     loaded = load_model(DEFAULT_MODEL, dtype=dtype, quantize=quantize, cache_dir=Settings().model_cache_dir)
+    if variant == GROUP32:
+        round_to_group_grid(loaded.model, 32)
     return Engine(loaded.model, loaded.tokenizer, max_rows=16)
+
+
+@torch.no_grad()
+def round_to_group_grid(model, group: int) -> None:
+    """Every decoder linear's and the lm_head's weight [N, K] rounded in place to int8 steps of a scale
+    per `group` weights along K (absmax / 127), kept in float."""
+    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    for lin in [*linears, model.lm_head]:
+        w = lin.weight.view(lin.out_features, -1, group)  # [N, K / group, group]
+        scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
+        w.copy_(torch.round(w / scales).clamp(-127, 127) * scales)
 
 
 def agreement_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -122,6 +139,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument(
+        "--quality", default=",".join([*VARIANTS, GROUP32]), help="variants to measure the quality of"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -129,7 +149,7 @@ def main() -> None:
 
     print("quality (eager engines, greedy)")
     reference = None
-    for variant in VARIANTS:
+    for variant in ["float32", *(v for v in args.quality.split(",") if v != "float32")]:
         engine = load(variant)
         prompts = agreement_prompts(engine.tokenizer, args.prompts)
         outputs = greedy(engine, prompts, args.new_tokens)

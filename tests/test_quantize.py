@@ -15,31 +15,35 @@ from server.config import Settings
 from server.engine import kernels
 from server.engine.compiled import DecodeStep
 from server.engine.engine import Engine
-from server.engine.quantize import Int8Linear, quantize_int8, quantize_model
+from server.engine.quantize import Int8Linear, dequantize, quantize_int8, quantize_model
 from server.errors import ConfigError
 
 
-def test_quantize_int8_rounds_each_weight_to_its_rows_grid():
+@pytest.mark.parametrize("group_size, groups", [(32, 3), (48, 2), (7, 1), (96, 1)])
+def test_quantize_int8_rounds_each_weight_to_its_groups_grid(group_size, groups):
+    """A scale per group_size weights along K (per output feature when group_size does not divide K);
+    every weight within half a step of its group's grid, each group's largest at +-127."""
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(32, 48, generator=gen) * torch.linspace(0.01, 10, 32)[:, None]  # rows of any magnitude
+    w = torch.randn(32, 96, generator=gen) * torch.linspace(0.01, 10, 96)  # groups of any magnitude
     w[5] = 0.0  # an all-zero row
-    q, scales = quantize_int8(w)
-    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (32,)
+    q, scales = quantize_int8(w, group_size)
+    assert q.dtype == torch.int8 and q.shape == (32, 96)
+    assert scales.dtype == torch.float32 and scales.shape == (32, groups)
     assert (q[5] == 0).all()
-    err = (w - q.float() * scales[:, None]).abs()  # [N, K]
-    assert (err <= scales[:, None] / 2 + 1e-6 * w.abs()).all()  # half a step, at most
-    nonzero = [i for i in range(32) if i != 5]
-    assert (q[nonzero].abs().amax(dim=1) == 127).all()  # each row's largest weight uses the whole range
-    assert q.min() >= -127
+    step = scales.repeat_interleave(96 // groups, dim=1)  # [N, K]: each weight's scale
+    assert ((w - q.float() * step).abs() <= step / 2 + 1e-6 * w.abs()).all()  # half a step, at most
+    torch.testing.assert_close(dequantize(q, scales, torch.float32), q.float() * step)
+    largest = q.reshape(32, groups, -1).abs().amax(dim=2)  # [N, G]
+    assert (largest[torch.arange(32) != 5] == 127).all() and q.min() >= -127
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_is_the_dequantized_linear(bias):
     torch.manual_seed(1)
     lin = torch.nn.Linear(40, 24, bias=bias)
-    q8 = Int8Linear(lin)
+    q8 = Int8Linear(lin)  # 40 is no multiple of 32: a scale per output feature
     x = torch.randn(3, 5, 40)
-    want = F.linear(x, q8.weight.float() * q8.scales[:, None], lin.bias)
+    want = F.linear(x, q8.weight.float() * q8.scales, lin.bias)
     torch.testing.assert_close(q8(x), want, rtol=1e-5, atol=1e-5)
     # and close to the float linear: each weight within half a step of its row's grid
     assert (q8(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
@@ -53,33 +57,39 @@ needs_kernels = pytest.mark.skipif(
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
-def test_linear_int8_kernel_matches_a_float_reference(dtype, rows):
-    """The kernel's integer dot products times the scales, against x @ (q * scales).T in float64;
-    float32 within float32 rounding, bfloat16 within its one final rounding (2**-8 relative)."""
+@pytest.mark.parametrize("k, group_size", [(96, 32), (72, 32), (72, 24)])  # 3 groups, 1 (per feature), 3
+def test_linear_int8_kernel_matches_a_float_reference(dtype, rows, k, group_size):
+    """The kernel against x @ dequantized(q).T in float64: float32 within float32 rounding, bfloat16
+    within its one final rounding (2**-8 relative)."""
     gen = torch.Generator().manual_seed(rows)
-    n, k = 80, 72  # 5 packed blocks; K not a multiple of 16
+    n = 80  # 5 packed blocks
     w, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-    q, scales = quantize_int8(w)
+    q, scales = quantize_int8(w, group_size)
     x = torch.randn(rows, k, generator=gen).to(dtype)
-    packed = torch.ops.prefix_server.pack_linear(q)
-    got = torch.ops.prefix_server.linear_int8(x, packed, scales, bias)
+    pack = torch.ops.prefix_server.pack_linear
+    got = torch.ops.prefix_server.linear_int8(x, pack(q), pack(scales), bias)
     assert got.dtype == dtype and got.shape == (rows, n)
-    want = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
+    want = x.double() @ dequantize(q, scales, torch.float64).T + bias.double()
     tol = 1e-5 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 @needs_kernels
 def test_linear_int8_says_what_it_expected():
-    q, scales = quantize_int8(torch.randn(32, 16))
-    packed = torch.ops.prefix_server.pack_linear(q)
-    x = torch.randn(2, 16)
-    with pytest.raises(RuntimeError, match=r"expected float32 scales \[32\]"):
-        torch.ops.prefix_server.linear_int8(x, packed, scales[:16], None)
-    with pytest.raises(RuntimeError, match=r"expected a float32 or bfloat16 input \[\.\.\., 16\]"):
-        torch.ops.prefix_server.linear_int8(torch.randn(2, 8), packed, scales, None)
+    q, scales = quantize_int8(torch.randn(32, 64))  # 2 groups
+    pack = torch.ops.prefix_server.pack_linear
+    packed, packed_scales = pack(q), pack(scales)
+    x = torch.randn(2, 64)
+    with pytest.raises(
+        RuntimeError, match=r"expected float32 scales packed by pack_linear \[2, groups dividing 64"
+    ):
+        torch.ops.prefix_server.linear_int8(x, packed, scales, None)  # not packed
+    with pytest.raises(RuntimeError, match=r"groups dividing 64"):
+        torch.ops.prefix_server.linear_int8(x, packed, pack(torch.ones(32, 3)), None)
+    with pytest.raises(RuntimeError, match=r"expected a float32 or bfloat16 input \[\.\.\., 64\]"):
+        torch.ops.prefix_server.linear_int8(torch.randn(2, 8), packed, packed_scales, None)
     with pytest.raises(RuntimeError, match="expected an int8 weight packed by pack_linear"):
-        torch.ops.prefix_server.linear_int8(x, torch.ops.prefix_server.pack_linear(q.float()), scales, None)
+        torch.ops.prefix_server.linear_int8(x, pack(q.float()), packed_scales, None)
     with pytest.raises(RuntimeError, match="int8 weights go to linear_int8"):  # the float kernel refuses int8
         torch.ops.prefix_server.linear(x, packed, None)
 

@@ -30,6 +30,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from server.engine import compile_cache, kernels
 from server.engine.paged import DecodeBatch, RowKV, gather, write
 from server.engine.pages import SCRATCH_PAGE, PagePool
+from server.engine.quantize import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,20 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 class _Packed(torch.nn.Module):
     """Linears reading the same input (q/k/v, gate/up, or one alone) as one: the weight packed for
     `prefix_server::linear` (float32 or bfloat16) or `linear_int8` (Int8Linear's int8 weights and their
-    scales; engine/quantize.py), AVX-512, where the output features are a multiple of 16; else torch's
+    group scales; engine/quantize.py), AVX-512, where the output features are a multiple of 16; else torch's
     linear over the concatenated weight (int8 widened to the input's dtype)."""
 
     def __init__(self, *linears: torch.nn.Module):
         super().__init__()
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [N, K]
         self.int8 = weight.dtype == torch.int8
-        scales = torch.cat([lin.scales for lin in linears]) if self.int8 else None  # [N] float32
-        self.register_buffer("scales", scales)
         self.packed = weight.shape[0] % 16 == 0
-        self.register_buffer("weight", torch.ops.prefix_server.pack_linear(weight) if self.packed else weight)
+        pack = torch.ops.prefix_server.pack_linear if self.packed else (lambda t: t)
+        self.register_buffer("weight", pack(weight))
+        # int8: float32 scales [N, G], packed like the weight: [N / 16, G, 16]
+        self.register_buffer(
+            "scales", pack(torch.cat([lin.scales for lin in linears])) if self.int8 else None
+        )
         biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
         bias = None  # [N]
         if biases:  # e.g. Qwen2's q/k/v
@@ -93,8 +97,7 @@ class _Packed(torch.nn.Module):
         if self.int8:
             if self.packed:
                 return torch.ops.prefix_server.linear_int8(x, self.weight, self.scales, self.bias)
-            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return F.linear(x, dequantize(self.weight, self.scales, x.dtype), self.bias)
         if self.packed:
             return torch.ops.prefix_server.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

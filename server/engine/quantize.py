@@ -1,11 +1,11 @@
 """Weight-only int8 (`--quantize int8`): every linear of the decoder layers, and the lm_head, keeps its
-weight as int8 with one float32 scale per output feature (symmetric: absmax / 127), so a decode step
-reads a quarter of float32's weight bytes and half of bfloat16's. Activations stay in the model's dtype,
+weight as int8 with a float32 scale per 32 weights along K (symmetric: absmax / 127; llama.cpp's Q8_0
+grid), so a decode step reads ~28% of float32's weight bytes and ~56% of bfloat16's. Activations stay in the model's dtype,
 and so do the K/V pool and every prefix: prefixes need no change. The embedding stays as it is (a lookup
 reads one row per token, not the whole table).
 
-The compiled CPU step multiplies by the int8 weights directly (`prefix_server::linear_int8`, scales
-applied to the finished dot products); elsewhere (prefill, the eager step, no AVX-512) the weight is
+The compiled CPU step multiplies by the int8 weights directly (`prefix_server::linear_int8`: each weight
+vector widened and scaled in registers); elsewhere (prefill, the eager step, no AVX-512) the weight is
 widened to the input's dtype in the forward, as gpt-fast's WeightOnlyInt8Linear does.
 """
 
@@ -22,19 +22,32 @@ from server.errors import ConfigError
 log = logging.getLogger(__name__)
 QUANTIZE_CHOICES = ("off", "int8")
 INT8_MAX = 127  # symmetric: -127..127 (-128 unused, so q and -q are both representable)
+GROUP_SIZE = (
+    32  # weights per scale along K, as llama.cpp's Q8_0 blocks (per output feature if K is not a multiple)
+)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (int8 [N, K], float32 scales [N]) with weight ~= q * scales[:, None]; each row's
-    largest |weight| maps to 127 (an all-zero row keeps q = 0)."""
-    w = weight.detach().float()  # [N, K]
-    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX  # [N]
-    q = torch.round(w / scales[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # [N, K]
-    return q, scales
+def quantize_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (int8 [N, K], float32 scales [N, G]) with weight ~= q * scales per group of
+    K / G consecutive weights (G = K / group_size, or 1 when group_size does not divide K); each group's
+    largest |weight| maps to 127 (an all-zero group keeps q = 0)."""
+    n, k = weight.shape
+    groups = k // group_size if k % group_size == 0 else 1
+    w = weight.detach().float().reshape(n, groups, k // groups)  # [N, G, K / G]
+    scales = w.abs().amax(dim=2).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX  # [N, G]
+    q = torch.round(w / scales[:, :, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.reshape(n, k), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] and scales [N, G] -> the weight [N, K] in `dtype` (computed in float32)."""
+    n, k = q.shape
+    groups = scales.shape[1]
+    return (q.reshape(n, groups, k // groups).float() * scales[:, :, None]).reshape(n, k).to(dtype)
 
 
 class Int8Linear(torch.nn.Module):
-    """A frozen linear with an int8 weight [N, K] and float32 scales [N] (bias kept as it was)."""
+    """A frozen linear with an int8 weight [N, K] and float32 scales [N, G] (bias kept as it was)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -46,11 +59,11 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return out if self.bias is None else out + self.bias
+        return F.linear(x, dequantize(self.weight, self.scales, x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        groups = self.scales.shape[1]
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 x {groups} scales per row"
 
 
 def quantize_model(model: PreTrainedModel, mode: str) -> PreTrainedModel:
@@ -76,5 +89,13 @@ def quantize_model(model: PreTrainedModel, mode: str) -> PreTrainedModel:
                     num += 1
     model.lm_head = Int8Linear(model.lm_head)
     num += 1
-    log.info("quantized %d linears to int8 (per-channel scales); activations %s", num, model.dtype)
+    log.info(
+        "quantized %d linears to int8 (a scale per %d weights); activations %s", num, GROUP_SIZE, model.dtype
+    )
+    if model.device.type != "cpu":  # no int8 kernel there yet: each step widens every weight first
+        log.warning(
+            "--quantize int8 on %s widens the int8 weights in every step: expect it slower than "
+            "bfloat16 there (the int8 kernel is CPU-only so far)",
+            model.device.type,
+        )
     return model

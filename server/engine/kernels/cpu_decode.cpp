@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -45,29 +46,44 @@ inline __m512 load16(const at::BFloat16* w) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
-// int8 (weight-only quantized): the integer as a float (exact); its per-feature scale is applied to the
-// finished dot products (linear_int8), so the inner loop is the same as for the float weights.
+// int8 (weight-only quantized): the integer as a float (exact), then times its group's scale (tile).
 inline __m512 load16(const int8_t* w) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 
+// int8 weights' scales, packed like the weights: [N / 16, groups, 16], one per `size` consecutive k of
+// each output feature. Float weights have none (p null, one group of all K).
+struct Scales {
+  const float* p;
+  int64_t groups, size;
+};
+template <typename W>
+constexpr bool kScaled = std::is_same_v<W, int8_t>;
+
 // out[m, (nb + j) * 16 : +16] = x[m, :] . w_block[nb + j] for M rows and NB consecutive blocks.
 template <typename W, int M, int NB>
-inline void tile(const float* x, int64_t K, const W* w, float* out, int64_t ldo, int64_t nb) {
+inline void tile(const float* x, int64_t K, const W* w, const Scales& s, float* out, int64_t ldo, int64_t nb) {
   __m512 acc[M][NB];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   const W* wb = w + nb * K * kBlock;
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[NB];
-    for (int j = 0; j < NB; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(wb + (j * K + k + kPrefetch) * kBlock), _MM_HINT_T0);
-      wv[j] = load16(wb + (j * K + k) * kBlock);
-    }
-    for (int m = 0; m < M; ++m) {
-      const __m512 xb = _mm512_set1_ps(x[m * K + k]);
-      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
+  for (int64_t g = 0, k0 = 0; k0 < K; ++g, k0 += s.size) {
+    __m512 sv[NB];  // int8: each block's 16 scales of this group, loaded once per `size` k
+    if constexpr (kScaled<W>)
+      for (int j = 0; j < NB; ++j) sv[j] = _mm512_loadu_ps(s.p + ((nb + j) * s.groups + g) * kBlock);
+    const int64_t k1 = std::min(K, k0 + s.size);
+    for (int64_t k = k0; k < k1; ++k) {
+      __m512 wv[NB];
+      for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(wb + (j * K + k + kPrefetch) * kBlock), _MM_HINT_T0);
+        wv[j] = load16(wb + (j * K + k) * kBlock);
+        if constexpr (kScaled<W>) wv[j] = _mm512_mul_ps(wv[j], sv[j]);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512 xb = _mm512_set1_ps(x[m * K + k]);
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
+      }
     }
   }
   for (int m = 0; m < M; ++m)
@@ -76,15 +92,15 @@ inline void tile(const float* x, int64_t K, const W* w, float* out, int64_t ldo,
 
 // Blocks [nb0, nb1) for M <= 8 rows: as many blocks at a time as the 32 registers hold accumulators for.
 template <typename W, int M>
-void rows(const float* x, int64_t K, const W* w, float* out, int64_t ldo, int64_t nb0, int64_t nb1) {
+void rows(const float* x, int64_t K, const W* w, const Scales& s, float* out, int64_t ldo, int64_t nb0, int64_t nb1) {
   constexpr int NB = M <= 4 ? 4 : 2;
   int64_t nb = nb0;
-  for (; nb + NB <= nb1; nb += NB) tile<W, M, NB>(x, K, w, out, ldo, nb);
-  for (; nb < nb1; ++nb) tile<W, M, 1>(x, K, w, out, ldo, nb);
+  for (; nb + NB <= nb1; nb += NB) tile<W, M, NB>(x, K, w, s, out, ldo, nb);
+  for (; nb < nb1; ++nb) tile<W, M, 1>(x, K, w, s, out, ldo, nb);
 }
 
 template <typename W>
-using RowsFn = void (*)(const float*, int64_t, const W*, float*, int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const float*, int64_t, const W*, const Scales&, float*, int64_t, int64_t, int64_t);
 template <typename W>
 constexpr RowsFn<W> kRows[8] = {rows<W, 1>, rows<W, 2>, rows<W, 3>, rows<W, 4>,
                                 rows<W, 5>, rows<W, 6>, rows<W, 7>, rows<W, 8>};
@@ -345,7 +361,7 @@ at::Tensor pack_linear(const at::Tensor& weight) {
 
 // The packed GEMM in float32: xp [M, K] float32, wp packed [N / 16, K, 16], op [M, N] float32.
 template <typename W>
-void gemm(const float* xp, const W* wp, float* op, int64_t m_total, int64_t k, int64_t blocks) {
+void gemm(const float* xp, const W* wp, const Scales& s, float* op, int64_t m_total, int64_t k, int64_t blocks) {
   const int64_t n = blocks * kBlock;
   // Threads split the weight (each block is read from memory once, by one thread), every thread does all
   // rows: a group of blocks at a time, 8 rows at a time over it.
@@ -354,7 +370,7 @@ void gemm(const float* xp, const W* wp, float* op, int64_t m_total, int64_t k, i
       const int64_t nb_end = std::min(nb + kGroup, b1);
       for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) {
         const int64_t rows_here = std::min(kRowTile, m_total - m0);
-        kRows<W>[rows_here - 1](xp + m0 * k, k, wp, op + m0 * n, n, nb, nb_end);
+        kRows<W>[rows_here - 1](xp + m0 * k, k, wp, s, op + m0 * n, n, nb, nb_end);
       }
     }
   });
@@ -377,9 +393,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   out_shape.back() = n;
   at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
   if (dtype == at::kBFloat16)
-    gemm(x2.data_ptr<float>(), packed.data_ptr<at::BFloat16>(), out.data_ptr<float>(), m_total, k, blocks);
+    gemm(x2.data_ptr<float>(), packed.data_ptr<at::BFloat16>(), Scales{nullptr, 1, k}, out.data_ptr<float>(), m_total,
+         k, blocks);
   else
-    gemm(x2.data_ptr<float>(), packed.data_ptr<float>(), out.data_ptr<float>(), m_total, k, blocks);
+    gemm(x2.data_ptr<float>(), packed.data_ptr<float>(), Scales{nullptr, 1, k}, out.data_ptr<float>(), m_total, k,
+         blocks);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear: expected a bias [", n, "], got ", bias->sizes());
     out.add_(*bias);
@@ -387,9 +405,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   return out.to(dtype).view(out_shape);
 }
 
-// x [..., K] @ (packed int8 weight * scales[:, None]).T (+ bias) -> [..., N], in x's dtype (float32 or
-// bfloat16): weight-only int8, one scale per output feature. The integer dot products accumulate in float32
-// (exact for the integers; x's rounding as for the float weights), then each column is scaled once.
+// x [..., K] @ dequantized(packed int8 weight).T (+ bias) -> [..., N], in x's dtype (float32 or bfloat16):
+// weight-only int8 with a float32 scale per output feature and group of K / groups consecutive k
+// (scales packed by pack_linear from [N, groups]: [N / 16, groups, 16]). Each weight vector is widened
+// and scaled in registers, then accumulated in float32 as the float weights are.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.is_contiguous() && packed.scalar_type() == at::kChar,
@@ -399,15 +418,17 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const auto dtype = x.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.size(-1) == k,
               "linear_int8: expected a float32 or bfloat16 input [..., ", k, "], got ", dtype, " ", x.sizes());
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat,
-              "linear_int8: expected float32 scales [", n, "], got ", scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == blocks && scales.size(2) == kBlock && scales.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && scales.size(1) > 0 && k % scales.size(1) == 0,
+              "linear_int8: expected float32 scales packed by pack_linear [", blocks, ", groups dividing ", k,
+              ", 16], got ", scales.scalar_type(), " ", scales.sizes());
+  const Scales s{scales.data_ptr<float>(), scales.size(1), k / scales.size(1)};
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
   const int64_t m_total = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
-  gemm(x2.data_ptr<float>(), packed.data_ptr<int8_t>(), out.data_ptr<float>(), m_total, k, blocks);
-  out.mul_(scales);
+  gemm(x2.data_ptr<float>(), packed.data_ptr<int8_t>(), s, out.data_ptr<float>(), m_total, k, blocks);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear_int8: expected a bias [", n, "], got ", bias->sizes());
     out.add_(*bias);
