@@ -52,9 +52,9 @@ class Settings:
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
     quantize: str = setting(
         "off",
-        help="off | int8: weight-only int8 for every linear and the lm_head (a float32 scale per output "
-        "feature); activations, K/V and prefixes stay in --dtype. Halves bfloat16's weight reads; outputs "
-        "change a little (docs/internals.md measures how much)",
+        help="off | int8: weight-only int8 for every linear and the lm_head (a float32 scale per 32 "
+        "weights, Llama-family models); activations, K/V and prefixes stay in --dtype. About half of "
+        "bfloat16's weight reads; outputs change about as much as bfloat16's (docs/internals.md)",
     )
     compile: str = setting(
         "auto",
