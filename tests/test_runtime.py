@@ -59,6 +59,18 @@ async def test_start_is_once_and_close_stops_the_scheduler(tmp_path, engine):
     assert not app.state.server.ready and not scheduler.loop_running  # the lifespan closed it
 
 
+async def test_a_second_lifespan_serves_again(tmp_path, engine):
+    """An app's lifespan may run more than once (schemathesis starts and stops it per test): after a
+    close, start serves again on a new scheduler."""
+    app = tiny_app(engine, tmp_path / "p")
+    async with app_client(app):
+        first = app.state.server.scheduler
+    async with app_client(app) as client:
+        assert app.state.server.scheduler is not first and app.state.server.ready
+        reply = await client.post("/generate", json={"prompt": "ab", "max_new_tokens": 2})
+        assert reply.status_code == 200
+
+
 async def test_a_failed_load_is_reported_not_raised(tmp_path):
     app = create_app(Settings(model=str(tmp_path / "no-such-model"), prefix_dir=tmp_path / "p"))
     async with app_client(app) as client:

@@ -15,7 +15,7 @@ from conftest import app_client, make_tiny_model, tiny_app
 from server.api.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine
-from server.errors import InvalidRequest, PrefixNotFound
+from server.errors import ConfigError, PrefixNotFound
 from server.registry.format import save_native
 
 ADMIN, ACME, GLOBEX = "admin-secret", "acme-secret", "globex-secret"
@@ -281,7 +281,7 @@ async def test_pickle_upload_is_refused_unread(make_api, engine):
 def test_bad_keys_file_is_a_clear_startup_error(tmp_path, doc, message):
     path = tmp_path / "keys.json"
     path.write_text(doc)
-    with pytest.raises(InvalidRequest, match=message):
+    with pytest.raises(ConfigError, match=message):  # the operator's to fix, not a client's
         create_app(Settings(prefix_dir=tmp_path, api_keys_file=path))
 
 

@@ -41,7 +41,7 @@ class Runtime:
     # ---- start ----
     async def start(self) -> None:
         """Serve the given components now, or load them in the background (errors: `state.load_error`,
-        /ready says 503 with it). Once; later calls do nothing."""
+        /ready says 503 with it). Once until close(); a call in between does nothing."""
         if self._started:
             return
         self._started = True
@@ -109,10 +109,13 @@ class Runtime:
         return True
 
     async def close(self) -> None:
-        """Drain, then cancel what still runs in the background (a load in progress)."""
+        """Drain, then cancel what still runs in the background (a load in progress). A later start()
+        serves again, on a new scheduler (an app's lifespan may run more than once, e.g. in tests)."""
         await self.drain()
         for task in self._tasks:
             task.cancel()
+        self._tasks.clear()
+        self._started = False
 
 
 def build_components(settings: Settings, *, shared_store: bool = False) -> Components:
