@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from conftest import app_client, make_tiny_model, tiny_app, wait_for_load_error
@@ -78,3 +79,29 @@ async def test_a_failed_load_is_reported_not_raised(tmp_path):
         ready = await client.get("/ready")
         assert ready.status_code == 503 and "startup failed" in ready.text
         assert not app.state.runtime.drain_soon(lambda: None)  # SIGTERM while not serving: exit at once
+
+
+async def test_the_request_timeout_ends_each_kind_of_reply_and_is_counted(tmp_path, engine):
+    """The generation service turns the scheduler's request timeout into an error for every wire format:
+    a plain /generate is a 504, a stream's last event an `error` one, an OpenAI reply a 504 in OpenAI's
+    shape; each request is counted with status `timeout` and its row freed."""
+    app = tiny_app(engine, tmp_path / "p", request_timeout_s=0.05)
+    long = {"prompt": "abc", "max_new_tokens": 400, "ignore_eos": True}
+    async with app_client(app) as client:
+        plain = await client.post("/generate", json=long)
+        assert plain.status_code == 504 and plain.json()["error"]["code"] == "timeout"
+        streamed = await client.post("/generate", json={**long, "stream": True})
+        last = json.loads(streamed.text.strip().split("\n\n")[-1].removeprefix("data: "))
+        assert last == {"type": "error", "error": {"code": "timeout", "message": last["error"]["message"]}}
+        openai = await client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 400, "ignore_eos": True}
+        )
+        assert openai.status_code == 504 and openai.json()["error"]["code"] == "timeout"
+        metrics = (await client.get("/metrics")).text
+        assert 'prefix_server_requests_total{status="timeout",task="__base__"} 3.0' in metrics
+        scheduler = app.state.server.scheduler
+        for _ in range(200):
+            if not scheduler.num_running:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.num_running == 0

@@ -114,7 +114,6 @@ class Reply:
                         logprobs = self._logprobs(req, num_sent[index], len(req.output_logprobs))
                         yield self._chunk(index, "", openai_finish_reason(req), include_usage, logprobs)
                     elif event.kind == "error":
-                        req.error = req.error or event.error
                         raise event.error
             if include_usage:
                 kind = "chat.completion.chunk" if self.chat else "text_completion"

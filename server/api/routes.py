@@ -163,7 +163,6 @@ async def _stream(service: GenerationService, req: GenRequest, caller: Caller) -
                     yield sse(line)
                 num_sent += len(ids)
             elif event.kind == "error":
-                req.error = req.error or event.error
                 yield _error_event(event.error, caller)
             else:
                 yield sse({"type": "done", **_reply(req, caller, tokenizer).model_dump()})

@@ -176,8 +176,14 @@ class GenerationService:
 
     async def events(self, requests: list[GenRequest]) -> AsyncIterator[tuple[int, Event]]:
         """The requests' events as they come, tagged with the request's index, until each has ended (an
-        error, the request timeout included, is an `error` event); on exit (done, error, client gone)
-        whatever still runs is aborted."""
+        error, the request timeout included, is an `error` event, and the request's error if it had
+        none); on exit (done, error, client gone) whatever still runs is aborted."""
+        async for index, event in self._events(requests):
+            if event.kind == "error":
+                requests[index].error = requests[index].error or event.error
+            yield index, event
+
+    async def _events(self, requests: list[GenRequest]) -> AsyncIterator[tuple[int, Event]]:
         if len(requests) == 1:  # the common case, without a queue in between
             try:
                 async for event in self.scheduler.events(requests[0]):
@@ -222,9 +228,8 @@ class GenerationService:
 
     async def _wait_all(self, requests: list[GenRequest]) -> None:
         async with contextlib.aclosing(self.events(requests)) as events:
-            async for index, event in events:
+            async for _, event in events:
                 if event.kind == "error":
-                    requests[index].error = requests[index].error or event.error
                     raise event.error
 
     def finish(self, caller: Caller, requests: list[GenRequest]) -> None:
