@@ -14,6 +14,7 @@ from server.errors import ConfigError
 
 ENV_PREFIX = "PREFIX_SERVER_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+QUANTIZE_CHOICES = ("off", "int8")  # --quantize (server/engine/quantize.py)
 # s3://bucket[/key/prefix]: the object store of server/registry/s3_store.py (bucket: S3's naming rule)
 S3_URL_RE = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<key_prefix>.*))?")
 
@@ -205,8 +206,10 @@ class Settings:
                 "setting prefix_store must be empty (the folder prefix_dir) or s3://bucket[/key/prefix] "
                 f"(bucket: 3-63 of a-z 0-9 . -), got {self.prefix_store!r:.200}"
             )
-        if self.quantize not in ("off", "int8"):
-            raise ConfigError(f"setting quantize must be 'off' or 'int8', got {self.quantize!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(
+                f"setting quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}"
+            )
         if self.compile not in ("auto", "wait", "off"):
             raise ConfigError(f"setting compile must be 'auto', 'wait' or 'off', got {self.compile!r}")
         if self.examples not in ("on", "off"):

@@ -8,7 +8,7 @@ import itertools
 import math
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.errors import InvalidRequest, shown
@@ -94,11 +94,11 @@ class RequestInput:
     """What the client asked, fixed once the HTTP layer has built it; every layer reads it, none writes."""
 
     prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    task_id: str | None = None  # the registry's (tenant-namespaced) id; None: the base model
-    tenant: str | None = None
-    stream: bool = False  # send a token event per step, not just the final reply
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    sampling: SamplingParams
+    task_id: str | None  # the registry's (tenant-namespaced) id; None: the base model
+    tenant: str | None
+    stream: bool  # send a token event per step, not just the final reply
+    request_id: str
 
 
 class Request:
@@ -118,9 +118,13 @@ class Request:
         prefix: PrefixKV | None = None,
         prefix_key: Hashable | None = None,
     ) -> None:
-        asked = {"request_id": request_id} if request_id is not None else {}
         self.input = RequestInput(
-            tuple(prompt_token_ids), sampling or SamplingParams(), task_id, tenant, stream, **asked
+            tuple(prompt_token_ids),
+            sampling or SamplingParams(),
+            task_id,
+            tenant,
+            stream,
+            request_id or f"req-{next(_ids)}",
         )
         # The prefix, set when the scheduler pins the task's latest version (registry.acquire).
         self.prefix = prefix

@@ -162,5 +162,20 @@ def test_int8_compiled_step_equals_the_eager_int8_engine():
 def test_quantize_setting():
     assert Settings().quantize == "off"
     assert Settings.from_env(environ={"PREFIX_SERVER_QUANTIZE": "int8"}).quantize == "int8"
-    with pytest.raises(ConfigError, match="quantize must be 'off' or 'int8', got 'int4'"):
+    with pytest.raises(ConfigError, match="quantize must be one of off, int8, got 'int4'"):
         Settings(quantize="int4")
+
+
+def test_quantize_setting_reaches_the_served_model(tmp_path, tokenizer):
+    """`--quantize int8` is applied where the server loads its model (build_components -> load_model)."""
+    from conftest import save_model_folder
+
+    from server.api.runtime import build_components
+
+    folder = save_model_folder(Engine(make_tiny_model("llama-gqa"), tokenizer), tmp_path / "model")
+    for mode, kind in (("int8", Int8Linear), ("off", torch.nn.Linear)):
+        settings = Settings(
+            model=str(folder), quantize=mode, prefix_dir=tmp_path / mode, kv_cache_bytes=1 << 22
+        )
+        model = build_components(settings).engine.model
+        assert isinstance(model.lm_head, kind) and isinstance(model.model.layers[0].mlp.down_proj, kind)

@@ -33,18 +33,16 @@ class Runtime:
     def __init__(self, state: ServerState, components: Components | None = None) -> None:
         self.state, self.settings = state, state.settings
         self._components = components
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set while started
         self._tasks: list[asyncio.Task] = []  # the background load, a drain a signal asked for
         self._compile_thread: threading.Thread | None = None
-        self._started = False
 
     # ---- start ----
     async def start(self) -> None:
         """Serve the given components now, or load them in the background (errors: `state.load_error`,
         /ready says 503 with it). Once until close(); a call in between does nothing."""
-        if self._started:
+        if self._loop is not None:
             return
-        self._started = True
         self._loop = asyncio.get_running_loop()
         if self._components is not None:
             await self._serve(self._components)
@@ -115,7 +113,7 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
-        self._started = False
+        self._loop = None
 
 
 def build_components(settings: Settings, *, shared_store: bool = False) -> Components:

@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from server.config import QUANTIZE_CHOICES
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
-QUANTIZE_CHOICES = ("off", "int8")
 INT8_MAX = 127  # symmetric: -127..127 (-128 unused, so q and -q are both representable)
-GROUP_SIZE = (
-    32  # weights per scale along K, as llama.cpp's Q8_0 blocks (per output feature if K is not a multiple)
-)
+# Weights per scale along K, as llama.cpp's Q8_0 blocks (one scale per output feature if K is no multiple).
+GROUP_SIZE = 32
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +52,8 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         q, scales = quantize_int8(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", q.to(linear.weight.device))
-        self.register_buffer("scales", scales.to(linear.weight.device))
+        self.register_buffer("weight", q)  # on the linear's device, as its weight was
+        self.register_buffer("scales", scales)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias)
 

@@ -376,33 +376,39 @@ void gemm(const float* xp, const W* wp, const Scales& s, float* op, int64_t m_to
   });
 }
 
-// x [..., K] @ weight.T (+ bias) with the weight packed by pack_linear -> [..., N], in x's dtype. The
-// products accumulate in float32; bfloat16 (weights and input) rounds once, at the end, as oneDNN does.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.is_contiguous(),
-              "linear: expected a weight packed by pack_linear [N / 16, K, 16], got ", packed.sizes());
-  const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
-  const auto dtype = packed.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
-              "linear: expected a float32 or bfloat16 packed weight (int8 weights go to linear_int8), got ", dtype);
-  TORCH_CHECK(x.scalar_type() == dtype && x.size(-1) == k, "linear: expected ", dtype, " input [..., ", k, "], got ",
-              x.scalar_type(), " ", x.sizes());
+// Both linears after their checks: x [..., K] (float32 or bfloat16) as float32 [M, K] through the packed
+// GEMM into float32 [M, N], plus the bias, in x's dtype and leading shape.
+template <typename W>
+at::Tensor packed_gemm(const char* op, const at::Tensor& x, const W* wp, const Scales& s, int64_t blocks,
+                       const std::optional<at::Tensor>& bias) {
+  const int64_t k = x.size(-1), n = blocks * kBlock;
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
   const int64_t m_total = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
-  if (dtype == at::kBFloat16)
-    gemm(x2.data_ptr<float>(), packed.data_ptr<at::BFloat16>(), Scales{nullptr, 1, k}, out.data_ptr<float>(), m_total,
-         k, blocks);
-  else
-    gemm(x2.data_ptr<float>(), packed.data_ptr<float>(), Scales{nullptr, 1, k}, out.data_ptr<float>(), m_total, k,
-         blocks);
+  gemm(x2.data_ptr<float>(), wp, s, out.data_ptr<float>(), m_total, k, blocks);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear: expected a bias [", n, "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": expected a bias [", n, "], got ", bias->sizes());
     out.add_(*bias);
   }
-  return out.to(dtype).view(out_shape);
+  return out.to(x.scalar_type()).view(out_shape);
+}
+
+// x [..., K] @ weight.T (+ bias) with the weight packed by pack_linear -> [..., N], in x's dtype. The
+// products accumulate in float32; bfloat16 (weights and input) rounds once, at the end, as oneDNN does.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.is_contiguous(),
+              "linear: expected a weight packed by pack_linear [N / 16, K, 16], got ", packed.sizes());
+  const int64_t k = packed.size(1), blocks = packed.size(0);
+  const auto dtype = packed.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "linear: expected a float32 or bfloat16 packed weight (int8 weights go to linear_int8), got ", dtype);
+  TORCH_CHECK(x.scalar_type() == dtype && x.size(-1) == k, "linear: expected ", dtype, " input [..., ", k, "], got ",
+              x.scalar_type(), " ", x.sizes());
+  if (dtype == at::kBFloat16)
+    return packed_gemm("linear", x, packed.data_ptr<at::BFloat16>(), Scales{nullptr, 1, k}, blocks, bias);
+  return packed_gemm("linear", x, packed.data_ptr<float>(), Scales{nullptr, 1, k}, blocks, bias);
 }
 
 // x [..., K] @ dequantized(packed int8 weight).T (+ bias) -> [..., N], in x's dtype (float32 or bfloat16):
@@ -414,7 +420,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kBlock && packed.is_contiguous() && packed.scalar_type() == at::kChar,
               "linear_int8: expected an int8 weight packed by pack_linear [N / 16, K, 16], got ",
               packed.scalar_type(), " ", packed.sizes());
-  const int64_t k = packed.size(1), blocks = packed.size(0), n = blocks * kBlock;
+  const int64_t k = packed.size(1), blocks = packed.size(0);
   const auto dtype = x.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.size(-1) == k,
               "linear_int8: expected a float32 or bfloat16 input [..., ", k, "], got ", dtype, " ", x.sizes());
@@ -423,17 +429,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
               "linear_int8: expected float32 scales packed by pack_linear [", blocks, ", groups dividing ", k,
               ", 16], got ", scales.scalar_type(), " ", scales.sizes());
   const Scales s{scales.data_ptr<float>(), scales.size(1), k / scales.size(1)};
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
-  const int64_t m_total = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
-  gemm(x2.data_ptr<float>(), packed.data_ptr<int8_t>(), s, out.data_ptr<float>(), m_total, k, blocks);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear_int8: expected a bias [", n, "], got ", bias->sizes());
-    out.add_(*bias);
-  }
-  return out.to(dtype).view(out_shape);
+  return packed_gemm("linear_int8", x, packed.data_ptr<int8_t>(), s, blocks, bias);
 }
 
 // The pool: keys and values [layers, pages, kv_heads, page_size, head_dim] of one shape, `layer` in it.
