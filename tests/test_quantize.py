@@ -1,6 +1,6 @@
-"""Weight-only int8 (server/engine/quantize.py, `--quantize int8`): the quantizer's error bound, the
-`linear_int8` kernel against a float reference, and a mixed-task batch under int8 equal to each request
-alone (greedy), eager and compiled. How close int8 stays to float32 on the real model is measured by
+"""Eight-bit weights (server/engine/quantize.py, `--quantize int8`): the quantizer's error bound, the
+`linear_int8` (weight-only) and `linear_q8` (int8 x int8) kernels against references, and a mixed-task batch
+under int8 equal to each request alone (greedy), eager and compiled, in both layouts. How close int8 stays to float32 on the real model is measured by
 `python -m loadtest.bench_int8`, not asserted here."""
 
 from __future__ import annotations
@@ -94,10 +94,114 @@ def test_linear_int8_says_what_it_expected():
         torch.ops.prefix_server.linear(x, packed, None)
 
 
-def int8_engine(seed: int = 0, **kw) -> Engine:
+needs_vnni = pytest.mark.skipif(
+    not (kernels.avx512() and kernels.load() and kernels.vnni()), reason="linear_q8 needs AVX-512 VNNI"
+)
+# Both int8 layouts where this CPU runs them: weight-only, and int8 x int8 (q8) with VNNI.
+LAYOUTS = [False, pytest.param(True, marks=needs_vnni)]
+
+
+def q8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """linear_q8's arithmetic in float64: x [M, K] rounded to int8 per row and 32 k (scale = max |x| / 127,
+    to nearest, ties to even, computed in float32 as the kernel does), exact integer dot products with
+    q [N, K] per group, each times both scales, summed over groups -> [M, N]."""
+    m, k = x.shape
+    groups = k // 32
+    xg = x.float().reshape(m, groups, 32)
+    amax = xg.abs().amax(dim=2)  # [M, G]
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xg * inv[:, :, None]).double()  # [M, G, 32]
+    dots = torch.einsum("mgk,ngk->mng", xq, q.reshape(-1, groups, 32).double())  # [M, N, G], exact
+    return (dots * (amax / 127.0).double()[:, None, :] * scales.double()[None]).sum(dim=2)
+
+
+@needs_vnni
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])  # every row tile: 1 x 1 block, 2 x 4, 3 x 2, 8 x 1, 8 + 5
+@pytest.mark.parametrize("n, k", [(80, 32), (48, 96), (16, 64)])  # 5 blocks (not a multiple of 2 or 4)
+def test_linear_q8_kernel_matches_its_integer_reference(dtype, rows, n, k):
+    """linear_q8 against the same rounding done in float64 with exact integer dot products: equal within
+    float32's accumulation of the group sums (and bfloat16's one final rounding); a row of zeros gives the
+    bias. Against the float product it is off by the two roundings (weights' and activations'): bounded."""
+    gen = torch.Generator().manual_seed(rows * n)
+    w, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    q, scales = quantize_int8(w)
+    x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 10, k)  # groups of any magnitude
+    x[0, :32] = 0.0  # an all-zero group of activations
+    x = x.to(dtype)
+    ops = torch.ops.prefix_server
+    got = ops.linear_q8(x, ops.pack_q8(q), ops.pack_linear(scales), bias)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    want = q8_reference(x, q, scales) + bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    exact = x.double() @ w.double().T + bias.double()
+    assert (got.double() - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+@needs_vnni
+def test_pack_q8_lays_out_quads_of_k_per_feature():
+    """uint8 [N / 16, K / 4, 16, 4] = w + 128: block b, quad t, feature f, k within the quad."""
+    q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    packed = torch.ops.prefix_server.pack_q8(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 16, 16, 4)
+    assert packed[1, 3, 5, 2].item() == q[16 + 5, 3 * 4 + 2].item() + 128
+    torch.testing.assert_close(packed.permute(0, 2, 1, 3).reshape(32, 64).int() - 128, q.int())
+
+
+@needs_vnni
+def test_linear_q8_says_what_it_expected():
+    q, scales = quantize_int8(torch.randn(32, 64))  # 2 groups
+    ops = torch.ops.prefix_server
+    packed, packed_scales = ops.pack_q8(q), ops.pack_linear(scales)
+    x = torch.randn(2, 64)
+    with pytest.raises(
+        RuntimeError, match=r"output features a multiple of 16 and input features a multiple of 32"
+    ):
+        ops.pack_q8(torch.zeros(32, 40, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="pack_q8: expected a 2-D int8 weight"):
+        ops.pack_q8(q.float())
+    with pytest.raises(RuntimeError, match=r"expected float32 scales packed by pack_linear \[2, 2, 16\]"):
+        ops.linear_q8(x, packed, scales, None)  # not packed
+    with pytest.raises(RuntimeError, match=r"expected a float32 or bfloat16 input \[\.\.\., 64\]"):
+        ops.linear_q8(torch.randn(2, 8), packed, packed_scales, None)
+    with pytest.raises(RuntimeError, match="expected a uint8 weight packed by pack_q8"):
+        ops.linear_q8(x, ops.pack_linear(q), packed_scales, None)
+    with pytest.raises(RuntimeError, match=r"expected a bias \[32\]"):
+        ops.linear_q8(x, packed, packed_scales, torch.zeros(31))
+
+
+@needs_vnni
+def test_int8_linear_q8_layout():
+    """Int8Linear(q8=True): the q8 layout and linear_q8 where the shape allows it, else weight-only."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(64, 48)
+    layer = Int8Linear(lin, q8=True)
+    assert layer.q8 and layer.weight.shape == (3, 16, 16, 4) and layer.scales.shape == (3, 2, 16)
+    x = torch.randn(2, 3, 64)
+    q, scales = quantize_int8(lin.weight)
+    want = q8_reference(x.reshape(6, 64), q, scales) + lin.bias.double()
+    torch.testing.assert_close(layer(x).double(), want.reshape(2, 3, 48), rtol=1e-5, atol=1e-5)
+    assert not Int8Linear(torch.nn.Linear(40, 48), q8=True).q8  # 40 is no multiple of 32
+    assert not Int8Linear(torch.nn.Linear(64, 40), q8=True).q8  # 40 is no multiple of 16
+
+
+def test_quantize_model_picks_q8_where_the_cpu_runs_it():
+    model = quantize_model(make_tiny_model("llama-gqa"), "int8")  # q8=None: this CPU decides
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.out_features % 16 == 0]
+    assert len(layers) == 7 * len(model.model.layers)  # the lm_head's 258 outputs are no multiple of 16
+    assert {m.q8 for m in layers} == {kernels.vnni()}
+    assert not any(
+        m.q8
+        for m in quantize_model(make_tiny_model("llama-gqa"), "int8", q8=False).modules()
+        if isinstance(m, Int8Linear)
+    )
+
+
+def int8_engine(seed: int = 0, q8: bool | None = None, **kw) -> Engine:
     from conftest import byte_tokenizer
 
-    return Engine(quantize_model(make_tiny_model("llama-gqa", seed), "int8"), byte_tokenizer(), **kw)
+    return Engine(quantize_model(make_tiny_model("llama-gqa", seed), "int8", q8=q8), byte_tokenizer(), **kw)
 
 
 def test_quantize_model_replaces_every_linear_and_keeps_the_embedding():
@@ -123,10 +227,11 @@ def test_int8_stays_close_to_float32():
     assert (got - want).abs().max() < 0.1 * (want.max() - want.min())
 
 
-def test_int8_mixed_batch_equals_each_request_alone():
+@pytest.mark.parametrize("q8", LAYOUTS)
+def test_int8_mixed_batch_equals_each_request_alone(q8):
     """Rows of different prefixes (and none) joining mid-flight under int8: each row's greedy tokens
     are the tokens it gets alone."""
-    engine = int8_engine(max_rows=4)
+    engine = int8_engine(q8=q8, max_rows=4)
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
     prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [12, 5, 10, 8], [0, 0, 2, 4]
@@ -139,10 +244,11 @@ def test_int8_mixed_batch_equals_each_request_alone():
 
 
 @pytest.mark.slow
-def test_int8_compiled_step_equals_the_eager_int8_engine():
-    """The compiled step on `linear_int8` (or torch's int8 path without AVX-512) gives the eager int8
-    engine's greedy tokens, as rows join and leave."""
-    engine = int8_engine(max_rows=4)
+@pytest.mark.parametrize("q8", LAYOUTS)
+def test_int8_compiled_step_equals_the_eager_int8_engine(q8):
+    """The compiled step on `linear_q8` or `linear_int8` (or torch's int8 path without AVX-512) gives the
+    eager int8 engine's greedy tokens, as rows join and leave."""
+    engine = int8_engine(q8=q8, max_rows=4)
     engine.compile(on_new_shape="fail")
     eager = Engine(engine.model, engine.tokenizer, max_rows=4)
     fp = engine.fingerprint
@@ -156,7 +262,8 @@ def test_int8_compiled_step_equals_the_eager_int8_engine():
     assert engine.decoder.packed == kernels.avx512()
     if kernels.avx512():  # the packed linears are the int8 ones
         step = DecodeStep(engine.model, packed=True, attention_kernel=True)
-        assert step.qkv[0].int8 and step.lm_head.int8 and step.down[0].weight.dtype == torch.int8
+        assert step.qkv[0].int8 and step.lm_head.int8 and step.down[0].q8 == q8
+        assert step.down[0].weight.dtype == (torch.uint8 if q8 else torch.int8)
 
 
 def test_quantize_setting():

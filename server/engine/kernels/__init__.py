@@ -61,6 +61,11 @@ def avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def vnni() -> bool:
+    """Whether `linear_q8` (int8 x int8 dot products) may run here: AVX-512 with VNNI. Loads the kernels."""
+    return avx512() and load() and torch.ops.prefix_server.has_vnni()
+
+
 def build_root() -> Path:
     """Where built kernels are kept: TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions (torch's rule)."""
     from torch.utils import cpp_extension
@@ -147,6 +152,14 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
 
     @torch.library.register_fake("prefix_server::linear_int8")
+    def _(x, packed, scales, bias):
+        return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
+
+    @torch.library.register_fake("prefix_server::pack_q8")
+    def _(weight):
+        return weight.new_empty((weight.shape[0] // 16, weight.shape[1] // 4, 16, 4), dtype=torch.uint8)
+
+    @torch.library.register_fake("prefix_server::linear_q8")
     def _(x, packed, scales, bias):
         return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
 
