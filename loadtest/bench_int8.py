@@ -1,15 +1,20 @@
-"""Weight-only int8 (`--quantize int8`) on the default model: how much it changes outputs, and how fast.
+"""Eight-bit weights (`--quantize int8`) on the default model: how much it changes outputs, and how fast.
 
-Quality (eager engines, greedy):
+Variants: float32, bfloat16, and int8 as the server runs it here (int8 x int8 where the CPU has AVX-512
+VNNI: activations rounded to int8 too, engine/quantize.py) on float32 and on bfloat16, and int8
+weight-only (activations float32) for comparison.
+Quality (eager engines, greedy; the eager int8 linears multiply as the compiled step's do):
   - greedy agreement with float32: N prompts (the shipped examples' held-out prompts, then windows of
     loadtest/data/public_domain.txt) x 32 new tokens; the share of prompts whose tokens are all
     identical, and the mean index of the first difference (32 when identical);
   - perplexity on loadtest/data/public_domain.txt (one forward over the whole text);
-  - the shipped example tasks' held-out exact match with their trained prefixes.
+  - the shipped example tasks' held-out exact match with their trained prefixes;
+  - with --peer URL (a llama-server, e.g. on the Q8_0 GGUF): the same agreement measure for its greedy
+    tokens (prompts sent as token ids to its /completion).
 Speed (compiled engines, engine-direct, rounds alternating the variants): one request alone x 64 new
 tokens, and 8 concurrent requests of 8 different prefixes x 32 new tokens; tokens/s and ratios.
 
-    python -m loadtest.bench_int8 [--prompts 200] [--rounds 3] [--no-speed] [--json out.json]
+    python -m loadtest.bench_int8 [--prompts 200] [--rounds 3] [--no-speed] [--peer URL] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import DEFAULT_MODEL, load_model
+from server.engine.quantize import quantize_model
 from server.registry.format import load_prefix
 from server.request import Request, SamplingParams
 from server.training.data import read_jsonl
@@ -37,12 +43,13 @@ from server.training.evaluate import evaluate
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "loadtest" / "data" / "public_domain.txt").read_text(encoding="utf-8")
 EXAMPLES = ROOT / "prefixes" / "examples"
-# name -> (activation dtype, quantize)
+# name -> (activation dtype, quantize, q8: True = int8 x int8 where this CPU runs it, as the server does)
 VARIANTS = {
-    "float32": ("float32", "off"),
-    "bfloat16": ("bfloat16", "off"),
-    "int8": ("float32", "int8"),
-    "int8+bf16": ("bfloat16", "int8"),
+    "float32": ("float32", "off", True),
+    "bfloat16": ("bfloat16", "off", True),
+    "int8": ("float32", "int8", True),
+    "int8+bf16": ("bfloat16", "int8", True),
+    "int8 weight-only": ("float32", "int8", False),
 }
 # Quality only: float32 weights rounded to Q8_0's grid (a scale per 32 weights along K, llama.cpp's
 # Q8_0 blocks; the tied embedding too, as a Q8_0 GGUF has it), activations float32. llama.cpp also
@@ -51,8 +58,9 @@ GROUP32 = "q8_0 grid"
 
 
 def load(variant: str) -> Engine:
-    dtype, quantize = VARIANTS.get(variant, ("float32", "off"))
-    loaded = load_model(DEFAULT_MODEL, dtype=dtype, quantize=quantize, cache_dir=Settings().model_cache_dir)
+    dtype, quantize, q8 = VARIANTS.get(variant, ("float32", "off", True))
+    loaded = load_model(DEFAULT_MODEL, dtype=dtype, cache_dir=Settings().model_cache_dir)
+    quantize_model(loaded.model, quantize, q8=q8)
     if variant == GROUP32:
         round_to_group_grid(loaded.model, 32)
     return Engine(loaded.model, loaded.tokenizer, max_rows=16)
@@ -103,6 +111,38 @@ def perplexity(engine: Engine) -> float:
     return math.exp(nll.item())
 
 
+@torch.inference_mode()
+def chunked_perplexity(engine: Engine, ctx: int) -> float:
+    """llama.cpp's `llama-perplexity -c ctx` convention: the text's tokens in chunks of ctx, each chunk's
+    second half scored (the first half is context), so that its figures sit beside these."""
+    ids = engine.tokenizer(TEXT)["input_ids"]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - ctx + 1, ctx):
+        chunk = torch.tensor([ids[start : start + ctx]], device=engine.device)  # [1, ctx]
+        logits = engine.model(input_ids=chunk).logits[0].float()  # [ctx, vocab]
+        first = ctx // 2
+        nll += torch.nn.functional.cross_entropy(
+            logits[first - 1 : -1], chunk[0, first:], reduction="sum"
+        ).item()
+        count += ctx - first
+    return math.exp(nll / count)
+
+
+def peer_greedy(url: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """A llama-server's greedy tokens for each prompt (token ids in, ids out: no tokenizer between)."""
+    import httpx
+
+    body = {"n_predict": new_tokens, "temperature": 0, "samplers": ["top_k"], "top_k": 1, "ignore_eos": True}
+    body |= {"return_tokens": True, "cache_prompt": False}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        outputs = []
+        for prompt in prompts:
+            reply = client.post("/completion", json={**body, "prompt": prompt})
+            reply.raise_for_status()
+            outputs.append(reply.json()["tokens"])
+    return outputs
+
+
 def held_out(engine: Engine) -> dict[str, float]:
     scores = {}
     for task in ("sentiment", "booking"):
@@ -142,6 +182,8 @@ def main() -> None:
     ap.add_argument(
         "--quality", default=",".join([*VARIANTS, GROUP32]), help="variants to measure the quality of"
     )
+    ap.add_argument("--peer", help="a llama-server URL: its greedy agreement with float32, same prompts")
+    ap.add_argument("--ctx", type=int, default=128, help="chunk size of the llama-perplexity-style figure")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -159,16 +201,27 @@ def main() -> None:
             "identical": sum(f == args.new_tokens for f in firsts) / len(firsts),
             "mean_first_difference": statistics.mean(firsts),
             "perplexity": perplexity(engine),
+            f"perplexity_c{args.ctx}": chunked_perplexity(engine, args.ctx),
             "held_out": held_out(engine),
         }
         report["quality"][variant] = row
         print(
-            f"  {variant:10s} identical to float32 {row['identical']:.1%} of {len(prompts)} prompts, "
+            f"  {variant:16s} identical to float32 {row['identical']:.1%} of {len(prompts)} prompts, "
             f"first difference at {row['mean_first_difference']:.1f} of {args.new_tokens} (mean); "
-            f"perplexity {row['perplexity']:.3f}; held-out exact match "
-            + ", ".join(f"{k} {v:.2f}" for k, v in row["held_out"].items())
+            f"perplexity {row['perplexity']:.3f} (-c {args.ctx}: {row[f'perplexity_c{args.ctx}']:.3f}); "
+            "held-out exact match " + ", ".join(f"{k} {v:.2f}" for k, v in row["held_out"].items())
         )
         del engine
+    if args.peer:
+        outputs = peer_greedy(args.peer, prompts, args.new_tokens)
+        firsts = [first_difference(a, b) for a, b in zip(outputs, reference, strict=True)]
+        row = {"identical": sum(f == args.new_tokens for f in firsts) / len(firsts)}
+        row["mean_first_difference"] = statistics.mean(firsts)
+        report["quality"][f"peer {args.peer}"] = row
+        print(
+            f"  peer {args.peer}: identical to float32 {row['identical']:.1%} of {len(prompts)} prompts, "
+            f"first difference at {row['mean_first_difference']:.1f} of {args.new_tokens} (mean)"
+        )
 
     if not args.no_speed:
         print("speed (compiled, engine-direct; tokens/s, median of rounds)")
@@ -189,7 +242,7 @@ def main() -> None:
             med = {k: statistics.median(samples[variant][k]) for k in ("alone", "8")}
             report["speed"][variant] = med
             print(
-                f"  {variant:10s} alone {med['alone']:6.1f} ({med['alone'] / base['alone']:.2f}x float32, "
+                f"  {variant:16s} alone {med['alone']:6.1f} ({med['alone'] / base['alone']:.2f}x float32, "
                 f"{med['alone'] / bf16['alone']:.2f}x bfloat16)   8 concurrent {med['8']:6.1f} "
                 f"({med['8'] / base['8']:.2f}x float32, {med['8'] / bf16['8']:.2f}x bfloat16)"
             )

@@ -187,7 +187,7 @@ def test_int8_linear_q8_layout():
 
 
 def test_quantize_model_picks_q8_where_the_cpu_runs_it():
-    model = quantize_model(make_tiny_model("llama-gqa"), "int8")  # q8=None: this CPU decides
+    model = quantize_model(make_tiny_model("llama-gqa"), "int8")  # q8 where this CPU runs it
     layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.out_features % 16 == 0]
     assert len(layers) == 7 * len(model.model.layers)  # the lm_head's 258 outputs are no multiple of 16
     assert {m.q8 for m in layers} == {kernels.vnni()}
@@ -198,7 +198,7 @@ def test_quantize_model_picks_q8_where_the_cpu_runs_it():
     )
 
 
-def int8_engine(seed: int = 0, q8: bool | None = None, **kw) -> Engine:
+def int8_engine(seed: int = 0, q8: bool = True, **kw) -> Engine:
     from conftest import byte_tokenizer
 
     return Engine(quantize_model(make_tiny_model("llama-gqa", seed), "int8", q8=q8), byte_tokenizer(), **kw)

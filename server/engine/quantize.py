@@ -55,7 +55,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
 class Int8Linear(torch.nn.Module):
     """A frozen linear with an int8 weight, float32 scales per group of 32 along K (bias kept as it was).
 
-    q8 (asked for, and the output features a multiple of 16, the input features of 32): the weight as
+    q8 (asked for, the output features a multiple of 16, the input features of 32, on a CPU with VNNI
+    where the kernels load): the weight as
     `pack_q8` lays it out, uint8 [N / 16, K / 4, 16, 4], the scales [N / 16, G, 16], and the forward is
     `linear_q8` (input rounded to int8 as well). Otherwise weight int8 [N, K], scales [N, G], and the forward
     widens the weight to the input's dtype."""
@@ -64,7 +65,13 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         q, scales = quantize_int8(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.q8 = q8 and self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0
+        self.q8 = (
+            q8
+            and self.out_features % 16 == 0
+            and self.in_features % GROUP_SIZE == 0
+            and linear.weight.device.type == "cpu"
+            and kernels.vnni()
+        )
         if self.q8:
             q, scales = torch.ops.prefix_server.pack_q8(q), torch.ops.prefix_server.pack_linear(scales)
         self.register_buffer("weight", q)  # on the linear's device, as its weight was
@@ -83,11 +90,11 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}, {groups} scales per row"
 
 
-def quantize_model(model: PreTrainedModel, mode: str, q8: bool | None = None) -> PreTrainedModel:
+def quantize_model(model: PreTrainedModel, mode: str, q8: bool = True) -> PreTrainedModel:
     """`mode` 'int8': every nn.Linear of the decoder layers and the lm_head replaced by an Int8Linear, in
     place (the float weights are freed, except an lm_head tied to the embedding, which the embedding
-    keeps); 'off': the model as it is. `q8`: whether the activations are rounded to int8 as well (None:
-    where the CPU kernel for it runs, see above)."""
+    keeps); 'off': the model as it is. `q8`: int8 x int8 wherever the CPU kernel for it runs (see above);
+    False: weight-only everywhere."""
     if mode not in QUANTIZE_CHOICES:
         raise ConfigError(f"setting quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode == "off":
@@ -98,8 +105,6 @@ def quantize_model(model: PreTrainedModel, mode: str, q8: bool | None = None) ->
             f"--quantize int8 needs a Llama-family model (decoder layers of nn.Linear and an lm_head), "
             f"got {type(model).__name__}"
         )
-    if q8 is None:
-        q8 = model.device.type == "cpu" and kernels.vnni()
     num = 0
     for layer in layers:
         for parent in layer.modules():
