@@ -1,20 +1,21 @@
-"""Eight-bit weights (`--quantize int8`) on the default model: how much it changes outputs, and how fast.
+"""Eight-bit weights (`--quantize int8 | w8a8`) on the default model: how much they change outputs, and how fast.
 
-Variants: float32, bfloat16, and int8 as the server runs it here (int8 x int8 where the CPU has AVX-512
-VNNI: activations rounded to int8 too, engine/quantize.py) on float32 and on bfloat16, and int8
-weight-only (activations float32) for comparison.
+Variants: float32, bfloat16, int8 as the server runs it here (int8 x int16 on a CPU with AVX-512 VNNI) on
+float32 and on bfloat16 activations, w8a8 (int8 x int8: llama.cpp's Q8_0 arithmetic), and int8 weight-only
+(widened, the path without VNNI) for comparison (engine/quantize.py).
 Quality (eager engines, greedy; the eager int8 linears multiply as the compiled step's do):
   - greedy agreement with float32: N prompts (the shipped examples' held-out prompts, then windows of
     loadtest/data/public_domain.txt) x 32 new tokens; the share of prompts whose tokens are all
     identical, and the mean index of the first difference (32 when identical);
-  - perplexity on loadtest/data/public_domain.txt (one forward over the whole text);
+  - perplexity on loadtest/data/public_domain.txt (one forward over the whole text), and in
+    llama-perplexity's convention (`-c 128`: chunks, each one's second half scored);
   - the shipped example tasks' held-out exact match with their trained prefixes;
   - with --peer URL (a llama-server, e.g. on the Q8_0 GGUF): the same agreement measure for its greedy
     tokens (prompts sent as token ids to its /completion).
 Speed (compiled engines, engine-direct, rounds alternating the variants): one request alone x 64 new
 tokens, and 8 concurrent requests of 8 different prefixes x 32 new tokens; tokens/s and ratios.
 
-    python -m loadtest.bench_int8 [--prompts 200] [--rounds 3] [--no-speed] [--peer URL] [--json out.json]
+    python -m loadtest.bench_int8 [--prompts 200] [--rounds 3] [--no-speed] [--speed int8,w8a8] [--peer URL]
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ from server.training.evaluate import evaluate
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "loadtest" / "data" / "public_domain.txt").read_text(encoding="utf-8")
 EXAMPLES = ROOT / "prefixes" / "examples"
-# name -> (activation dtype, quantize, q8: True = int8 x int8 where this CPU runs it, as the server does)
+# name -> (activation dtype, --quantize, vnni: the mode's VNNI kernel where this CPU runs it, as served)
 VARIANTS = {
     "float32": ("float32", "off", True),
     "bfloat16": ("bfloat16", "off", True),
     "int8": ("float32", "int8", True),
     "int8+bf16": ("bfloat16", "int8", True),
+    "w8a8": ("float32", "w8a8", True),
     "int8 weight-only": ("float32", "int8", False),
 }
 # Quality only: float32 weights rounded to Q8_0's grid (a scale per 32 weights along K, llama.cpp's
@@ -58,9 +60,9 @@ GROUP32 = "q8_0 grid"
 
 
 def load(variant: str) -> Engine:
-    dtype, quantize, q8 = VARIANTS.get(variant, ("float32", "off", True))
+    dtype, quantize, vnni = VARIANTS.get(variant, ("float32", "off", True))
     loaded = load_model(DEFAULT_MODEL, dtype=dtype, cache_dir=Settings().model_cache_dir)
-    quantize_model(loaded.model, quantize, q8=q8)
+    quantize_model(loaded.model, quantize, vnni)
     if variant == GROUP32:
         round_to_group_grid(loaded.model, 32)
     return Engine(loaded.model, loaded.tokenizer, max_rows=16)
@@ -184,6 +186,7 @@ def main() -> None:
     )
     ap.add_argument("--peer", help="a llama-server URL: its greedy agreement with float32, same prompts")
     ap.add_argument("--ctx", type=int, default=128, help="chunk size of the llama-perplexity-style figure")
+    ap.add_argument("--speed", default=",".join(VARIANTS), help="variants to measure the speed of")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -226,11 +229,16 @@ def main() -> None:
     if not args.no_speed:
         print("speed (compiled, engine-direct; tokens/s, median of rounds)")
         engines = {}
-        for variant in VARIANTS:
+        measured = [
+            "float32",
+            "bfloat16",
+            *(v for v in args.speed.split(",") if v not in ("float32", "bfloat16")),
+        ]
+        for variant in measured:
             engines[variant] = load(variant)
             engines[variant].compile()
         batches = {v: speed_batches(e) for v, e in engines.items()}
-        samples: dict[str, dict[str, list[float]]] = {v: {"alone": [], "8": []} for v in VARIANTS}
+        samples: dict[str, dict[str, list[float]]] = {v: {"alone": [], "8": []} for v in measured}
         for _ in range(args.rounds):
             for variant, engine in engines.items():  # alternating: the machine's drift hits all alike
                 alone, eight = batches[variant]
@@ -238,7 +246,7 @@ def main() -> None:
                 samples[variant]["8"].append(tokens_per_s(engine, eight))
         base = {k: statistics.median(samples["float32"][k]) for k in ("alone", "8")}
         bf16 = {k: statistics.median(samples["bfloat16"][k]) for k in ("alone", "8")}
-        for variant in VARIANTS:
+        for variant in measured:
             med = {k: statistics.median(samples[variant][k]) for k in ("alone", "8")}
             report["speed"][variant] = med
             print(

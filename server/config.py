@@ -14,7 +14,7 @@ from server.errors import ConfigError
 
 ENV_PREFIX = "PREFIX_SERVER_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-QUANTIZE_CHOICES = ("off", "int8")  # --quantize (server/engine/quantize.py)
+QUANTIZE_CHOICES = ("off", "int8", "w8a8")  # --quantize (server/engine/quantize.py)
 # s3://bucket[/key/prefix]: the object store of server/registry/s3_store.py (bucket: S3's naming rule)
 S3_URL_RE = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<key_prefix>.*))?")
 
@@ -53,9 +53,10 @@ class Settings:
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
     quantize: str = setting(
         "off",
-        help="off | int8: weight-only int8 for every linear and the lm_head (a float32 scale per 32 "
-        "weights, Llama-family models); activations, K/V and prefixes stay in --dtype. About half of "
-        "bfloat16's weight reads; outputs change about as much as bfloat16's (docs/internals.md)",
+        help="off | int8 | w8a8: int8 weights for every linear and the lm_head (a float32 scale per 32 "
+        "weights, Llama-family models); K/V and prefixes stay in --dtype. About half of bfloat16's weight "
+        "reads. int8: outputs change about as much as bfloat16's; w8a8: activations rounded to int8 too "
+        "(llama.cpp's Q8_0 arithmetic; faster for many rows, further from float32). docs/internals.md",
     )
     compile: str = setting(
         "auto",

@@ -1,6 +1,7 @@
-"""Eight-bit weights (server/engine/quantize.py, `--quantize int8`): the quantizer's error bound, the
-`linear_int8` (weight-only) and `linear_q8` (int8 x int8) kernels against references, and a mixed-task batch
-under int8 equal to each request alone (greedy), eager and compiled, in both layouts. How close int8 stays to float32 on the real model is measured by
+"""Eight-bit weights (server/engine/quantize.py, `--quantize int8 | w8a8`): the quantizer's error bound;
+the `linear_int8` (weight-only), `linear_a16` (int8 x int16) and `linear_q8` (int8 x int8) kernels against
+references; a mixed-task batch under int8 equal to each request alone (greedy), eager and compiled, on
+each kernel. How close int8 stays to float32 on the real model is measured by
 `python -m loadtest.bench_int8`, not asserted here."""
 
 from __future__ import annotations
@@ -95,143 +96,144 @@ def test_linear_int8_says_what_it_expected():
 
 
 needs_vnni = pytest.mark.skipif(
-    not (kernels.avx512() and kernels.load() and kernels.vnni()), reason="linear_q8 needs AVX-512 VNNI"
+    not (kernels.avx512() and kernels.load() and kernels.vnni()), reason="the VNNI kernels need AVX-512 VNNI"
 )
-# Both int8 layouts where this CPU runs them: weight-only, and int8 x int8 (q8) with VNNI.
-LAYOUTS = [False, pytest.param(True, marks=needs_vnni)]
+VNNI = [pytest.param("a16", marks=needs_vnni), pytest.param("q8", marks=needs_vnni)]
+KERNELS = [None, *VNNI]  # an Int8Linear's kernel: weight-only, int8 x int16, int8 x int8
+MODES = {None: ("int8", False), "a16": ("int8", True), "q8": ("w8a8", True)}  # kernel -> quantize_model's
+LEVELS = {"a16": 32767, "q8": 127}  # what each kernel rounds activations to
 
 
-def q8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """linear_q8's arithmetic in float64: x [M, K] rounded to int8 per row and 32 k (scale = max |x| / 127,
-    to nearest, ties to even, computed in float32 as the kernel does), exact integer dot products with
-    q [N, K] per group, each times both scales, summed over groups -> [M, N]."""
+def vnni_reference(kernel: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """linear_a16's / linear_q8's arithmetic in float64: x [M, K] rounded per row and 32 k to integers of
+    at most LEVELS[kernel] (scale = max |x| / LEVELS, to nearest, ties to even, computed in float32 as the
+    kernels do), exact integer dot products with q [N, K] per group, each times both scales, summed over
+    groups -> [M, N]."""
+    levels = LEVELS[kernel]
     m, k = x.shape
     groups = k // 32
     xg = x.float().reshape(m, groups, 32)
     amax = xg.abs().amax(dim=2)  # [M, G]
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
     xq = torch.round(xg * inv[:, :, None]).double()  # [M, G, 32]
     dots = torch.einsum("mgk,ngk->mng", xq, q.reshape(-1, groups, 32).double())  # [M, N, G], exact
-    return (dots * (amax / 127.0).double()[:, None, :] * scales.double()[None]).sum(dim=2)
+    return (dots * (amax / levels).double()[:, None, :] * scales.double()[None]).sum(dim=2)
 
 
-@needs_vnni
+def vnni_ops(kernel: str):
+    ops = torch.ops.prefix_server
+    return (ops.pack_a16, ops.linear_a16) if kernel == "a16" else (ops.pack_q8, ops.linear_q8)
+
+
+@pytest.mark.parametrize("kernel", VNNI)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])  # every row tile: 1 x 1 block, 2 x 4, 3 x 2, 8 x 1, 8 + 5
 @pytest.mark.parametrize("n, k", [(80, 32), (48, 96), (16, 64)])  # 5 blocks (not a multiple of 2 or 4)
-def test_linear_q8_kernel_matches_its_integer_reference(dtype, rows, n, k):
-    """linear_q8 against the same rounding done in float64 with exact integer dot products: equal within
-    float32's accumulation of the group sums (and bfloat16's one final rounding); a row of zeros gives the
-    bias. Against the float product it is off by the two roundings (weights' and activations'): bounded."""
+def test_vnni_kernels_match_their_integer_reference(kernel, dtype, rows, n, k):
+    """linear_a16 / linear_q8 against the same rounding done in float64 with exact integer dot products:
+    equal within float32's accumulation of the group sums (and bfloat16's one final rounding); a group of
+    zeros adds nothing. Against the float product: off by the weights' rounding (and q8's activations')."""
     gen = torch.Generator().manual_seed(rows * n)
     w, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
     q, scales = quantize_int8(w)
     x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 10, k)  # groups of any magnitude
     x[0, :32] = 0.0  # an all-zero group of activations
     x = x.to(dtype)
-    ops = torch.ops.prefix_server
-    got = ops.linear_q8(x, ops.pack_q8(q), ops.pack_linear(scales), bias)
+    pack, linear = vnni_ops(kernel)
+    got = linear(x, pack(q), torch.ops.prefix_server.pack_linear(scales), bias)
     assert got.dtype == dtype and got.shape == (rows, n)
-    want = q8_reference(x, q, scales) + bias.double()
+    want = vnni_reference(kernel, x, q, scales) + bias.double()
     tol = 1e-5 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
     exact = x.double() @ w.double().T + bias.double()
     assert (got.double() - exact).abs().max() < 0.03 * exact.abs().max()
+    if kernel == "a16" and dtype == torch.float32:  # int16 activations: weight-only int8's result
+        weight_only = x.double() @ dequantize(q, scales, torch.float64).T + bias.double()
+        torch.testing.assert_close(
+            got.double(), weight_only, rtol=1e-4, atol=1e-4 * weight_only.abs().max().item()
+        )
 
 
 @needs_vnni
-def test_pack_q8_lays_out_quads_of_k_per_feature():
-    """uint8 [N / 16, K / 4, 16, 4] = w + 128: block b, quad t, feature f, k within the quad."""
+def test_vnni_packing_layouts():
+    """pack_q8: uint8 [N / 16, K / 4, 16, 4] = w + 128; pack_a16: int8 [N / 16, K / 2, 16, 2] = w (block,
+    group of k, feature, k within the group)."""
     q = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
-    packed = torch.ops.prefix_server.pack_q8(q)
-    assert packed.dtype == torch.uint8 and packed.shape == (2, 16, 16, 4)
-    assert packed[1, 3, 5, 2].item() == q[16 + 5, 3 * 4 + 2].item() + 128
-    torch.testing.assert_close(packed.permute(0, 2, 1, 3).reshape(32, 64).int() - 128, q.int())
-
-
-@needs_vnni
-def test_linear_q8_says_what_it_expected():
-    q, scales = quantize_int8(torch.randn(32, 64))  # 2 groups
     ops = torch.ops.prefix_server
-    packed, packed_scales = ops.pack_q8(q), ops.pack_linear(scales)
+    q8, a16 = ops.pack_q8(q), ops.pack_a16(q)
+    assert q8.dtype == torch.uint8 and q8.shape == (2, 16, 16, 4)
+    assert q8[1, 3, 5, 2].item() == q[16 + 5, 3 * 4 + 2].item() + 128
+    torch.testing.assert_close(q8.permute(0, 2, 1, 3).reshape(32, 64).int() - 128, q.int())
+    assert a16.dtype == torch.int8 and a16.shape == (2, 32, 16, 2)
+    assert a16[1, 3, 5, 1].item() == q[16 + 5, 3 * 2 + 1].item()
+    torch.testing.assert_close(a16.permute(0, 2, 1, 3).reshape(32, 64), q)
+
+
+@pytest.mark.parametrize("kernel", VNNI)
+def test_vnni_kernels_say_what_they_expected(kernel):
+    q, scales = quantize_int8(torch.randn(32, 64))  # 2 groups
+    pack, linear = vnni_ops(kernel)
+    name = f"linear_{kernel}"
+    packed, packed_scales = pack(q), torch.ops.prefix_server.pack_linear(scales)
     x = torch.randn(2, 64)
     with pytest.raises(
         RuntimeError, match=r"output features a multiple of 16 and input features a multiple of 32"
     ):
-        ops.pack_q8(torch.zeros(32, 40, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match="pack_q8: expected a 2-D int8 weight"):
-        ops.pack_q8(q.float())
-    with pytest.raises(RuntimeError, match=r"expected float32 scales packed by pack_linear \[2, 2, 16\]"):
-        ops.linear_q8(x, packed, scales, None)  # not packed
-    with pytest.raises(RuntimeError, match=r"expected a float32 or bfloat16 input \[\.\.\., 64\]"):
-        ops.linear_q8(torch.randn(2, 8), packed, packed_scales, None)
-    with pytest.raises(RuntimeError, match="expected a uint8 weight packed by pack_q8"):
-        ops.linear_q8(x, ops.pack_linear(q), packed_scales, None)
-    with pytest.raises(RuntimeError, match=r"expected a bias \[32\]"):
-        ops.linear_q8(x, packed, packed_scales, torch.zeros(31))
+        pack(torch.zeros(32, 40, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match=f"pack_{kernel}: expected a 2-D int8 weight"):
+        pack(q.float())
+    with pytest.raises(
+        RuntimeError, match=rf"{name}: expected float32 scales packed by pack_linear \[2, 2, 16\]"
+    ):
+        linear(x, packed, scales, None)  # not packed
+    with pytest.raises(RuntimeError, match=rf"{name}: expected a float32 or bfloat16 input \[\.\.\., 64\]"):
+        linear(torch.randn(2, 8), packed, packed_scales, None)
+    with pytest.raises(RuntimeError, match=f"{name}: expected an? u?int8 weight packed by pack_{kernel}"):
+        linear(x, torch.ops.prefix_server.pack_linear(q), packed_scales, None)
+    with pytest.raises(RuntimeError, match=rf"{name}: expected a bias \[32\]"):
+        linear(x, packed, packed_scales, torch.zeros(31))
 
 
-@needs_vnni
-def test_int8_linear_q8_layout():
-    """Int8Linear(q8=True): the q8 layout and linear_q8 where the shape allows it, else weight-only."""
+@pytest.mark.parametrize("kernel", VNNI)
+def test_int8_linear_on_a_vnni_kernel(kernel):
+    """Int8Linear(kernel=...): that kernel's layout and op where the shape allows it, else weight-only."""
     torch.manual_seed(2)
     lin = torch.nn.Linear(64, 48)
-    layer = Int8Linear(lin, q8=True)
-    assert layer.q8 and layer.weight.shape == (3, 16, 16, 4) and layer.scales.shape == (3, 2, 16)
+    layer = Int8Linear(lin, kernel)
+    assert layer.kernel == kernel and layer.scales.shape == (3, 2, 16)
+    assert layer.weight.shape == ((3, 16, 16, 4) if kernel == "q8" else (3, 32, 16, 2))
     x = torch.randn(2, 3, 64)
     q, scales = quantize_int8(lin.weight)
-    want = q8_reference(x.reshape(6, 64), q, scales) + lin.bias.double()
+    want = vnni_reference(kernel, x.reshape(6, 64), q, scales) + lin.bias.double()
     torch.testing.assert_close(layer(x).double(), want.reshape(2, 3, 48), rtol=1e-5, atol=1e-5)
-    assert not Int8Linear(torch.nn.Linear(40, 48), q8=True).q8  # 40 is no multiple of 32
-    assert not Int8Linear(torch.nn.Linear(64, 40), q8=True).q8  # 40 is no multiple of 16
+    assert Int8Linear(torch.nn.Linear(40, 48), kernel).kernel is None  # 40 is no multiple of 32
+    assert Int8Linear(torch.nn.Linear(64, 40), kernel).kernel is None  # 40 is no multiple of 16
+    with pytest.raises(ValueError, match="kernel must be None, 'a16' or 'q8'"):
+        Int8Linear(lin, "int4")
 
 
-def test_quantize_model_picks_q8_where_the_cpu_runs_it():
-    model = quantize_model(make_tiny_model("llama-gqa"), "int8")  # q8 where this CPU runs it
+@pytest.mark.parametrize("mode, kernel", [("int8", "a16"), ("w8a8", "q8")])
+def test_quantize_model_picks_the_modes_kernel_where_the_cpu_runs_it(mode, kernel):
+    model = quantize_model(make_tiny_model("llama-gqa"), mode)
     layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.out_features % 16 == 0]
     assert len(layers) == 7 * len(model.model.layers)  # the lm_head's 258 outputs are no multiple of 16
-    assert {m.q8 for m in layers} == {kernels.vnni()}
-    assert not any(
-        m.q8
-        for m in quantize_model(make_tiny_model("llama-gqa"), "int8", q8=False).modules()
-        if isinstance(m, Int8Linear)
-    )
+    assert {m.kernel for m in layers} == {kernel if kernels.vnni() else None}
+    weight_only = quantize_model(make_tiny_model("llama-gqa"), mode, vnni=False)
+    assert {m.kernel for m in weight_only.modules() if isinstance(m, Int8Linear)} == {None}
 
 
-def int8_engine(seed: int = 0, q8: bool = True, **kw) -> Engine:
+def int8_engine(seed: int = 0, kernel: str | None = "a16", **kw) -> Engine:
     from conftest import byte_tokenizer
 
-    return Engine(quantize_model(make_tiny_model("llama-gqa", seed), "int8", q8=q8), byte_tokenizer(), **kw)
+    mode, vnni = MODES[kernel]
+    return Engine(quantize_model(make_tiny_model("llama-gqa", seed), mode, vnni), byte_tokenizer(), **kw)
 
 
-def test_quantize_model_replaces_every_linear_and_keeps_the_embedding():
-    model = quantize_model(make_tiny_model("llama-gqa"), "int8")
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears == []
-    num_int8 = sum(isinstance(m, Int8Linear) for m in model.modules())
-    assert num_int8 == 7 * len(model.model.layers) + 1  # q k v o gate up down per layer, and lm_head
-    assert model.model.embed_tokens.weight.dtype == torch.float32
-    with pytest.raises(ConfigError, match="Llama-family"):
-        quantize_model(make_tiny_model("gpt2"), "int8")
-    with pytest.raises(ConfigError, match="quantize must be one of off, int8"):
-        quantize_model(make_tiny_model("llama-gqa"), "int4")
-
-
-def test_int8_stays_close_to_float32():
-    """One forward's logits: int8 weights move them by a few percent of their spread, not more."""
-    ids = torch.tensor([[3, 17, 42, 9, 77, 5]])
-    with torch.inference_mode():
-        want = make_tiny_model("llama-gqa").forward(input_ids=ids).logits[0, -1]  # [vocab]
-        got = quantize_model(make_tiny_model("llama-gqa"), "int8").forward(input_ids=ids).logits[0, -1]
-    assert F.cosine_similarity(got, want, dim=0) > 0.99
-    assert (got - want).abs().max() < 0.1 * (want.max() - want.min())
-
-
-@pytest.mark.parametrize("q8", LAYOUTS)
-def test_int8_mixed_batch_equals_each_request_alone(q8):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_mixed_batch_equals_each_request_alone(kernel):
     """Rows of different prefixes (and none) joining mid-flight under int8: each row's greedy tokens
     are the tokens it gets alone."""
-    engine = int8_engine(q8=q8, max_rows=4)
+    engine = int8_engine(kernel=kernel, max_rows=4)
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
     prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [12, 5, 10, 8], [0, 0, 2, 4]
@@ -244,11 +246,11 @@ def test_int8_mixed_batch_equals_each_request_alone(q8):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("q8", LAYOUTS)
-def test_int8_compiled_step_equals_the_eager_int8_engine(q8):
-    """The compiled step on `linear_q8` or `linear_int8` (or torch's int8 path without AVX-512) gives the
-    eager int8 engine's greedy tokens, as rows join and leave."""
-    engine = int8_engine(q8=q8, max_rows=4)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_compiled_step_equals_the_eager_int8_engine(kernel):
+    """The compiled step on `linear_a16`, `linear_q8` or `linear_int8` (or torch's int8 path without
+    AVX-512) gives the eager int8 engine's greedy tokens, as rows join and leave."""
+    engine = int8_engine(kernel=kernel, max_rows=4)
     engine.compile(on_new_shape="fail")
     eager = Engine(engine.model, engine.tokenizer, max_rows=4)
     fp = engine.fingerprint
@@ -262,14 +264,14 @@ def test_int8_compiled_step_equals_the_eager_int8_engine(q8):
     assert engine.decoder.packed == kernels.avx512()
     if kernels.avx512():  # the packed linears are the int8 ones
         step = DecodeStep(engine.model, packed=True, attention_kernel=True)
-        assert step.qkv[0].int8 and step.lm_head.int8 and step.down[0].q8 == q8
-        assert step.down[0].weight.dtype == (torch.uint8 if q8 else torch.int8)
+        assert step.qkv[0].int8 and step.lm_head.int8 and step.down[0].kernel == kernel
+        assert step.down[0].weight.dtype == (torch.uint8 if kernel == "q8" else torch.int8)
 
 
 def test_quantize_setting():
     assert Settings().quantize == "off"
     assert Settings.from_env(environ={"PREFIX_SERVER_QUANTIZE": "int8"}).quantize == "int8"
-    with pytest.raises(ConfigError, match="quantize must be one of off, int8, got 'int4'"):
+    with pytest.raises(ConfigError, match="quantize must be one of off, int8, w8a8, got 'int4'"):
         Settings(quantize="int4")
 
 

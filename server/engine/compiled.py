@@ -70,23 +70,23 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 class _Packed(torch.nn.Module):
     """Linears reading the same input (q/k/v, gate/up, or one alone) as one: the weight packed for
     `prefix_server::linear` (float32 or bfloat16), AVX-512, where the output features are a multiple of 16;
-    else torch's linear over the concatenated weight. Int8Linears (engine/quantize.py): q8 ones, packed
-    already, on `linear_q8`; the others' int8 weights and group scales on `linear_int8` (weight-only), or
-    torch's linear over the weight widened to the input's dtype."""
+    else torch's linear over the concatenated weight. Int8Linears (engine/quantize.py): those on a VNNI
+    kernel, packed already, on `linear_a16` / `linear_q8`; the others' int8 weights and group scales on
+    `linear_int8` (weight-only), or torch's linear over the weight widened to the input's dtype."""
 
     def __init__(self, *linears: torch.nn.Module):
         super().__init__()
-        layouts = {getattr(lin, "q8", False) for lin in linears}
-        if len(layouts) > 1:
-            raise ValueError("cannot fuse int8 x int8 (q8) linears with weight-only ones")
-        self.q8 = layouts.pop()
-        # Output features first in every layout: [N, K], or q8's [N / 16, K / 4, 16, 4]
+        kernels_ = {getattr(lin, "kernel", None) for lin in linears}
+        if len(kernels_) > 1:
+            raise ValueError(f"cannot fuse int8 linears on different kernels: {sorted(map(str, kernels_))}")
+        self.kernel = kernels_.pop()  # 'a16', 'q8' or None
+        # Output features first in every layout: [N, K], or the VNNI kernels' [N / 16, K / 4 | 2, 16, 4 | 2]
         weight = torch.cat([lin.weight.detach() for lin in linears])
-        self.int8 = self.q8 or weight.dtype == torch.int8
-        self.packed = self.q8 or weight.shape[0] % 16 == 0
-        pack = torch.ops.prefix_server.pack_linear if self.packed and not self.q8 else (lambda t: t)
+        self.int8 = self.kernel is not None or weight.dtype == torch.int8
+        self.packed = self.kernel is not None or weight.shape[0] % 16 == 0
+        pack = torch.ops.prefix_server.pack_linear if self.packed and self.kernel is None else (lambda t: t)
         self.register_buffer("weight", pack(weight))
-        # int8: float32 scales [N, G], packed like the weight: [N / 16, G, 16] (q8's are already)
+        # int8: float32 scales [N, G], packed like the weight: [N / 16, G, 16] (the VNNI kernels' are already)
         self.register_buffer(
             "scales", pack(torch.cat([lin.scales for lin in linears])) if self.int8 else None
         )
@@ -100,7 +100,9 @@ class _Packed(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x):  # [..., K] -> [..., N]
-        if self.q8:
+        if self.kernel == "a16":
+            return torch.ops.prefix_server.linear_a16(x, self.weight, self.scales, self.bias)
+        if self.kernel == "q8":
             return torch.ops.prefix_server.linear_q8(x, self.weight, self.scales, self.bias)
         if self.int8:
             if self.packed:

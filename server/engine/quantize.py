@@ -1,18 +1,19 @@
-"""Eight-bit weights (`--quantize int8`): every linear of the decoder layers, and the lm_head, keeps its
-weight as int8 with a float32 scale per 32 weights along K (symmetric: absmax / 127; llama.cpp's Q8_0
-grid), so a decode step reads ~28% of float32's weight bytes and ~56% of bfloat16's. The K/V pool and
+"""Eight-bit weights (`--quantize int8` or `w8a8`): every linear of the decoder layers, and the lm_head,
+keeps its weight as int8 with a float32 scale per 32 weights along K (symmetric: absmax / 127; llama.cpp's
+Q8_0 grid), so a decode step reads ~28% of float32's weight bytes and ~56% of bfloat16's. The K/V pool and
 every prefix stay in the model's dtype: prefixes need no change. The embedding stays as it is (a lookup
 reads one row per token, not the whole table).
 
-Two ways to multiply, chosen per linear when the model is quantized:
-  - q8, on a CPU with AVX-512 VNNI (where the kernels build): llama.cpp's Q8_0 x Q8_0. Each linear's input is
-    rounded to int8 too, per row and 32 k (a float32 scale each), and `prefix_server::linear_q8` multiplies
-    int8 by int8 into exact int32 sums, 64 pairs per instruction, in every forward (prefill, eager and
-    compiled decode alike). Measured: the lone decode step 1.3-1.6x faster than weight-only, 8 rows 1.6x.
-  - weight-only elsewhere: activations stay in the model's dtype; the compiled CPU step widens each weight
-    vector in registers (`linear_int8`), other paths widen the weight in the forward (gpt-fast's
-    WeightOnlyInt8Linear).
-How far each is from float32 is measured by `python -m loadtest.bench_int8` (docs/internals.md).
+How each linear multiplies, on a CPU with AVX-512 VNNI (where the kernels build), in every forward
+(prefill, eager and compiled decode alike):
+  - int8: `prefix_server::linear_a16`: the input rounded to int16 per row and 32 k (a relative error of
+    ~1e-5: the result is weight-only int8's), int8 x int16 into int32, two pairs per lane per instruction.
+  - w8a8: `prefix_server::linear_q8`: llama.cpp's Q8_0 x Q8_0: the input rounded to int8 per row and 32 k,
+    int8 x int8, four pairs per lane per instruction: faster for many rows, further from float32.
+Elsewhere both are weight-only: the compiled AVX-512 step widens each weight vector in registers
+(`linear_int8`), other paths widen the weight in the forward (gpt-fast's WeightOnlyInt8Linear).
+How far each is from float32, and how fast, is measured by `python -m loadtest.bench_int8`
+(docs/internals.md).
 """
 
 from __future__ import annotations
@@ -52,49 +53,58 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
     return (q.reshape(n, groups, k // groups).float() * scales[:, :, None]).reshape(n, k).to(dtype)
 
 
+# --quantize mode -> the kernel its Int8Linears run on where the CPU has AVX-512 VNNI
+VNNI_KERNELS = {"int8": "a16", "w8a8": "q8"}
+
+
 class Int8Linear(torch.nn.Module):
     """A frozen linear with an int8 weight, float32 scales per group of 32 along K (bias kept as it was).
 
-    q8 (asked for, the output features a multiple of 16, the input features of 32, on a CPU with VNNI
-    where the kernels load): the weight as
-    `pack_q8` lays it out, uint8 [N / 16, K / 4, 16, 4], the scales [N / 16, G, 16], and the forward is
-    `linear_q8` (input rounded to int8 as well). Otherwise weight int8 [N, K], scales [N, G], and the forward
-    widens the weight to the input's dtype."""
+    `kernel` 'a16' or 'q8' (asked for, the output features a multiple of 16, the input features of 32, on a
+    CPU with VNNI where the kernels load): the weight as `pack_a16` / `pack_q8` lay it out, the scales
+    [N / 16, G, 16], and the forward is `linear_a16` / `linear_q8`. Otherwise (kernel None): weight int8
+    [N, K], scales [N, G], and the forward widens the weight to the input's dtype."""
 
-    def __init__(self, linear: torch.nn.Linear, q8: bool = False):
+    def __init__(self, linear: torch.nn.Linear, kernel: str | None = None):
         super().__init__()
+        if kernel not in (None, "a16", "q8"):
+            raise ValueError(f"kernel must be None, 'a16' or 'q8', got {kernel!r}")
         q, scales = quantize_int8(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.q8 = (
-            q8
-            and self.out_features % 16 == 0
+        usable = (
+            self.out_features % 16 == 0
             and self.in_features % GROUP_SIZE == 0
             and linear.weight.device.type == "cpu"
             and kernels.vnni()
         )
-        if self.q8:
-            q, scales = torch.ops.prefix_server.pack_q8(q), torch.ops.prefix_server.pack_linear(scales)
+        self.kernel = kernel if kernel is not None and usable else None
+        if self.kernel is not None:
+            ops = torch.ops.prefix_server
+            pack = ops.pack_a16 if self.kernel == "a16" else ops.pack_q8
+            q, scales = pack(q), ops.pack_linear(scales)
         self.register_buffer("weight", q)  # on the linear's device, as its weight was
         self.register_buffer("scales", scales)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
-        if self.q8:
+        if self.kernel == "a16":
+            return torch.ops.prefix_server.linear_a16(x, self.weight, self.scales, self.bias)
+        if self.kernel == "q8":
             return torch.ops.prefix_server.linear_q8(x, self.weight, self.scales, self.bias)
         return F.linear(x, dequantize(self.weight, self.scales, x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         groups = self.scales.shape[1]
-        how = "int8 x int8 (q8)" if self.q8 else "int8 weights"
+        how = {"a16": "int8 x int16", "q8": "int8 x int8", None: "int8 weights"}[self.kernel]
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}, {groups} scales per row"
 
 
-def quantize_model(model: PreTrainedModel, mode: str, q8: bool = True) -> PreTrainedModel:
-    """`mode` 'int8': every nn.Linear of the decoder layers and the lm_head replaced by an Int8Linear, in
-    place (the float weights are freed, except an lm_head tied to the embedding, which the embedding
-    keeps); 'off': the model as it is. `q8`: int8 x int8 wherever the CPU kernel for it runs (see above);
-    False: weight-only everywhere."""
+def quantize_model(model: PreTrainedModel, mode: str, vnni: bool = True) -> PreTrainedModel:
+    """`mode` 'int8' or 'w8a8': every nn.Linear of the decoder layers and the lm_head replaced by an
+    Int8Linear, in place (the float weights are freed, except an lm_head tied to the embedding, which the
+    embedding keeps), on the mode's VNNI kernel where the CPU runs it; 'off': the model as it is.
+    `vnni` False: weight-only everywhere (for comparisons)."""
     if mode not in QUANTIZE_CHOICES:
         raise ConfigError(f"setting quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode == "off":
@@ -105,25 +115,33 @@ def quantize_model(model: PreTrainedModel, mode: str, q8: bool = True) -> PreTra
             f"--quantize int8 needs a Llama-family model (decoder layers of nn.Linear and an lm_head), "
             f"got {type(model).__name__}"
         )
+    kernel = VNNI_KERNELS[mode] if vnni else None
     num = 0
     for layer in layers:
         for parent in layer.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, q8))
+                    setattr(parent, name, Int8Linear(child, kernel))
                     num += 1
-    model.lm_head = Int8Linear(model.lm_head, q8)
+    model.lm_head = Int8Linear(model.lm_head, kernel)
     num += 1
-    num_q8 = sum(isinstance(m, Int8Linear) and m.q8 for m in model.modules())
+    on_kernel = sum(isinstance(m, Int8Linear) and m.kernel is not None for m in model.modules())
+    how = {
+        "a16": "int8 x int16 (activations rounded to int16 per 32)",
+        "q8": "int8 x int8 (activations rounded to int8 per 32, llama.cpp's Q8_0 arithmetic)",
+        None: "weight-only",
+    }[kernel]
     log.info(
-        "quantized %d linears to int8 (a scale per %d weights); %d of them int8 x int8 (activations rounded "
-        "to int8 per %d, AVX-512 VNNI), the others on %s activations",
+        "quantized %d linears to int8 (a scale per %d weights); %d of them %s on AVX-512 VNNI, the others "
+        "weight-only on %s activations",
         num,
         GROUP_SIZE,
-        num_q8,
-        GROUP_SIZE,
+        on_kernel,
+        how,
         model.dtype,
     )
+    if mode == "w8a8" and on_kernel == 0:
+        log.warning("--quantize w8a8 needs a CPU with AVX-512 VNNI; here it runs weight-only, as int8 does")
     if model.device.type != "cpu":  # no int8 kernel there yet: each step widens every weight first
         log.warning(
             "--quantize int8 on %s widens the int8 weights in every step: expect it slower than "

@@ -4,8 +4,18 @@
     pack_linear(weight [N, K]) -> [N / 16, K, 16]        float32, bfloat16 or int8, N a multiple of 16
     linear(x [..., K], packed, bias?) -> [..., N]         x in the weight's dtype, float32 or bfloat16
                                                           (accumulated in float32), AVX-512
-    linear_int8(x [..., K], packed, scales [N], bias?)    int8 weights, a float32 scale per output feature;
-        -> [..., N]                                       x float32 or bfloat16 (its dtype out), AVX-512
+    linear_int8(x [..., K], packed, scales, bias?)       weight-only int8: float32 scales per output feature
+        -> [..., N]                                       and group of K (packed [N / 16, G, 16]); x float32
+                                                          or bfloat16 (its dtype out), AVX-512
+    pack_q8(weight int8 [N, K]) -> uint8                  w + 128 as [N / 16, K / 4, 16, 4]; N a multiple of
+                                                          16, K of 32
+    linear_q8(x [..., K], packed, scales, bias?)          int8 x int8 (llama.cpp's Q8_0 x Q8_0): x rounded
+        -> [..., N]                                       to int8 per row and 32 k, exact int32 dot products
+                                                          (vpdpbusd), both scales per group; AVX-512 VNNI
+    pack_a16(weight int8 [N, K]) -> int8                  [N / 16, K / 2, 16, 2]; N a multiple of 16, K of 32
+    linear_a16(x [..., K], packed, scales, bias?)         int8 x int16: x rounded to int16 per row and 32 k
+        -> [..., N]                                       (~weight-only's result), vpdpwssd; AVX-512 VNNI
+    has_vnni() -> bool                                    whether this CPU runs linear_q8 and linear_a16
     write_kv(keys!, values!, layer, slots [b], k, v)      the pool's dtype, any device: each row's new K/V
                                                           into its pool slot
     paged_attention(q [b, heads, d], keys, values, layer, block_tables [b, blocks], prefix_lens [b],
@@ -62,7 +72,7 @@ def avx512() -> bool:
 
 
 def vnni() -> bool:
-    """Whether `linear_q8` (int8 x int8 dot products) may run here: AVX-512 with VNNI. Loads the kernels."""
+    """Whether `linear_a16` and `linear_q8` may run here: AVX-512 with VNNI. Loads the kernels."""
     return avx512() and load() and torch.ops.prefix_server.has_vnni()
 
 
@@ -160,6 +170,14 @@ def _register_fakes() -> None:
         return weight.new_empty((weight.shape[0] // 16, weight.shape[1] // 4, 16, 4), dtype=torch.uint8)
 
     @torch.library.register_fake("prefix_server::linear_q8")
+    def _(x, packed, scales, bias):
+        return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
+
+    @torch.library.register_fake("prefix_server::pack_a16")
+    def _(weight):
+        return weight.new_empty((weight.shape[0] // 16, weight.shape[1] // 2, 16, 2))
+
+    @torch.library.register_fake("prefix_server::linear_a16")
     def _(x, packed, scales, bias):
         return x.new_empty((*x.shape[:-1], packed.shape[0] * 16))
 
