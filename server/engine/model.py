@@ -20,6 +20,7 @@ import torch
 from filelock import FileLock, Timeout
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
+from server.engine.gguf_int8 import q8_0_linears
 from server.engine.quantize import quantize_model
 from server.errors import UnsupportedModel
 from server.registry.format import ModelFingerprint
@@ -124,9 +125,10 @@ def load_model(
     spec: str, *, dtype: str = "auto", device: str = "auto", cache_dir: Path, quantize: str = "off"
 ) -> LoadedModel:
     """Load, freeze and check a base model. spec: 'default', a folder, a .gguf file, or a hub id;
-    quantize: 'off' or 'int8' (engine/quantize.py)."""
+    quantize: 'off', 'int8' or 'w8a8' (engine/quantize.py; a GGUF's Q8_0 linears keep their blocks)."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    gguf: Path | None = None
     if spec == DEFAULT_MODEL:
         gguf = default_gguf_path()
         source, name = str(convert_gguf(gguf, cache_dir)), "SmolLM2-135M-Instruct"
@@ -143,7 +145,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedModel(f"cannot load model {spec!r}: {e}") from e
-    model = quantize_model(freeze(model.to(dev)), quantize)
+    blocks = {}  # a GGUF's Q8_0 linears, kept as they are (engine/gguf_int8.py)
+    if quantize != "off" and gguf is not None:
+        blocks = q8_0_linears(gguf, tied_lm_head=bool(getattr(model.config, "tie_word_embeddings", False)))
+    model = quantize_model(freeze(model.to(dev)), quantize, blocks=blocks)
     check_prefix_support(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
 

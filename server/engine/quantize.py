@@ -65,12 +65,29 @@ class Int8Linear(torch.nn.Module):
     [N / 16, G, 16], and the forward is `linear_a16` / `linear_q8`. Otherwise (kernel None): weight int8
     [N, K], scales [N, G], and the forward widens the weight to the input's dtype."""
 
-    def __init__(self, linear: torch.nn.Linear, kernel: str | None = None):
+    def __init__(
+        self,
+        linear: torch.nn.Linear,
+        kernel: str | None = None,
+        blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """`blocks`: the int8 weight [N, K] and its scales [N, K / 32] as they are (a GGUF's Q8_0,
+        engine/gguf_int8.py), instead of rounding the linear's float weight."""
         super().__init__()
         if kernel not in (None, "a16", "q8"):
             raise ValueError(f"kernel must be None, 'a16' or 'q8', got {kernel!r}")
-        q, scales = quantize_int8(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if blocks is None:
+            q, scales = quantize_int8(linear.weight)
+        else:
+            q, scales = (t.to(linear.weight.device) for t in blocks)
+            want = (self.out_features, self.in_features // GROUP_SIZE)
+            if q.shape != linear.weight.shape or q.dtype != torch.int8 or tuple(scales.shape) != want:
+                raise ValueError(
+                    f"int8 blocks for a linear [{self.out_features}, {self.in_features}]: expected int8 "
+                    f"{tuple(linear.weight.shape)} and scales {want}, got {q.dtype} {tuple(q.shape)} and "
+                    f"{tuple(scales.shape)}"
+                )
         usable = (
             self.out_features % 16 == 0
             and self.in_features % GROUP_SIZE == 0
@@ -100,11 +117,17 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}, {groups} scales per row"
 
 
-def quantize_model(model: PreTrainedModel, mode: str, vnni: bool = True) -> PreTrainedModel:
+def quantize_model(
+    model: PreTrainedModel,
+    mode: str,
+    vnni: bool = True,
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PreTrainedModel:
     """`mode` 'int8' or 'w8a8': every nn.Linear of the decoder layers and the lm_head replaced by an
     Int8Linear, in place (the float weights are freed, except an lm_head tied to the embedding, which the
     embedding keeps), on the mode's VNNI kernel where the CPU runs it; 'off': the model as it is.
-    `vnni` False: weight-only everywhere (for comparisons)."""
+    `vnni` False: weight-only everywhere (for comparisons). `blocks`: module name -> int8 weight and scales
+    to take as they are (a GGUF's Q8_0 linears); the others are rounded from their float weights."""
     if mode not in QUANTIZE_CHOICES:
         raise ConfigError(f"setting quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode == "off":
@@ -115,15 +138,16 @@ def quantize_model(model: PreTrainedModel, mode: str, vnni: bool = True) -> PreT
             f"--quantize int8 needs a Llama-family model (decoder layers of nn.Linear and an lm_head), "
             f"got {type(model).__name__}"
         )
-    kernel = VNNI_KERNELS[mode] if vnni else None
+    kernel, blocks = VNNI_KERNELS[mode] if vnni else None, blocks or {}
+    names = {id(module): name for name, module in model.named_modules()}
     num = 0
     for layer in layers:
         for parent in layer.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, kernel))
+                    setattr(parent, name, Int8Linear(child, kernel, blocks.get(names[id(child)])))
                     num += 1
-    model.lm_head = Int8Linear(model.lm_head, kernel)
+    model.lm_head = Int8Linear(model.lm_head, kernel, blocks.get("lm_head"))
     num += 1
     on_kernel = sum(isinstance(m, Int8Linear) and m.kernel is not None for m in model.modules())
     how = {
@@ -132,10 +156,11 @@ def quantize_model(model: PreTrainedModel, mode: str, vnni: bool = True) -> PreT
         None: "weight-only",
     }[kernel]
     log.info(
-        "quantized %d linears to int8 (a scale per %d weights); %d of them %s on AVX-512 VNNI, the others "
-        "weight-only on %s activations",
+        "quantized %d linears to int8 (a scale per %d weights; %d blocks taken as they were); %d of them %s "
+        "on AVX-512 VNNI, the others weight-only on %s activations",
         num,
         GROUP_SIZE,
+        sum(name in blocks for name in [*names.values(), "lm_head"]),
         on_kernel,
         how,
         model.dtype,
