@@ -174,8 +174,25 @@ def _whole(value):
 _SETTING_LIMITS = {"max_tokens": 64, "max_completion_tokens": 64, "n": 4}
 
 
+def _servable(prompt):
+    """A drawn prompt made one the tiny server takes: short texts (its tokenizer takes a token per byte, up
+    to 4 per character; the limit is 64 tokens, and the chat template adds some), token ids within its
+    vocabulary, at most 2 prompts, messages or content parts. The schema cannot say these (settings and
+    the tokenizer); without them most drawn prompts are a 400 (empty, too long, ids out of range), and a
+    run could draw no answerable one."""
+    if isinstance(prompt, str):
+        return prompt[:6] or "hi"
+    if isinstance(prompt, int) and not isinstance(prompt, bool):
+        return prompt % 256
+    if isinstance(prompt, list):
+        return [_servable(p) for p in prompt[: 16 if all(isinstance(p, int) for p in prompt) else 2]] or [104]
+    if isinstance(prompt, dict):  # a chat message or a content part: its text
+        return {k: _servable(v) if k in ("content", "text") else v for k, v in prompt.items()}
+    return prompt
+
+
 def _with_served_model(case):
-    """The case naming the served model, with whole numbers as ints, counts within the server's
+    """The case naming the served model, with whole numbers as ints, counts and prompts within the server's
     settings, and without the fields the schema leaves open (additional properties, refused by name:
     400 unknown_parameter)."""
     if isinstance(case.body, dict):
@@ -184,6 +201,9 @@ def _with_served_model(case):
         for name, limit in _SETTING_LIMITS.items():
             if type(body.get(name)) is int:
                 body[name] = min(body[name], limit)
+        for name in ("prompt", "messages"):
+            if name in body:
+                body[name] = _servable(body[name])
         case.body = {**body, "model": "tiny"}
     return case
 
