@@ -6,9 +6,9 @@
 //    float32 GEMM is poor at the few rows of a decode step.
 //    A decode step reads every weight once, so the kernel streams each weight block once and multiplies
 //    it into every row while it is in registers.
-//  - linear_q8 (int8 weights and int8-rounded activations, AVX-512 VNNI): llama.cpp's Q8_0 x Q8_0. Widening
-//    each int8 weight to float32 (linear_int8) costs more than reading it: vpdpbusd multiplies 64 byte
-//    pairs per instruction, so one row streams at memory speed and 8 rows cost 1.4x one, not 2-3x.
+//  - linear_a16 and linear_q8 (int8 weights times activations rounded to int16 / int8, AVX-512 VNNI):
+//    widening each int8 weight to float32 (linear_int8) costs more than reading it; integer dot products
+//    (32 or 64 multiply-adds per instruction) let one row stream the weights at memory speed.
 //  - write_kv: writing the new K/V into the page pool in place (an indexed assignment traced by
 //    torch.compile becomes a copy of the whole pool per layer).
 //  - paged_attention (float32, bfloat16): one query token per row over that row's prefix pages and own
@@ -435,73 +435,108 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   return packed_gemm("linear_int8", x, packed.data_ptr<int8_t>(), s, blocks, bias);
 }
 
-// ---- int8 x int8 (VNNI): linear_q8 -------------------------------------------------------------------------
-// llama.cpp's Q8_0 x Q8_0 dot product on AVX-512 VNNI: the weights' int8 (one float32 scale per 32 k, as
-// for linear_int8) times the activations quantized per row and 32 k (scale = max |x| / 127, to nearest),
-// four products per lane per instruction (vpdpbusd) into exact int32 sums, then each group's sum times both
-// scales into the float32 accumulators. vpdpbusd multiplies unsigned by signed bytes: the weights are
-// stored as w + 128 (1..255) and each activation group's sum times 128 is taken back out:
-// sum((w + 128) * xq) - 128 * sum(xq) = sum(w * xq).
-//
-// Packed weights: uint8 [N / 16, K / 4, 16, 4] (block of 16 output features, quad of 4 k, feature, k):
-// one 64-byte vector per block and quad, each 32-bit lane one feature's 4 consecutive k.
+// ---- Integer dot products (AVX-512 VNNI): linear_a16 and linear_q8 --------------------------------------------
+// The int8 weights (one float32 scale per 32 k, as for linear_int8) times the activations rounded per row and
+// 32 k to integers (scale = max |x| / levels, to nearest), multiplied into exact int32 sums, then each group's
+// sum times both scales into the float32 accumulators. Two kernels, one code:
+//  - linear_a16 (`--quantize int8`): activations to int16 (levels 32767: a relative error of ~1e-5, below
+//    bfloat16's 4e-3, so the result is weight-only int8's), `vpdpwssd`: 2 products per lane per instruction.
+//    Weights packed int8 [N / 16, K / 2, 16, 2] (block, pair of k, feature, k): 32 bytes per block and pair,
+//    widened to 32 int16 in a register.
+//  - linear_q8 (`--quantize w8a8`): llama.cpp's Q8_0 x Q8_0, activations to int8 (levels 127), `vpdpbusd`:
+//    4 products per lane. It multiplies unsigned by signed bytes, so the weights are stored as w + 128
+//    (1..255) and each activation group's sum times 128 is taken back out:
+//    sum((w + 128) * xq) - 128 * sum(xq) = sum(w * xq). Weights packed uint8 [N / 16, K / 4, 16, 4].
+// One row streams the weights at memory speed with either; at 16 rows and more q8 is ~1.5x faster (64
+// products per instruction against 32: docs/internals.md). Each 32-bit lane holds one output feature's
+// `per_lane` consecutive k; a row's `per_lane` activations are broadcast to all 16 lanes.
 
-constexpr int64_t kQ = 32;     // k per scale group, weights and activations
-constexpr int64_t kQuads = 8;  // groups of 4 k per scale group
-constexpr int64_t kPrefetchQ8 = 32;  // quads (cache lines) ahead on each weight stream (measured: 8 to 32 is ~5%)
+constexpr int64_t kQ = 32;            // k per scale group, weights and activations
+constexpr int64_t kPrefetchQ8 = 32;  // 64-byte lines ahead on each weight stream (measured: 8 to 32 is ~5%)
+
+struct A16 {
+  using X = int16_t;  // activations
+  using W = int8_t;   // packed weights
+  static constexpr int64_t per_lane = 2;
+  static constexpr float levels = 32767.f;
+  static constexpr float offset = 0.f;  // the weights' offset as stored
+};
+struct Q8 {
+  using X = int8_t;
+  using W = uint8_t;
+  static constexpr int64_t per_lane = 4;
+  static constexpr float levels = 127.f;
+  static constexpr float offset = 128.f;
+};
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,fma")
 
-// x [M, K] float32 -> xq [M, K] int8, scale [M, K / 32], corr [M, K / 32] = -128 * scale * sum(xq) per group.
-void quantize_rows(const float* x, int64_t m_total, int64_t k, int8_t* xq, float* scale, float* corr) {
-  const int64_t groups = k / kQ;
+inline __m512i load_weights(const int8_t* p) {  // 32 int8 -> 32 int16
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512i load_weights(const uint8_t* p) { return _mm512_loadu_si512(p); }  // 64 uint8
+inline __m512i dot_lanes(__m512i acc, __m512i w, __m512i x, A16) { return _mm512_dpwssd_epi32(acc, w, x); }
+inline __m512i dot_lanes(__m512i acc, __m512i w, __m512i x, Q8) { return _mm512_dpbusd_epi32(acc, w, x); }
+inline void store16(int16_t* dst, __m512i v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(v));
+}
+inline void store16(int8_t* dst, __m512i v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(v));
+}
+
+// x [M, K] float32 -> xq [M, K] (P::X), scale [M, K / 32], corr [M, K / 32] = -offset * scale * sum(xq).
+template <typename P>
+void quantize_rows(const float* x, int64_t m_total, int64_t k, typename P::X* xq, float* scale, float* corr) {
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (int64_t i = 0; i < m_total * groups; ++i) {
+  for (int64_t i = 0; i < m_total * (k / kQ); ++i) {
     const float* src = x + i * kQ;  // rows are contiguous: group i of the flattened [M * G]
     const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, abs_mask), _mm512_and_ps(b, abs_mask)));
-    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float s = amax / P::levels, inv = amax > 0.f ? P::levels / amax : 0.f;
     const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // to nearest, ties to even
     const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * kQ), _mm512_cvtsepi32_epi8(qa));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * kQ + 16), _mm512_cvtsepi32_epi8(qb));
+    store16(xq + i * kQ, qa);
+    store16(xq + i * kQ + 16, qb);
     scale[i] = s;
-    corr[i] = -128.f * s * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+    corr[i] = -P::offset * s * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
   }
 }
 
-struct QuantRows {
-  const int8_t* q;
+template <typename P>
+struct IntRows {  // M rows of quantized activations
+  const typename P::X* q;
   const float *scale, *corr;
 };
 
-// out[m, (nb + j) * 16 : +16] for M rows and NB consecutive blocks: per scale group, 8 vpdpbusd per row and
-// block into int32, then acc += (sum * x_scale + corr) * w_scales.
-template <int M, int NB>
-inline void tile_q8(const QuantRows& x, int64_t K, const uint8_t* w, const float* ws, float* out, int64_t ldo,
-                    int64_t nb) {
-  const int64_t groups = K / kQ, quads = K / 4;
+// out[m, (nb + j) * 16 : +16] for M rows and NB consecutive blocks: per scale group, 32 / per_lane dot
+// instructions per row and block into int32 (|sum| < 32 * 255 * 127 or 32 * 127 * 32767 < 2^31), then
+// acc += (sum * x_scale + corr) * w_scales.
+template <typename P, int M, int NB>
+inline void tile_int(const IntRows<P>& x, int64_t K, const typename P::W* w, const float* ws, float* out,
+                     int64_t ldo, int64_t nb) {
+  constexpr int64_t steps = kQ / P::per_lane, step_bytes = kBlock * P::per_lane;  // per group; per step
+  const int64_t groups = K / kQ, block_bytes = K * kBlock;
   __m512 acc[M][NB];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
-  const uint8_t* wb = w + nb * quads * 64;
+  const typename P::W* wb = w + nb * block_bytes;
   for (int64_t g = 0; g < groups; ++g) {
     __m512i dot[M][NB];
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < NB; ++j) dot[m][j] = _mm512_setzero_si512();
-    for (int64_t t = g * kQuads; t < (g + 1) * kQuads; ++t) {
+    for (int64_t t = g * steps; t < (g + 1) * steps; ++t) {
       __m512i wv[NB];
       for (int j = 0; j < NB; ++j) {
-        const uint8_t* p = wb + (j * quads + t) * 64;
+        const typename P::W* p = wb + j * block_bytes + t * step_bytes;
         _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchQ8 * 64), _MM_HINT_T0);
-        wv[j] = _mm512_loadu_si512(p);
+        wv[j] = load_weights(p);
       }
       for (int m = 0; m < M; ++m) {
-        int32_t four;
-        std::memcpy(&four, x.q + m * K + t * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(four);
-        for (int j = 0; j < NB; ++j) dot[m][j] = _mm512_dpbusd_epi32(dot[m][j], wv[j], xb);
+        int32_t lane;  // this row's per_lane activations, 4 bytes
+        std::memcpy(&lane, x.q + m * K + t * P::per_lane, 4);
+        const __m512i xb = _mm512_set1_epi32(lane);
+        for (int j = 0; j < NB; ++j) dot[m][j] = dot_lanes(dot[m][j], wv[j], xb, P{});
       }
     }
     __m512 sw[NB];
@@ -517,34 +552,36 @@ inline void tile_q8(const QuantRows& x, int64_t K, const uint8_t* w, const float
 }
 
 // Blocks [nb0, nb1) for M <= 8 rows, NB at a time (2 x M x NB accumulators in the 32 registers). Measured on
-// the default model's shapes: one block at a time is best for one row (one sequential weight stream per
+// the default model's shapes (q8): one block at a time is best for one row (one sequential weight stream per
 // thread: 3.8 ms vs 4.3 ms for 2 or 4) and for 8 rows (5.4 ms vs 6.0-6.4 ms for 2 x 4 rows or 6 + 2).
-template <int M>
-void rows_q8(const QuantRows& x, int64_t K, const uint8_t* w, const float* ws, float* out, int64_t ldo, int64_t nb0,
-             int64_t nb1) {
+template <typename P, int M>
+void rows_int(const IntRows<P>& x, int64_t K, const typename P::W* w, const float* ws, float* out, int64_t ldo,
+              int64_t nb0, int64_t nb1) {
   constexpr int NB = M == 1 ? 1 : M <= 2 ? 4 : M <= 4 ? 2 : 1;
   int64_t nb = nb0;
-  for (; nb + NB <= nb1; nb += NB) tile_q8<M, NB>(x, K, w, ws, out, ldo, nb);
-  for (; nb < nb1; ++nb) tile_q8<M, 1>(x, K, w, ws, out, ldo, nb);
+  for (; nb + NB <= nb1; nb += NB) tile_int<P, M, NB>(x, K, w, ws, out, ldo, nb);
+  for (; nb < nb1; ++nb) tile_int<P, M, 1>(x, K, w, ws, out, ldo, nb);
 }
 
-using RowsQ8Fn = void (*)(const QuantRows&, int64_t, const uint8_t*, const float*, float*, int64_t, int64_t, int64_t);
-constexpr RowsQ8Fn kRowsQ8[8] = {rows_q8<1>, rows_q8<2>, rows_q8<3>, rows_q8<4>,
-                                 rows_q8<5>, rows_q8<6>, rows_q8<7>, rows_q8<8>};
-
-void gemm_q8(const float* xp, const uint8_t* wp, const float* ws, float* op, int64_t m_total, int64_t k, int64_t blocks) {
+template <typename P>
+void gemm_int(const float* xp, const typename P::W* wp, const float* ws, float* op, int64_t m_total, int64_t k,
+              int64_t blocks) {
+  using RowsFn = void (*)(const IntRows<P>&, int64_t, const typename P::W*, const float*, float*, int64_t, int64_t,
+                          int64_t);
+  static constexpr RowsFn kRowsInt[8] = {rows_int<P, 1>, rows_int<P, 2>, rows_int<P, 3>, rows_int<P, 4>,
+                                         rows_int<P, 5>, rows_int<P, 6>, rows_int<P, 7>, rows_int<P, 8>};
   const int64_t groups = k / kQ, n = blocks * kBlock;
-  std::vector<int8_t> q(m_total * k);
+  std::vector<typename P::X> q(m_total * k);
   std::vector<float> scale(m_total * groups), corr(m_total * groups);
-  quantize_rows(xp, m_total, k, q.data(), scale.data(), corr.data());
+  quantize_rows<P>(xp, m_total, k, q.data(), scale.data(), corr.data());
   // As gemm: threads split the weight's blocks, every thread does all rows, 8 at a time per group of blocks.
   at::parallel_for(0, blocks, kGroup, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; nb += kGroup) {
       const int64_t nb_end = std::min(nb + kGroup, b1);
       for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) {
         const int64_t rows_here = std::min(kRowTile, m_total - m0);
-        const QuantRows x{q.data() + m0 * k, scale.data() + m0 * groups, corr.data() + m0 * groups};
-        kRowsQ8[rows_here - 1](x, k, wp, ws, op + m0 * n, n, nb, nb_end);
+        const IntRows<P> x{q.data() + m0 * k, scale.data() + m0 * groups, corr.data() + m0 * groups};
+        kRowsInt[rows_here - 1](x, k, wp, ws, op + m0 * n, n, nb, nb_end);
       }
     }
   });
@@ -554,24 +591,34 @@ void gemm_q8(const float* xp, const uint8_t* wp, const float* ws, float* op, int
 
 bool has_vnni() { return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"); }
 
-// int8 [N, K] -> uint8 [N / 16, K / 4, 16, 4] = w + 128 (the layout above).
-at::Tensor pack_q8(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar,
-              "pack_q8: expected a 2-D int8 weight, got ", weight.scalar_type(), " ", weight.sizes());
+// int8 [N, K] -> P's packed layout (above).
+template <typename P>
+at::Tensor pack_int(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, op, ": expected a 2-D int8 weight, got ",
+              weight.scalar_type(), " ", weight.sizes());
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(n % kBlock == 0 && k % kQ == 0, "pack_q8: expected output features a multiple of 16 and input "
+  TORCH_CHECK(n % kBlock == 0 && k % kQ == 0, op, ": expected output features a multiple of 16 and input "
               "features a multiple of 32, got [", n, ", ", k, "]");
-  const at::Tensor shifted = (weight.to(at::kShort) + 128).to(at::kByte);  // 1..255 for -127..127
-  return shifted.reshape({n / kBlock, kBlock, k / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  const at::Tensor stored = P::offset == 0.f ? weight : (weight.to(at::kShort) + 128).to(at::kByte);  // 1..255
+  return stored.reshape({n / kBlock, kBlock, k / P::per_lane, P::per_lane}).permute({0, 2, 1, 3}).contiguous();
 }
+at::Tensor pack_a16(const at::Tensor& weight) { return pack_int<A16>("pack_a16", weight); }
+at::Tensor pack_q8(const at::Tensor& weight) { return pack_int<Q8>("pack_q8", weight); }
 
-// linear_q8 and linear_a16 after their weight checks: the scales' and input's checks, x as float32 [M, K]
-// through `gemm` into float32 [M, N], plus the bias, in x's dtype and leading shape.
-template <typename W, typename Gemm>
-at::Tensor vnni_linear(const char* op, const at::Tensor& x, const W* wp, int64_t k, int64_t blocks,
-                       const at::Tensor& scales, const std::optional<at::Tensor>& bias, Gemm gemm) {
+// x [..., K] @ (int8 weight * scales).T (+ bias) -> [..., N] in x's dtype (float32 or bfloat16), x rounded to
+// P's integers per row and 32 k. packed: P's layout from pack_a16 / pack_q8; scales: float32 [N / 16, K / 32,
+// 16] (pack_linear of [N, K / 32]).
+template <typename P>
+at::Tensor linear_int(const char* op, const char* pack, const at::Tensor& x, const at::Tensor& packed,
+                      const at::Tensor& scales, const std::optional<at::Tensor>& bias) {
+  constexpr bool unsigned_weights = std::is_same_v<typename P::W, uint8_t>;
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlock && packed.size(3) == P::per_lane &&
+                  packed.is_contiguous() && packed.scalar_type() == (unsigned_weights ? at::kByte : at::kChar) &&
+                  packed.size(1) % (kQ / P::per_lane) == 0,
+              op, ": expected ", unsigned_weights ? "a uint8" : "an int8", " weight packed by ", pack, " [N / 16, K / ",
+              P::per_lane, ", 16, ", P::per_lane, "], got ", packed.scalar_type(), " ", packed.sizes());
   TORCH_CHECK(has_vnni(), op, ": this CPU has no AVX-512 VNNI");
-  const int64_t n = blocks * kBlock;
+  const int64_t k = packed.size(1) * P::per_lane, blocks = packed.size(0), n = blocks * kBlock;
   const auto dtype = x.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.size(-1) == k, op,
               ": expected a float32 or bfloat16 input [..., ", k, "], got ", dtype, " ", x.sizes());
@@ -584,149 +631,22 @@ at::Tensor vnni_linear(const char* op, const at::Tensor& x, const W* wp, int64_t
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
-  if (m_total > 0) gemm(x2.data_ptr<float>(), wp, scales.data_ptr<float>(), out.data_ptr<float>(), m_total, k, blocks);
+  if (m_total > 0)
+    gemm_int<P>(x2.data_ptr<float>(), static_cast<const typename P::W*>(packed.data_ptr()), scales.data_ptr<float>(),
+                out.data_ptr<float>(), m_total, k, blocks);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": expected a bias [", n, "], got ", bias->sizes());
     out.add_(*bias);
   }
   return out.to(dtype).view(out_shape);
 }
-
-// x [..., K] @ (int8 weight * scales).T (+ bias) -> [..., N] in x's dtype, x rounded to int8 per row and 32 k
-// (see above). packed: pack_q8's uint8 [N / 16, K / 4, 16, 4]; scales: float32 [N / 16, K / 32, 16]
-// (pack_linear of [N, K / 32]).
-at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlock && packed.size(3) == 4 && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kByte && packed.size(1) % kQuads == 0,
-              "linear_q8: expected a uint8 weight packed by pack_q8 [N / 16, K / 4, 16, 4], got ",
-              packed.scalar_type(), " ", packed.sizes());
-  return vnni_linear("linear_q8", x, packed.data_ptr<uint8_t>(), packed.size(1) * 4, packed.size(0), scales, bias,
-                     gemm_q8);
-}
-
-// ---- int8 x int16 (VNNI): linear_a16 -------------------------------------------------------------------------
-// The int8 weights (same scales as above) times the activations rounded to int16 per row and 32 k (scale =
-// max |x| / 32767: a relative error of ~1e-5, below bfloat16's 4e-3, so the result is weight-only int8's),
-// two products per lane per instruction (vpdpwssd) into int32, then each group's sum times both scales.
-// Measured on the default model's shapes: as fast as linear_q8 for one row (both stream the weights at
-// memory speed), 1.1x its time for 8 rows, 1.3x for 16; far closer to float32 (docs/internals.md).
-//
-// Packed weights: int8 [N / 16, K / 2, 16, 2] (block, pair of k, feature, k): 32 bytes per block and pair,
-// widened to 32 int16 in a register, each 32-bit lane one feature's 2 consecutive k.
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,fma")
-
-// x [M, K] float32 -> xq [M, K] int16, scale [M, K / 32].
-void quantize_rows16(const float* x, int64_t m_total, int64_t k, int16_t* xq, float* scale) {
-  const int64_t groups = k / kQ;
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (int64_t i = 0; i < m_total * groups; ++i) {
-    const float* src = x + i * kQ;
-    const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, abs_mask), _mm512_and_ps(b, abs_mask)));
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // to nearest, ties to even
-    const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * kQ), _mm512_cvtsepi32_epi16(qa));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * kQ + 16), _mm512_cvtsepi32_epi16(qb));
-    scale[i] = amax / 32767.f;
-  }
-}
-
-// out[m, (nb + j) * 16 : +16] for M rows and NB blocks: per scale group, 16 vpdpwssd per row and block into
-// int32 (|sum| < 32 * 127 * 32767 < 2^31), then acc += sum * x_scale * w_scales.
-template <int M, int NB>
-inline void tile_a16(const int16_t* xq, const float* xs, int64_t K, const int8_t* w, const float* ws, float* out,
-                     int64_t ldo, int64_t nb) {
-  const int64_t groups = K / kQ, pairs = K / 2;
-  __m512 acc[M][NB];
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
-  const int8_t* wb = w + nb * pairs * 32;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i dot[M][NB];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < NB; ++j) dot[m][j] = _mm512_setzero_si512();
-    for (int64_t t = g * (kQ / 2); t < (g + 1) * (kQ / 2); ++t) {
-      __m512i wv[NB];
-      for (int j = 0; j < NB; ++j) {
-        const int8_t* p = wb + (j * pairs + t) * 32;
-        _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchQ8 * 64), _MM_HINT_T0);
-        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      }
-      for (int m = 0; m < M; ++m) {
-        int32_t two;
-        std::memcpy(&two, xq + m * K + t * 2, 4);
-        const __m512i xb = _mm512_set1_epi32(two);
-        for (int j = 0; j < NB; ++j) dot[m][j] = _mm512_dpwssd_epi32(dot[m][j], wv[j], xb);
-      }
-    }
-    __m512 sw[NB];
-    for (int j = 0; j < NB; ++j) sw[j] = _mm512_loadu_ps(ws + ((nb + j) * groups + g) * kBlock);
-    for (int m = 0; m < M; ++m) {
-      const __m512 sx = _mm512_set1_ps(xs[m * groups + g]);
-      for (int j = 0; j < NB; ++j)
-        acc[m][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[m][j]), sx), sw[j], acc[m][j]);
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(out + m * ldo + (nb + j) * kBlock, acc[m][j]);
-}
-
-template <int M>
-void rows_a16(const int16_t* xq, const float* xs, int64_t K, const int8_t* w, const float* ws, float* out, int64_t ldo,
-              int64_t nb0, int64_t nb1) {
-  constexpr int NB = M == 1 ? 1 : M <= 2 ? 4 : M <= 4 ? 2 : 1;  // as rows_q8
-  int64_t nb = nb0;
-  for (; nb + NB <= nb1; nb += NB) tile_a16<M, NB>(xq, xs, K, w, ws, out, ldo, nb);
-  for (; nb < nb1; ++nb) tile_a16<M, 1>(xq, xs, K, w, ws, out, ldo, nb);
-}
-
-using RowsA16Fn = void (*)(const int16_t*, const float*, int64_t, const int8_t*, const float*, float*, int64_t, int64_t,
-                           int64_t);
-constexpr RowsA16Fn kRowsA16[8] = {rows_a16<1>, rows_a16<2>, rows_a16<3>, rows_a16<4>,
-                                   rows_a16<5>, rows_a16<6>, rows_a16<7>, rows_a16<8>};
-
-void gemm_a16(const float* xp, const int8_t* wp, const float* ws, float* op, int64_t m_total, int64_t k, int64_t blocks) {
-  const int64_t groups = k / kQ, n = blocks * kBlock;
-  std::vector<int16_t> q(m_total * k);
-  std::vector<float> scale(m_total * groups);
-  quantize_rows16(xp, m_total, k, q.data(), scale.data());
-  at::parallel_for(0, blocks, kGroup, [&](int64_t b0, int64_t b1) {  // as gemm
-    for (int64_t nb = b0; nb < b1; nb += kGroup) {
-      const int64_t nb_end = std::min(nb + kGroup, b1);
-      for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) {
-        const int64_t rows_here = std::min(kRowTile, m_total - m0);
-        kRowsA16[rows_here - 1](q.data() + m0 * k, scale.data() + m0 * groups, k, wp, ws, op + m0 * n, n, nb, nb_end);
-      }
-    }
-  });
-}
-
-#pragma GCC pop_options
-
-// int8 [N, K] -> int8 [N / 16, K / 2, 16, 2] (the layout above).
-at::Tensor pack_a16(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar,
-              "pack_a16: expected a 2-D int8 weight, got ", weight.scalar_type(), " ", weight.sizes());
-  const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(n % kBlock == 0 && k % kQ == 0, "pack_a16: expected output features a multiple of 16 and input "
-              "features a multiple of 32, got [", n, ", ", k, "]");
-  return weight.reshape({n / kBlock, kBlock, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-}
-
-// x [..., K] @ (int8 weight * scales).T (+ bias) -> [..., N] in x's dtype, x rounded to int16 per row and 32 k
-// (see above). packed: pack_a16's int8 [N / 16, K / 2, 16, 2]; scales as linear_q8's.
 at::Tensor linear_a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kBlock && packed.size(3) == 2 && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kChar && packed.size(1) % (kQ / 2) == 0,
-              "linear_a16: expected an int8 weight packed by pack_a16 [N / 16, K / 2, 16, 2], got ",
-              packed.scalar_type(), " ", packed.sizes());
-  return vnni_linear("linear_a16", x, packed.data_ptr<int8_t>(), packed.size(1) * 2, packed.size(0), scales, bias,
-                     gemm_a16);
+  return linear_int<A16>("linear_a16", "pack_a16", x, packed, scales, bias);
+}
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias) {
+  return linear_int<Q8>("linear_q8", "pack_q8", x, packed, scales, bias);
 }
 
 // The pool: keys and values [layers, pages, kv_heads, page_size, head_dim] of one shape, `layer` in it.
