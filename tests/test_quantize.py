@@ -282,9 +282,14 @@ def test_quantize_setting_reaches_the_served_model(tmp_path, tokenizer):
     from server.api.runtime import build_components
 
     folder = save_model_folder(Engine(make_tiny_model("llama-gqa"), tokenizer), tmp_path / "model")
-    for mode, kind in (("int8", Int8Linear), ("off", torch.nn.Linear)):
+    for mode, kind in (("int8", Int8Linear), ("w8a8", Int8Linear), ("off", torch.nn.Linear)):
         settings = Settings(
             model=str(folder), quantize=mode, prefix_dir=tmp_path / mode, kv_cache_bytes=1 << 22
         )
         model = build_components(settings).engine.model
         assert isinstance(model.lm_head, kind) and isinstance(model.model.layers[0].mlp.down_proj, kind)
+        if (
+            mode != "off"
+        ):  # the mode's kernel where this CPU runs it (the tiny model's down_proj, 128 -> 64, is packable)
+            want = ("a16" if mode == "int8" else "q8") if kernels.vnni() else None
+            assert model.model.layers[0].mlp.down_proj.kernel == want
