@@ -76,10 +76,10 @@ class _Packed(torch.nn.Module):
 
     def __init__(self, *linears: torch.nn.Module):
         super().__init__()
-        kernels_ = {getattr(lin, "kernel", None) for lin in linears}
-        if len(kernels_) > 1:
-            raise ValueError(f"cannot fuse int8 linears on different kernels: {sorted(map(str, kernels_))}")
-        self.kernel = kernels_.pop()  # 'a16', 'q8' or None
+        kinds = {getattr(lin, "kernel", None) for lin in linears}
+        if len(kinds) > 1:
+            raise ValueError(f"cannot fuse int8 linears on different kernels: {sorted(map(str, kinds))}")
+        self.kernel = kinds.pop()  # 'a16', 'q8' or None
         # Output features first in every layout: [N, K], or the VNNI kernels' [N / 16, K / 4 | 2, 16, 4 | 2]
         weight = torch.cat([lin.weight.detach() for lin in linears])
         self.int8 = self.kernel is not None or weight.dtype == torch.int8

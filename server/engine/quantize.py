@@ -89,12 +89,13 @@ class Int8Linear(torch.nn.Module):
                     f"{tuple(scales.shape)}"
                 )
         usable = (
-            self.out_features % 16 == 0
+            kernel is not None
+            and self.out_features % 16 == 0
             and self.in_features % GROUP_SIZE == 0
             and linear.weight.device.type == "cpu"
-            and kernels.vnni()
+            and kernels.vnni()  # loads (and once per machine builds) the kernels: only when asked for
         )
-        self.kernel = kernel if kernel is not None and usable else None
+        self.kernel = kernel if usable else None
         if self.kernel is not None:
             ops = torch.ops.prefix_server
             pack = ops.pack_a16 if self.kernel == "a16" else ops.pack_q8
@@ -160,7 +161,7 @@ def quantize_model(
         "on AVX-512 VNNI, the others weight-only on %s activations",
         num,
         GROUP_SIZE,
-        sum(name in blocks for name in [*names.values(), "lm_head"]),
+        len(blocks.keys() & set(names.values())),
         on_kernel,
         how,
         model.dtype,
@@ -169,8 +170,9 @@ def quantize_model(
         log.warning("--quantize w8a8 needs a CPU with AVX-512 VNNI; here it runs weight-only, as int8 does")
     if model.device.type != "cpu":  # no int8 kernel there yet: each step widens every weight first
         log.warning(
-            "--quantize int8 on %s widens the int8 weights in every step: expect it slower than "
-            "bfloat16 there (the int8 kernel is CPU-only so far)",
+            "--quantize %s on %s widens the int8 weights in every step: expect it slower than "
+            "bfloat16 there (the int8 kernels are CPU-only so far)",
+            mode,
             model.device.type,
         )
     return model

@@ -362,40 +362,55 @@ at::Tensor pack_linear(const at::Tensor& weight) {
   return weight.reshape({n / kBlock, kBlock, k}).transpose(1, 2).contiguous();
 }
 
-// The packed GEMM in float32: xp [M, K] float32, wp packed [N / 16, K, 16], op [M, N] float32.
-template <typename W>
-void gemm(const float* xp, const W* wp, const Scales& s, float* op, int64_t m_total, int64_t k, int64_t blocks) {
-  const int64_t n = blocks * kBlock;
-  // Threads split the weight (each block is read from memory once, by one thread), every thread does all
-  // rows: a group of blocks at a time, 8 rows at a time over it.
+// How every packed GEMM splits its work: threads split the weight (each block is read from memory once, by
+// one thread), every thread does all rows: a group of kGroup blocks at a time, kRowTile rows at a time over
+// it. fn(m0, rows, nb0, nb1) computes rows [m0, m0 + rows) of blocks [nb0, nb1).
+template <typename Fn>
+void over_tiles(int64_t blocks, int64_t m_total, const Fn& fn) {
   at::parallel_for(0, blocks, kGroup, [&](int64_t b0, int64_t b1) {  // an even share of blocks per thread
     for (int64_t nb = b0; nb < b1; nb += kGroup) {
       const int64_t nb_end = std::min(nb + kGroup, b1);
-      for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) {
-        const int64_t rows_here = std::min(kRowTile, m_total - m0);
-        kRows<W>[rows_here - 1](xp + m0 * k, k, wp, s, op + m0 * n, n, nb, nb_end);
-      }
+      for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) fn(m0, std::min(kRowTile, m_total - m0), nb, nb_end);
     }
   });
 }
 
-// Both linears after their checks: x [..., K] (float32 or bfloat16) as float32 [M, K] through the packed
-// GEMM into float32 [M, N], plus the bias, in x's dtype and leading shape.
+// The packed GEMM in float32: xp [M, K] float32, wp packed [N / 16, K, 16], op [M, N] float32.
 template <typename W>
-at::Tensor packed_gemm(const char* op, const at::Tensor& x, const W* wp, const Scales& s, int64_t blocks,
-                       const std::optional<at::Tensor>& bias) {
-  const int64_t k = x.size(-1), n = blocks * kBlock;
+void gemm(const float* xp, const W* wp, const Scales& s, float* op, int64_t m_total, int64_t k, int64_t blocks) {
+  const int64_t n = blocks * kBlock;
+  over_tiles(blocks, m_total, [&](int64_t m0, int64_t rows, int64_t nb0, int64_t nb1) {
+    kRows<W>[rows - 1](xp + m0 * k, k, wp, s, op + m0 * n, n, nb0, nb1);
+  });
+}
+
+// Every linear after its checks: x [..., K] (float32 or bfloat16) as float32 [M, K] through `run(x, out, M)`
+// (a packed GEMM) into float32 [M, N], plus the bias, in x's dtype and leading shape.
+template <typename Run>
+at::Tensor packed_gemm(const char* op, const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias,
+                       const Run& run) {
+  const int64_t k = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
   const int64_t m_total = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
-  gemm(x2.data_ptr<float>(), wp, s, out.data_ptr<float>(), m_total, k, blocks);
+  if (m_total > 0) run(x2.data_ptr<float>(), out.data_ptr<float>(), m_total);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": expected a bias [", n, "], got ", bias->sizes());
     out.add_(*bias);
   }
   return out.to(x.scalar_type()).view(out_shape);
+}
+
+// linear and linear_int8: packed_gemm over `gemm`.
+template <typename W>
+at::Tensor float_gemm(const char* op, const at::Tensor& x, const W* wp, const Scales& s, int64_t blocks,
+                      const std::optional<at::Tensor>& bias) {
+  const int64_t k = x.size(-1);
+  return packed_gemm(op, x, blocks * kBlock, bias, [&](const float* xp, float* out, int64_t m_total) {
+    gemm(xp, wp, s, out, m_total, k, blocks);
+  });
 }
 
 // x [..., K] @ weight.T (+ bias) with the weight packed by pack_linear -> [..., N], in x's dtype. The
@@ -410,8 +425,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   TORCH_CHECK(x.scalar_type() == dtype && x.size(-1) == k, "linear: expected ", dtype, " input [..., ", k, "], got ",
               x.scalar_type(), " ", x.sizes());
   if (dtype == at::kBFloat16)
-    return packed_gemm("linear", x, packed.data_ptr<at::BFloat16>(), Scales{nullptr, 1, k}, blocks, bias);
-  return packed_gemm("linear", x, packed.data_ptr<float>(), Scales{nullptr, 1, k}, blocks, bias);
+    return float_gemm("linear", x, packed.data_ptr<at::BFloat16>(), Scales{nullptr, 1, k}, blocks, bias);
+  return float_gemm("linear", x, packed.data_ptr<float>(), Scales{nullptr, 1, k}, blocks, bias);
 }
 
 // x [..., K] @ dequantized(packed int8 weight).T (+ bias) -> [..., N], in x's dtype (float32 or bfloat16):
@@ -432,7 +447,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
               "linear_int8: expected float32 scales packed by pack_linear [", blocks, ", groups dividing ", k,
               ", 16], got ", scales.scalar_type(), " ", scales.sizes());
   const Scales s{scales.data_ptr<float>(), scales.size(1), k / scales.size(1)};
-  return packed_gemm("linear_int8", x, packed.data_ptr<int8_t>(), s, blocks, bias);
+  return float_gemm("linear_int8", x, packed.data_ptr<int8_t>(), s, blocks, bias);
 }
 
 // ---- Integer dot products (AVX-512 VNNI): linear_a16 and linear_q8 --------------------------------------------
@@ -574,16 +589,9 @@ void gemm_int(const float* xp, const typename P::W* wp, const float* ws, float* 
   std::vector<typename P::X> q(m_total * k);
   std::vector<float> scale(m_total * groups), corr(m_total * groups);
   quantize_rows<P>(xp, m_total, k, q.data(), scale.data(), corr.data());
-  // As gemm: threads split the weight's blocks, every thread does all rows, 8 at a time per group of blocks.
-  at::parallel_for(0, blocks, kGroup, [&](int64_t b0, int64_t b1) {
-    for (int64_t nb = b0; nb < b1; nb += kGroup) {
-      const int64_t nb_end = std::min(nb + kGroup, b1);
-      for (int64_t m0 = 0; m0 < m_total; m0 += kRowTile) {
-        const int64_t rows_here = std::min(kRowTile, m_total - m0);
-        const IntRows<P> x{q.data() + m0 * k, scale.data() + m0 * groups, corr.data() + m0 * groups};
-        kRowsInt[rows_here - 1](x, k, wp, ws, op + m0 * n, n, nb, nb_end);
-      }
-    }
+  over_tiles(blocks, m_total, [&](int64_t m0, int64_t rows, int64_t nb0, int64_t nb1) {
+    const IntRows<P> x{q.data() + m0 * k, scale.data() + m0 * groups, corr.data() + m0 * groups};
+    kRowsInt[rows - 1](x, k, wp, ws, op + m0 * n, n, nb0, nb1);
   });
 }
 
@@ -626,19 +634,10 @@ at::Tensor linear_int(const char* op, const char* pack, const at::Tensor& x, con
                   scales.is_contiguous() && scales.scalar_type() == at::kFloat,
               op, ": expected float32 scales packed by pack_linear [", blocks, ", ", k / kQ, ", 16], got ",
               scales.scalar_type(), " ", scales.sizes());
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();  // [M, K]
-  const int64_t m_total = x2.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty({m_total, n}, x2.options());  // [M, N] float32
-  if (m_total > 0)
-    gemm_int<P>(x2.data_ptr<float>(), static_cast<const typename P::W*>(packed.data_ptr()), scales.data_ptr<float>(),
-                out.data_ptr<float>(), m_total, k, blocks);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": expected a bias [", n, "], got ", bias->sizes());
-    out.add_(*bias);
-  }
-  return out.to(dtype).view(out_shape);
+  const auto* wp = static_cast<const typename P::W*>(packed.data_ptr());
+  return packed_gemm(op, x, n, bias, [&](const float* xp, float* out, int64_t m_total) {
+    gemm_int<P>(xp, wp, scales.data_ptr<float>(), out, m_total, k, blocks);
+  });
 }
 at::Tensor linear_a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                       const std::optional<at::Tensor>& bias) {
