@@ -53,30 +53,17 @@ VARIANTS = {
     "w8a8": ("float32", "w8a8", True),
     "int8 weight-only": ("float32", "int8", False),
 }
-# Quality only: float32 weights rounded to Q8_0's grid (a scale per 32 weights along K, llama.cpp's
-# Q8_0 blocks; the tied embedding too, as a Q8_0 GGUF has it), activations float32. llama.cpp also
-# rounds activations to 8 bits in its Q8_0 dot products, so it can only be further from float32.
-GROUP32 = "q8_0 grid"
 
 
 def load(variant: str) -> Engine:
-    dtype, quantize, vnni = VARIANTS.get(variant, ("float32", "off", True))
-    loaded = load_model(DEFAULT_MODEL, dtype=dtype, cache_dir=Settings().model_cache_dir)
-    quantize_model(loaded.model, quantize, vnni)
-    if variant == GROUP32:
-        round_to_group_grid(loaded.model, 32)
+    dtype, quantize, vnni = VARIANTS[variant]
+    # As the server loads it (the GGUF's Q8_0 lm_head blocks included); weight-only by hand (float32: the
+    # same blocks, re-rounded from the exact float32 embedding)
+    cache = Settings().model_cache_dir
+    loaded = load_model(DEFAULT_MODEL, dtype=dtype, cache_dir=cache, quantize=quantize if vnni else "off")
+    if not vnni:
+        quantize_model(loaded.model, quantize, vnni=False)
     return Engine(loaded.model, loaded.tokenizer, max_rows=16)
-
-
-@torch.no_grad()
-def round_to_group_grid(model, group: int) -> None:
-    """Every decoder linear's and the lm_head's weight [N, K] rounded in place to int8 steps of a scale
-    per `group` weights along K (absmax / 127), kept in float."""
-    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    for lin in [*linears, model.lm_head]:
-        w = lin.weight.view(lin.out_features, -1, group)  # [N, K / group, group]
-        scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127
-        w.copy_(torch.round(w / scales).clamp(-127, 127) * scales)
 
 
 def agreement_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -181,9 +168,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument(
-        "--quality", default=",".join([*VARIANTS, GROUP32]), help="variants to measure the quality of"
-    )
+    ap.add_argument("--quality", default=",".join(VARIANTS), help="variants to measure the quality of")
     ap.add_argument("--peer", help="a llama-server URL: its greedy agreement with float32, same prompts")
     ap.add_argument("--ctx", type=int, default=128, help="chunk size of the llama-perplexity-style figure")
     ap.add_argument("--speed", default=",".join(VARIANTS), help="variants to measure the speed of")
