@@ -72,27 +72,35 @@ class Int8Linear(torch.nn.Module):
         blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """`blocks`: the int8 weight [N, K] and its scales [N, K / 32] as they are (a GGUF's Q8_0,
-        engine/gguf_int8.py), instead of rounding the linear's float weight."""
+        engine/gguf_int8.py), instead of rounding the linear's float weight. A linear on the meta device
+        (built without weights: engine/gguf_int8.py `load_from_blocks`) needs them, and the layer lives on
+        their device; its bias, if any, must be real."""
         super().__init__()
         if kernel not in (None, "a16", "q8"):
             raise ValueError(f"kernel must be None, 'a16' or 'q8', got {kernel!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight  # [N, K], float; shape only when on the meta device
+        if weight.is_meta and (blocks is None or (linear.bias is not None and linear.bias.is_meta)):
+            raise ValueError(
+                f"a linear [{self.out_features}, {self.in_features}] on the meta device needs its int8 "
+                f"blocks and a real bias, got {'no blocks' if blocks is None else 'a meta bias'}"
+            )
         if blocks is None:
-            q, scales = quantize_int8(linear.weight)
+            q, scales = quantize_int8(weight)
         else:
-            q, scales = (t.to(linear.weight.device) for t in blocks)
+            q, scales = (t.to(blocks[0].device if weight.is_meta else weight.device) for t in blocks)
             want = (self.out_features, self.in_features // GROUP_SIZE)
-            if q.shape != linear.weight.shape or q.dtype != torch.int8 or tuple(scales.shape) != want:
+            if q.shape != weight.shape or q.dtype != torch.int8 or tuple(scales.shape) != want:
                 raise ValueError(
                     f"int8 blocks for a linear [{self.out_features}, {self.in_features}]: expected int8 "
-                    f"{tuple(linear.weight.shape)} and scales {want}, got {q.dtype} {tuple(q.shape)} and "
+                    f"{tuple(weight.shape)} and scales {want}, got {q.dtype} {tuple(q.shape)} and "
                     f"{tuple(scales.shape)}"
                 )
         usable = (
             kernel is not None
             and self.out_features % 16 == 0
             and self.in_features % GROUP_SIZE == 0
-            and linear.weight.device.type == "cpu"
+            and q.device.type == "cpu"
             and kernels.vnni()  # loads (and once per machine builds) the kernels: only when asked for
         )
         self.kernel = kernel if usable else None
@@ -100,7 +108,7 @@ class Int8Linear(torch.nn.Module):
             ops = torch.ops.prefix_server
             pack = ops.pack_a16 if self.kernel == "a16" else ops.pack_q8
             q, scales = pack(q), ops.pack_linear(scales)
-        self.register_buffer("weight", q)  # on the linear's device, as its weight was
+        self.register_buffer("weight", q)  # on the linear's device, as its weight was (or the blocks')
         self.register_buffer("scales", scales)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias)
@@ -128,7 +136,8 @@ def quantize_model(
     Int8Linear, in place (the float weights are freed, except an lm_head tied to the embedding, which the
     embedding keeps), on the mode's VNNI kernel where the CPU runs it; 'off': the model as it is.
     `vnni` False: weight-only everywhere (for comparisons). `blocks`: module name -> int8 weight and scales
-    to take as they are (a GGUF's Q8_0 linears); the others are rounded from their float weights."""
+    to take as they are (a GGUF's Q8_0 linears); the others are rounded from their float weights. The
+    blocks are taken out of the dict as they are used, so each is freed once its layer has packed it."""
     if mode not in QUANTIZE_CHOICES:
         raise ConfigError(f"setting quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode == "off":
@@ -141,14 +150,15 @@ def quantize_model(
         )
     kernel, blocks = VNNI_KERNELS[mode] if vnni else None, blocks or {}
     names = {id(module): name for name, module in model.named_modules()}
+    taken = len(blocks.keys() & set(names.values()))
     num = 0
     for layer in layers:
         for parent in layer.modules():
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, Int8Linear(child, kernel, blocks.get(names[id(child)])))
+                    setattr(parent, name, Int8Linear(child, kernel, blocks.pop(names[id(child)], None)))
                     num += 1
-    model.lm_head = Int8Linear(model.lm_head, kernel, blocks.get("lm_head"))
+    model.lm_head = Int8Linear(model.lm_head, kernel, blocks.pop("lm_head", None))
     num += 1
     on_kernel = sum(isinstance(m, Int8Linear) and m.kernel is not None for m in model.modules())
     how = {
@@ -161,7 +171,7 @@ def quantize_model(
         "on AVX-512 VNNI, the others weight-only on %s activations",
         num,
         GROUP_SIZE,
-        len(blocks.keys() & set(names.values())),
+        taken,
         on_kernel,
         how,
         model.dtype,
