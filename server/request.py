@@ -8,7 +8,7 @@ import itertools
 import math
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from server.errors import InvalidRequest, shown
@@ -39,6 +39,20 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Structured output: the row's text must match a JSON schema (`source`: the schema as JSON text) or a
+    regular expression (`source`: the pattern); engine/grammar.py enforces it token by token."""
+
+    kind: str  # "json_schema" | "regex"
+    source: str
+    param: str = field(default="json_schema", compare=False)  # the request field it came from, for errors
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_schema", "regex"):
+            raise InvalidRequest(f"constraint kind must be json_schema or regex, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling; temperature 0 means greedy."""
 
@@ -51,6 +65,7 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no logprobs; k >= 0: each generated token's logprob and its top k alternatives (0 = none).
     logprobs: int | None = None
+    constraint: Constraint | None = None  # structured output: a JSON schema or a regex the text must match
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -72,6 +87,12 @@ class SamplingParams:
             type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
         ):
             raise InvalidRequest(f"logprobs must be null or 0-{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+        if self.constraint is not None and self.ignore_eos:
+            raise InvalidRequest(
+                f"ignore_eos cannot be combined with {self.constraint.param}: a constrained text ends "
+                "where its grammar is complete",
+                param="ignore_eos",
+            )
 
     @property
     def greedy(self) -> bool:

@@ -271,7 +271,7 @@ COMPLETION = {"model": "tiny", "prompt": "hi"}
         ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 400, "messages[0].tool_calls", "invalid_request", ""),
         ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter", ""),
         ("chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", "invalid_request", "needs logprobs: true"),
-        ("chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter", ""),
+        ("chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid_request", "'json_schema'"),
         ("chat/completions", {**CHAT, "echo": True}, 400, "echo", "unknown_parameter", ""),
         ("chat/completions", {**CHAT, "stream": True, "n": 2, "model": "nope"}, 404, "model", "model_not_found", ""),
     ],
@@ -635,3 +635,29 @@ def test_client_sees_openai_errors(server, client):
             model=BASE, messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=21
         )
     assert e.value.param == "top_logprobs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [BASE, "pirate"])
+def test_client_parses_structured_output_into_a_pydantic_model(client, model):
+    """The client's own structured-output call (`chat.completions.parse` with a pydantic model: a strict
+    json_schema response_format) gets JSON that its model parses, in every sampled choice."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+        population_millions: int = Field(ge=0, le=50)
+        capital: bool
+        climate: Literal["cold", "mild", "hot"]
+
+    messages = [{"role": "user", "content": "Describe Rome as JSON."}]
+    out = client.chat.completions.parse(
+        model=model, messages=messages, response_format=City, max_tokens=120, temperature=1.0, seed=7, n=3
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(choice.message.parsed, City)
+        assert City.model_validate_json(choice.message.content) == choice.message.parsed

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
 from server.api.schemas import StopString, TextCheck, check_text
+from server.engine.grammar import json_schema_constraint
 from server.errors import shown
-from server.request import MAX_TOP_K
+from server.request import MAX_TOP_K, Constraint
 
 # Fields that change nothing at these values (compared by type and value: `0` is not `False`).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -30,7 +31,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (),  # any value: without tools it has nothing to act on
-    "response_format": (None, {"type": "text"}),
 }
 COMPLETION_FIELDS = {
     *("user", "best_of", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty")
@@ -62,6 +62,42 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # ignored: there is nothing to obfuscate
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema, as OpenAI has it. The schema is always enforced (`strict` or not)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="1-64 of A-Za-z0-9_-")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=dict, alias="schema", description="the JSON schema; absent: any JSON value"
+    )
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """Structured output: `text` (none), `json_object` (any JSON object) or `json_schema`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return json_schema_constraint({"type": "object"}, "response_format")
+        if self.type == "json_schema":
+            return json_schema_constraint(self.json_schema.schema_, "response_format")
+        return None
+
+
 class SamplingFields(_OpenAIBody):
     model: Annotated[str, TextCheck] = Field(
         min_length=1, description="a task id, or the base model's name for no prefix"
@@ -77,6 +113,11 @@ class SamplingFields(_OpenAIBody):
     # Extensions (as vLLM accepts them): the same knobs /generate has.
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 = off; above the vocabulary = every token")
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return None if self.response_format is None else self.response_format.constraint
 
     @field_validator("stop", mode="plain", json_schema_input_type=StopString | list[StopString] | None)
     @classmethod

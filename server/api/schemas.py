@@ -4,14 +4,15 @@ dataclasses (SamplingParams, Request, Settings)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.api.logprobs import RAW_DISTRIBUTION, NumTopLogprobs
+from server.engine.grammar import json_schema_constraint
 from server.registry import frame
-from server.request import MAX_TOP_K
+from server.request import MAX_TOP_K, Constraint
 
 # A task id; an admin may also name a tenant's task as "tenant~task" (see api/auth.py).
 TASK_ID_PATTERN = r"^(?:[A-Za-z0-9_-]{1,32}~)?[A-Za-z0-9._-]{1,64}$"
@@ -65,7 +66,10 @@ class GenerateRequest(_Strict):
     task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="null or absent: the base model")
     # Exactly one of prompt and input (the oneOf below); absent is None, null is refused.
     model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["input"]}]}
+        json_schema_extra={
+            "oneOf": [{"required": ["prompt"]}, {"required": ["input"]}],
+            "not": {"required": ["json_schema", "regex"]},
+        }
     )
     prompt: Annotated[str, TextCheck] = Field(
         None, description="tokenized as tokenizer(prompt) would by default; give this or `input`"
@@ -88,6 +92,14 @@ class GenerateRequest(_Strict):
         description="null: none; 0-20: each generated token's logprob and that many of the most likely "
         f"tokens at its step (0: the chosen token's only); {RAW_DISTRIBUTION}",
     )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="structured output: the text is JSON valid against this JSON schema (written as "
+        "json.dumps writes it; the schema's `x-guidance` key may change that); not with `regex`",
+    )
+    regex: Annotated[str, TextCheck] | None = Field(
+        None, min_length=1, description="structured output: the whole text matches this regular expression"
+    )
 
     @model_validator(mode="after")
     def _prompt_or_input(self) -> GenerateRequest:
@@ -96,7 +108,15 @@ class GenerateRequest(_Strict):
                 "give exactly one of prompt (the text as the model sees it) and input (filled into the "
                 "task's template)"
             )
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("give at most one of json_schema and regex")
         return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        if self.json_schema is not None:
+            return json_schema_constraint(self.json_schema, "json_schema")
+        return None if self.regex is None else Constraint("regex", self.regex, "regex")
 
 
 class Usage(BaseModel):

@@ -91,7 +91,8 @@ class GenerationService:
         self, record: PrefixRecord | None, body, *, max_new_tokens: int, logprobs: int | None
     ) -> SamplingParams:
         """SamplingParams from a request body's sampling fields, which both wire formats name alike
-        (temperature, top_p, top_k, seed, stop, ignore_eos); the task's stop strings if it gives none."""
+        (temperature, top_p, top_k, seed, stop, ignore_eos, and structured output's constraint); the task's
+        stop strings if it gives none."""
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=body.temperature,
@@ -101,6 +102,7 @@ class GenerationService:
             stop=self.task_stop(record, body.stop),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            constraint=body.constraint,
         )
 
     def context_room(self, record: PrefixRecord | None, num_prompt_tokens: int) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from server.engine import forward
+from server.engine import forward, grammar
 from server.engine.compiled import CompiledDecode, DecodeStep, bucket_for
 from server.engine.compiled import supports as compiled_supports
 from server.engine.graphs import GraphDecode, max_blocks
@@ -33,7 +33,7 @@ from server.engine.pages import (
 from server.engine.prefill import use_cascade
 from server.engine.rows import Rows
 from server.engine.sampling import make_generator, sample
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, PrefixServerError
 from server.registry.format import ModelFingerprint, PrefixKV
 from server.request import FinishReason, Request, RequestStatus, TokenLogprob
 
@@ -86,6 +86,7 @@ class Engine:
         self.rows = Rows(self.pool, self.prefixes)  # the running requests, their pages and generators
         self._chunk_ran = False  # admit ran a prefill chunk since the last decode step: step skips its own
         self.decoder: CompiledDecode | GraphDecode | None = None  # set by compile(); used once warmed up
+        self._grammars: grammar.Grammars | None = None  # structured output's, made when first asked for
 
     def compile(self, on_new_shape: str = "eager", graphs: bool | None = None) -> float:
         """Build the fast decode step for every batch bucket; later steps use it. On a CPU: the step compiled
@@ -123,6 +124,14 @@ class Engine:
             return False
         log.info("decode step compiled for batch sizes %s in %.0f s", self.decoder.buckets, seconds)
         return True
+
+    @property
+    def grammars(self) -> grammar.Grammars:
+        """The tokenizer's grammar compiler (engine/grammar.py), made on the first constrained request."""
+        if self._grammars is None:
+            vocab = self.model.get_input_embeddings().num_embeddings  # the logits' width
+            self._grammars = grammar.Grammars(self.tokenizer, vocab, self.eos_token_ids)
+        return self._grammars
 
     # ---- capacity, for the scheduler's plan ----
     @property
@@ -202,6 +211,8 @@ class Engine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         if request.prefix is not None:
             self.fingerprint.check(request.prefix.fingerprint)
+        if request.sampling.constraint is not None:
+            self.grammars.check(request.sampling.constraint)  # compiled once, kept for its rows
         lengths = (
             f"prefix ({request.prefix_len}) + prompt ({request.num_prompt_tokens}) + max_new_tokens "
             f"({request.sampling.max_new_tokens})"
@@ -238,7 +249,9 @@ class Engine:
         for request in requests:
             row = self.rows.reserve(request)
             request.status = RequestStatus.RUNNING
-            self.rows.insert(request, row, make_generator(request.sampling, self.device))
+            constraint = request.sampling.constraint
+            matcher = None if constraint is None else self.grammars.matcher(constraint)
+            self.rows.insert(request, row, make_generator(request.sampling, self.device), matcher)
         self._chunk_ran = True
         return self._prefill_chunk()
 
@@ -254,10 +267,8 @@ class Engine:
             return finished
         logits = self.decode_logits(decoding)  # [n, vocab]
         requests = [self.running[i] for i in decoding]
-        tokens = sample(logits, [r.sampling for r in requests], [self.rows.generators[i] for i in decoding])
-        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
-        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
-            self._append_token(request, token, logprob)
+        generators = [self.rows.generators[i] for i in decoding]
+        self._pick_tokens(logits, requests, generators, [self.rows.matchers[i] for i in decoding])
         return finished + self.rows.remove([r for r in requests if r.finished])
 
     @torch.inference_mode()
@@ -334,20 +345,32 @@ class Engine:
         for request in requests:
             self.prefilling.remove(request)
         generators = [self.rows.generator_of(r) for r in requests]
-        tokens = sample(logits[done], [r.sampling for r in requests], generators)
-        logprobs = token_logprobs(logits[done], tokens, [r.sampling.logprobs for r in requests])
-        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
-            self._append_token(request, token, logprob)
+        matchers = [self.rows.matcher_of(r) for r in requests]
+        self._pick_tokens(logits[done], requests, generators, matchers)
         return self.rows.remove([r for r in requests if r.finished])
 
-    def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> None:
-        """Tokens in, tokens out: a row stops on EOS (unless ignore_eos) or max_new_tokens. Text and stop
-        strings are the output processor's (server/output.py), off this thread."""
+    def _pick_tokens(self, logits: torch.Tensor, requests: list[Request], generators, matchers) -> None:
+        """Sample one token per row from logits [n, vocab] (a constrained row among the tokens its grammar
+        allows), with its logprobs (of the raw logits) where asked, and append them."""
+        tokens = sample(grammar.constrain(logits, matchers), [r.sampling for r in requests], generators)
+        logprobs = token_logprobs(logits, tokens, [r.sampling.logprobs for r in requests])
+        for request, token, logprob, matcher in zip(requests, tokens, logprobs, matchers, strict=True):
+            self._append_token(request, token, logprob, matcher)
+
+    def _append_token(
+        self, request: Request, token: int, logprob: TokenLogprob | None = None, matcher=None
+    ) -> None:
+        """Tokens in, tokens out: a row stops on EOS (unless ignore_eos), when its grammar is complete, or at
+        max_new_tokens. Text and stop strings are the output processor's (server/output.py), off this thread."""
         request.output_token_ids.append(token)
         if logprob is not None:
             request.output_logprobs.append(logprob)
         params = request.sampling
-        if token in self.eos_token_ids and not params.ignore_eos:
+        outcome = None if matcher is None else grammar.advance(matcher, token)
+        if (token in self.eos_token_ids and not params.ignore_eos) or outcome == "stop":
             request.finish(FinishReason.STOP)
+        elif outcome is not None:  # a refused token: only if the logits were NaN (a broken prefix)
+            request.error = PrefixServerError(f"structured output failed: {outcome}")
+            request.finish(FinishReason.ERROR)
         elif len(request.output_token_ids) >= params.max_new_tokens:
             request.finish(FinishReason.LENGTH)

@@ -1,4 +1,5 @@
-"""The engine's running rows: each running request with its place in the page pool and its generator.
+"""The engine's running rows: each running request with its place in the page pool, its generator and (for
+structured output) its grammar matcher.
 
 A row's pages are its prefix's (shared with every row of that prefix version, materialised in the pool on
 first use) and its own, reserved at admission for prompt + max_new_tokens, so a row never runs out of
@@ -9,21 +10,28 @@ the row decodes once all of it is in. Bookkeeping only: no forward runs here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from server.engine.paged import RowKV
 from server.engine.pages import PagePool, ResidentPrefixes, pages_for
 from server.request import Request
 
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
 
 class Rows:
-    """requests[i] runs with its K/V at kv[i] and samples with generators[i]."""
+    """requests[i] runs with its K/V at kv[i] and samples with generators[i], within matchers[i]'s grammar
+    (None: unconstrained)."""
 
     def __init__(self, pool: PagePool, prefixes: ResidentPrefixes) -> None:
         self.pool, self.prefixes = pool, prefixes
         self.requests: list[Request] = []  # rows of one prefix version adjacent (the kernel reads it once)
         self.kv: list[RowKV] = []  # kv[i]: where requests[i]'s K/V live
         self.generators: list[torch.Generator | None] = []
+        self.matchers: list[LLMatcher | None] = []
         self.prefilling: list[Request] = []  # rows whose prompt is not all in the pool yet, oldest first
 
     def own_pages(self, request: Request) -> int:
@@ -39,7 +47,13 @@ class Rows:
         self.prefixes.make_room(own)
         return RowKV(prefix, self.pool.allocate(own))
 
-    def insert(self, request: Request, row: RowKV, generator: torch.Generator | None) -> None:
+    def insert(
+        self,
+        request: Request,
+        row: RowKV,
+        generator: torch.Generator | None,
+        matcher: LLMatcher | None = None,
+    ) -> None:
         """Add a running row next to the rows of its prefix version (the attention kernel reads a group's
         shared prefix once), else at the end; its prompt is yet to be prefilled."""
         at = len(self.requests)
@@ -49,6 +63,7 @@ class Rows:
         self.requests.insert(at, request)
         self.kv.insert(at, row)
         self.generators.insert(at, generator)
+        self.matchers.insert(at, matcher)
         self.prefilling.append(request)
 
     def remove(self, done: list[Request]) -> list[Request]:
@@ -60,6 +75,7 @@ class Rows:
             self.requests.pop(i)
             row = self.kv.pop(i)
             self.generators.pop(i)
+            self.matchers.pop(i)
             self._free(request, row)
         return done
 
@@ -83,6 +99,9 @@ class Rows:
 
     def generator_of(self, request: Request) -> torch.Generator | None:
         return self.generators[self.requests.index(request)]
+
+    def matcher_of(self, request: Request) -> LLMatcher | None:
+        return self.matchers[self.requests.index(request)]
 
     def _free(self, request: Request, row: RowKV) -> None:
         self.pool.free(row.pages)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from server.engine.engine import Engine
 from server.output import finish_texts
 from server.registry.format import PrefixKV
-from server.request import Request, SamplingParams
+from server.request import Constraint, Request, SamplingParams
 from server.training.data import Example, answer, prompt_token_ids
 
 
@@ -29,11 +29,13 @@ def evaluate(
     *,
     chat_template: bool,
     batch_size: int = 32,
+    constraint: Constraint | None = None,
 ) -> EvalResult:
-    """Greedy generation for every example (batched, with or without a prefix); exact first-line match."""
+    """Greedy generation for every example (batched, with or without a prefix, within `constraint`'s grammar
+    where given: structured output); exact first-line match."""
     tokenizer = engine.tokenizer
     longest = max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples)
-    sampling = SamplingParams(max_new_tokens=longest + 2)  # room to see it not stop
+    sampling = SamplingParams(max_new_tokens=longest + 2, constraint=constraint)  # room to see it not stop
     outputs: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
