@@ -87,6 +87,28 @@ class TrainResult:
     eval_seconds: float = 0.0  # both held-out evaluations
 
 
+class TrainingStopped(PrefixServerError):
+    """A run stopped from outside (a fine-tuning job cancelled); its last checkpoint stays."""
+
+    code = "training_stopped"
+
+
+@dataclass
+class TrainHooks:
+    """How a fine-tuning job (server/finetune/run.py) watches and steers a run; the CLI passes none.
+
+    on_step(step, total, loss) after every optimizer step; every `checkpoint_every` steps `save(state)`
+    gets what `resume` takes back (the prefix's parameters, the optimizer and schedule, the losses and the
+    base model's score), so a resumed run continues exactly where the saved one stood; `stop()` is asked
+    before each step (True: raise TrainingStopped)."""
+
+    on_step: Callable[[int, int, float], None] | None = None
+    checkpoint_every: int = 0
+    save: Callable[[dict], None] | None = None
+    resume: dict | None = None
+    stop: Callable[[], bool] | None = None
+
+
 def initial_text(train: Sequence[Example], config: TrainConfig) -> str | None:
     """The text whose K/V starts the prefix (None: PEFT's random initialization)."""
     if config.init == "examples":
@@ -161,14 +183,20 @@ def train_prefix(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    hooks: TrainHooks | None = None,
 ) -> TrainResult:
-    """Evaluate the base model, train a prefix on `train`, evaluate the prefix; the model stays frozen."""
+    """Evaluate the base model, train a prefix on `train`, evaluate the prefix; the model stays frozen.
+    `hooks`: progress, checkpoints, resuming and stopping for a fine-tuning job."""
     if not train or not held_out:
         raise InvalidRequest(f"need training and held-out examples, got {len(train)} and {len(held_out)}")
+    hooks = hooks or TrainHooks()
     engine = Engine(model, tokenizer, max_virtual_tokens=max(256, config.num_virtual_tokens))
     eval_kwargs = {"chat_template": config.chat_template, "batch_size": config.eval_batch_size}
     started = time.perf_counter()
-    before = evaluate(engine, held_out, None, **eval_kwargs)
+    if hooks.resume is not None:
+        before = EvalResult(*hooks.resume["before"])
+    else:
+        before = evaluate(engine, held_out, None, **eval_kwargs)
     eval_seconds = time.perf_counter() - started
     log(f"held-out exact match before training (base model): {before.score:.1%} of {len(held_out)}")
 
@@ -188,9 +216,28 @@ def train_prefix(
         f"{len(plan)} steps of {config.batch_size}, lr {config.lr}"
     )
     losses: list[float] = []
+    encoder = peft_model.prompt_encoder[ADAPTER]
+    if hooks.resume is not None:  # continue a saved run exactly: same parameters, moments, schedule
+        encoder.load_state_dict(hooks.resume["prompt_encoder"])
+        optimizer.load_state_dict(hooks.resume["optimizer"])
+        schedule.load_state_dict(hooks.resume["schedule"])
+        losses = list(hooks.resume["losses"])
+        log(f"resuming at step {len(losses)} of {len(plan)}")
+
+    def state() -> dict:
+        return {
+            "prompt_encoder": encoder.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "losses": list(losses),
+            "before": (before.score, before.outputs),
+        }
+
     started = time.perf_counter()
-    with Progress(len(plan), progress, log) as bar, quiet_deprecations():
-        for indices in plan:
+    with Progress(len(plan) - len(losses), progress, log) as bar, quiet_deprecations():
+        for indices in plan[len(losses) :]:
+            if hooks.stop is not None and hooks.stop():
+                raise TrainingStopped(f"training stopped at step {len(losses)} of {len(plan)}")
             loss = completion_loss(peft_model, collate([encoded[i] for i in indices], engine.pad_token_id))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,6 +246,14 @@ def train_prefix(
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.update(losses[-1])
+            if hooks.on_step is not None:
+                hooks.on_step(len(losses), len(plan), losses[-1])
+            if (
+                hooks.save is not None
+                and hooks.checkpoint_every
+                and len(losses) % hooks.checkpoint_every == 0
+            ):
+                hooks.save(state())
     train_seconds = time.perf_counter() - started
 
     prefix = trained_prefix(peft_model, engine.fingerprint)

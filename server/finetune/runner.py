@@ -1,0 +1,180 @@
+"""The server's side of fine-tuning jobs: a queue, one run at a time in its own process (run.py), and the
+registration of each result as a new task version.
+
+Why a process: training is a forward and a backward through the base model per step; on the engine's
+thread it would hold every running row for that long. A separate process at a lower CPU priority (nice)
+takes the cores when serving leaves them idle, and the kernel's scheduler hands them back to serving at
+once (measured: docs/training.md). The run dies with the server (PR_SET_PDEATHSIG); a restarted server
+finds the job `running` and starts it again, and the run resumes from its last checkpoint.
+
+Registration is the runner's alone and happens once: the job says `registering` (with the task id) before
+the result is added to the registry and `succeeded` after; a restart in between registers it again (the
+registry's version is new, the prefix the same), never half of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from server.finetune.jobs import FINAL, JobFolder
+from server.finetune.run import EXIT_CANCELLED, EXIT_DONE
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGKILL when the server's process ends
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class JobRunner:
+    """Runs the jobs under `root` (<owner>/<job id>/ folders), oldest first, one at a time.
+
+    register(task_id, prefix file bytes) -> the new version: adds a finished job's prefix to the registry.
+    run_args: the run's options after its folder (model, cache dir, threads, nice; see run.py)."""
+
+    def __init__(self, root: Path, register: Callable[[str, bytes], int], run_args: list[str]) -> None:
+        self.root = Path(root)
+        self.register = register
+        self.command = [sys.executable, "-m", "server.finetune.run"]
+        self.run_args = run_args
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._current: tuple[JobFolder, subprocess.Popen] | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- the server's calls ----
+    def start(self) -> None:
+        """Recover what a previous server left (running jobs go back to the queue), then run the queue."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in self.folders():
+            job = folder.read()
+            if job["status"] == "running":
+                folder.update(status="queued")
+                folder.append_event(
+                    "The server restarted; the job is queued again and resumes from its checkpoint"
+                )
+        self._thread = threading.Thread(target=self._loop, name="fine-tuning", daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: JobFolder) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def cancel(self, folder: JobFolder) -> dict:
+        """Cancel a job: a queued one at once, a running one at its next step (its process is also told to
+        stop now). A finished job is left as it is."""
+        with self._wake:
+            job = folder.read()
+            if job["status"] in FINAL or job["status"] == "registering":
+                return job
+            folder.ask_cancel()
+            if self._current is not None and self._current[0].path == folder.path:
+                self._current[1].send_signal(signal.SIGTERM)
+                return folder.update(status="cancelled", finished_at=int(time.time()))
+            folder.append_event("Job cancelled before it started")
+            return folder.update(status="cancelled", finished_at=int(time.time()))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            if self._current is not None:
+                self._current[1].terminate()
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def folders(self) -> list[JobFolder]:
+        """Every job, oldest first (a folder without job.json: a creation that did not finish)."""
+        found = [JobFolder(p.parent) for p in self.root.glob("*/*/job.json")]
+        return sorted(found, key=lambda f: (f.read()["created_at"], f.id))
+
+    # ---- the runner's thread ----
+    def _next(self) -> JobFolder | None:
+        for folder in self.folders():
+            if folder.read()["status"] in ("queued", "registering"):
+                return folder
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and (folder := self._next()) is None:
+                    self._wake.wait(timeout=5.0)
+                if self._stopping:
+                    return
+            try:
+                self._run(folder)
+            except Exception as e:  # a job's failure must not end the runner
+                log.exception("fine-tuning job %s failed", folder.id)
+                folder.append_event(f"Failed: {e}", level="error", type="error")
+                folder.update(status="failed", finished_at=int(time.time()), error=_error(str(e)))
+
+    def _run(self, folder: JobFolder) -> None:
+        job = folder.read()
+        if job["status"] == "queued":
+            with self._wake:
+                if folder.cancel_asked or self._stopping:
+                    return
+                folder.update(status="running")
+                folder.append_event("Job started")
+                with open(folder.path / "run.log", "ab") as out:
+                    process = subprocess.Popen(
+                        [*self.command, str(folder.path), *self.run_args],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=_die_with_parent,
+                    )
+                self._current = (folder, process)
+            code = process.wait()
+            with self._wake:
+                self._current = None
+                if self._stopping:
+                    return  # the server is going away: the job stays `running`, and resumes on restart
+            if folder.cancel_asked or code == EXIT_CANCELLED:
+                if folder.read()["status"] != "cancelled":
+                    folder.update(status="cancelled", finished_at=int(time.time()))
+                return
+            if code != EXIT_DONE:
+                message = (
+                    _last_error(folder) or f"the training process ended with status {code} (see run.log)"
+                )
+                folder.update(status="failed", finished_at=int(time.time()), error=_error(message))
+                return
+            folder.update(status="registering")
+        self._register(folder)
+
+    def _register(self, folder: JobFolder) -> None:
+        job = folder.read()
+        data = (folder.result / "prefix.safetensors").read_bytes()
+        version = self.register(job["task_id"], data)
+        steps = [
+            e["data"] for e in folder.events() if e["type"] == "metrics" and e["data"] and "step" in e["data"]
+        ]
+        folder.append_event(f"New task version {job['fine_tuned_model_name']} v{version}; the job succeeded")
+        folder.update(
+            status="succeeded",
+            fine_tuned_model=job["fine_tuned_model_name"],
+            finished_at=int(time.time()),
+            trained_tokens=None,
+            result_files=[],
+            task_version=version,
+            num_steps=len(steps),
+        )
+
+
+def _last_error(folder: JobFolder) -> str | None:
+    errors = [e["message"] for e in folder.events() if e["level"] == "error"]
+    return errors[-1] if errors else None
+
+
+def _error(message: str) -> dict:
+    return {"code": "training_failed", "message": message, "param": None}
