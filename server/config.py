@@ -120,6 +120,20 @@ class Settings:
     )
     max_virtual_tokens: int = setting(256, help="largest prefix accepted, in virtual tokens")
     max_upload_bytes: int = setting(64 * 1024 * 1024, help="largest prefix upload accepted (413 beyond it)")
+    # fine-tuning through the API (server/finetune/, api/files.py)
+    fine_tune_dir: Path | None = setting(
+        None,
+        help="where fine-tuning files (POST /v1/files) are kept (default: <prefix-dir>/fine-tune, so they "
+        "live beside the tasks they train and a server given its own --prefix-dir gets its own)",
+    )
+    max_file_bytes: int = setting(
+        50 * 1024 * 1024, help="largest fine-tuning file accepted by POST /v1/files (413 beyond it)"
+    )
+    max_file_bytes_per_tenant: int = setting(
+        100 * 1024 * 1024,
+        help="bytes of fine-tuning files each tenant may keep (open mode and admins share one allowance); "
+        "429 quota_exceeded beyond it (0 = unlimited)",
+    )
     examples: str = setting(
         "off",
         help="on: register the shipped example tasks (prefixes/examples/: sentiment, booking) at start, unless "
@@ -168,6 +182,7 @@ class Settings:
             "prefix_cache_bytes",
             "max_virtual_tokens",
             "max_upload_bytes",
+            "max_file_bytes",
             "max_batch_size",
             "max_batch_tokens",
             "max_queue",
@@ -192,6 +207,7 @@ class Settings:
             "store_read_delay_ms",
             "kv_cache_bytes",
             "prefill_chunk_tokens",
+            "max_file_bytes_per_tenant",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
@@ -218,6 +234,11 @@ class Settings:
         if self.batching not in ("continuous", "static"):
             raise ConfigError(f"setting batching must be 'continuous' or 'static', got {self.batching!r}")
 
+    @property
+    def fine_tune_path(self) -> Path:
+        """The folder of fine-tuning files and jobs: --fine-tune-dir, else <prefix-dir>/fine-tune."""
+        return self.fine_tune_dir if self.fine_tune_dir is not None else self.prefix_dir / "fine-tune"
+
     @classmethod
     def from_env(
         cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
@@ -230,7 +251,7 @@ class Settings:
             if raw:  # unset or empty: the default
                 values[f.name] = _coerce(f, raw)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        for name in ("prefix_dir", "model_cache_dir", "api_keys_file"):
+        for name in ("prefix_dir", "model_cache_dir", "api_keys_file", "fine_tune_dir"):
             if values.get(name) is not None:
                 values[name] = Path(values[name])
         return cls(**values)

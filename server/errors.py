@@ -101,3 +101,16 @@ class StoreUnavailable(PrefixServerError):
     """The prefix store cannot be reached (an S3 endpoint that is down); retry later."""
 
     code = "store_unavailable"
+
+
+class TrainingDataError(PrefixServerError):
+    """A training data file the user can fix: unreadable, not JSONL, missing fields, empty; the message
+    names the line."""
+
+    code = "invalid_training_data"
+
+
+class FileNotFound(PrefixServerError):
+    """A fine-tuning file that does not exist, or is another tenant's (the same answer: 404)."""
+
+    code = "file_not_found"

@@ -336,6 +336,15 @@ def test_documented_success_responses(served, engine):
     for extreme in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 5e-324}):
         assert call("POST", "/generate", body={**tiny, **extreme}).json()["token_ids"] == greedy
     call("DELETE", "/prefixes/{task_id}", path_parameters={"task_id": "up"})
+    # fine-tuning files: each reply (the File object, the list, the bytes, the deletion) as documented
+    lines = b'{"prompt": "a", "completion": "b"}\n'
+    upload = {"file": lines, "purpose": "fine-tune"}
+    file_id = call("POST", "/v1/files", body=upload, media_type="multipart/form-data").json()["id"]
+    file_path = {"file_id": file_id}
+    assert call("GET", "/v1/files/{file_id}", path_parameters=file_path).json()["bytes"] == len(lines)
+    assert file_id in [f["id"] for f in call("GET", "/v1/files", query={"order": "asc"}).json()["data"]]
+    assert call("GET", "/v1/files/{file_id}/content", path_parameters=file_path).content == lines
+    assert call("DELETE", "/v1/files/{file_id}", path_parameters=file_path).json()["deleted"] is True
     if headers.get("Authorization") != f"Bearer {TENANT}":  # metrics need an admin key when keys are set
         call("GET", "/metrics")
 

@@ -70,6 +70,14 @@ def test_read_jsonl_names_the_bad_line(tmp_path, line, message):
         read_jsonl(path)
 
 
+def test_read_jsonl_lines_end_at_newlines_only(tmp_path):
+    """U+2028 and U+0085 inside a string (json.dumps(ensure_ascii=False) writes them as is) are no breaks."""
+    rows = [{"prompt": "a\u2028b\x85c", "completion": "d"}, {"prompt": "e", "completion": "f"}]
+    path = tmp_path / "u.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert read_jsonl(path) == [Example("a\u2028b\x85c", "d"), Example("e", "f")]
+
+
 def test_read_jsonl_empty_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(TrainingDataError, match="no examples"):

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from server.api.auth import KeyRing
 from server.api.errors import install_error_handlers
+from server.api.files import router as files_router
 from server.api.forms import Utf8Forms
 from server.api.limits import BodySizeLimit, BodyTimeout
 from server.api.logs import RequestIdMiddleware
@@ -21,6 +22,7 @@ from server.api.routes import router
 from server.api.runtime import Runtime, build_components, register_shipped_examples
 from server.api.state import Components, ServerState
 from server.config import Settings
+from server.finetune.files import FileStore
 
 # build_components and register_shipped_examples are the runtime's; named here too for the callers
 # that build an app's components themselves (tests, the Ray replica).
@@ -42,8 +44,13 @@ def create_app(settings: Settings | None = None, components: Components | None =
         )
     else:
         log.info("auth: %d keys, tenants %s", len(keyring.entries), sorted(keyring.quotas))
+    files = FileStore(
+        settings.fine_tune_path / "files",
+        max_file_bytes=settings.max_file_bytes,
+        max_bytes_per_owner=settings.max_file_bytes_per_tenant,
+    )  # nothing is read or written before the runtime starts
     state = ServerState(
-        settings=settings, keyring=keyring, limits=TenantLimits(keyring), components=components
+        settings=settings, keyring=keyring, limits=TenantLimits(keyring), components=components, files=files
     )
 
     runtime = Runtime(state, components)
@@ -63,12 +70,18 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.state.server, app.state.runtime = state, runtime
     state.metrics = Metrics(state)
     app.add_middleware(Utf8Forms)  # innermost: the size limit counts the bytes as they arrived
-    # Bodies are limited while they stream in (413 before a large upload is read into memory).
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + (1 << 20))  # + form and config
+    # Bodies are limited while they stream in (413 before a large upload is read into memory): a
+    # prefix's or a fine-tuning file's limit, + 1 MiB for the form and a PEFT config.
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_upload_bytes + (1 << 20),
+        path_limits={"/v1/files": settings.max_file_bytes + (1 << 20)},
+    )
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)  # a body sent a byte a second: 408
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     install_error_handlers(app)
     app.include_router(router)  # /health, /ready, /metrics, /generate
     app.include_router(prefix_router)  # /prefixes
     app.include_router(openai_router)  # /v1/models, /v1/completions, /v1/chat/completions
+    app.include_router(files_router)  # /v1/files
     return app

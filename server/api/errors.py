@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import (
     ClientDisconnected,
+    FileNotFound,
     InsufficientStorage,
     InvalidRequest,
     NotReady,
@@ -26,6 +27,7 @@ from server.errors import (
     RequestTimeout,
     StoreReadOnly,
     StoreUnavailable,
+    TrainingDataError,
     Unauthorized,
     UnsupportedModel,
     shown,
@@ -48,7 +50,11 @@ STATUS_CODES: dict[type[PrefixServerError], int] = {
     InsufficientStorage: 507,
     StoreReadOnly: 503,
     StoreUnavailable: 503,
+    TrainingDataError: 422,
+    FileNotFound: 404,
 }
+# Starlette's own errors (routing, form parsing, the body limits in limits.py): their codes.
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -182,12 +188,7 @@ def install_error_handlers(app: FastAPI) -> None:
         ):
             # FastAPI's 400 "error parsing the body" for what its JSON decoding does not report itself
             return error_response(400, "malformed_json", json_error_message(cause))
-        code = {
-            400: "bad_request",
-            404: "not_found",
-            405: "method_not_allowed",
-            413: "payload_too_large",
-        }.get(exc.status_code, "http_error")
+        code = HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -1,31 +1,36 @@
 """Request body limits, enforced while the body streams in: its size (never read whole into memory
-first) and the time it takes to arrive (a client sending a byte a second cannot hold a request open)."""
+first) and the time it takes to arrive (a client sending a byte a second cannot hold a request open);
+and the size of one uploaded part."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
+from server.errors import PayloadTooLarge
 
 
 class BodySizeLimit:
-    """413 with the JSON error body: at once if Content-Length is too large, else as soon as the count passes."""
+    """413 with the JSON error body: at once if Content-Length is too large, else as soon as the count passes.
+    `path_limits`: other limits for the paths that take other uploads (path -> bytes)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            message = f"request body is {declared} bytes, larger than the limit of {self.max_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            message = f"request body is {declared} bytes, larger than the limit of {limit} bytes"
             return await error_response(413, "payload_too_large", message)(scope, receive, send)
         received = 0
 
@@ -34,14 +39,21 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # An HTTPException passes through FastAPI's body parsing to the 413 handler.
-                    raise HTTPException(
-                        413, f"request body is larger than the limit of {self.max_bytes} bytes"
-                    )
+                    raise HTTPException(413, f"request body is larger than the limit of {limit} bytes")
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+async def read_limited(upload: UploadFile | str, limit: int, what: str) -> bytes:
+    """A form part's bytes (a file part is read from its spooled file), PayloadTooLarge (413) beyond
+    `limit`: never more than limit + 1 bytes are read."""
+    data = upload.encode() if isinstance(upload, str) else await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+    return data
 
 
 class BodyTimeout:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from server.api.auth import Caller
-from server.api.errors import error_headers, shown_input, status_for
+from server.api.errors import HTTP_CODES, error_headers, shown_input, status_for
 from server.errors import PrefixNotFound, PrefixServerError, shown
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def as_openai(e: Exception, caller: Caller | None = None) -> OpenAIError:
         status = status_for(e)
         return OpenAIError(400 if status == 422 else status, message, param=e.param, code=e.code)
     if isinstance(e, HTTPException):
-        return OpenAIError(e.status_code, str(e.detail), code="http_error")
+        return OpenAIError(e.status_code, str(e.detail), code=HTTP_CODES.get(e.status_code, "http_error"))
     log.error("unhandled error", exc_info=e)
     return OpenAIError(500, "internal server error", code="internal_error")
 

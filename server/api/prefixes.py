@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Path, Request, Response, UploadFile
 
 from server.api.auth import Caller, get_caller
+from server.api.limits import read_limited
 from server.api.schemas import (
     TASK_ID_PATH_PATTERN,
     TASK_ID_PATTERN,
@@ -21,7 +22,7 @@ from server.api.schemas import (
     PrefixStatus,
 )
 from server.api.state import serving
-from server.errors import PayloadTooLarge, PrefixFormatError
+from server.errors import PrefixFormatError
 from server.registry import frame as frame_limits
 from server.registry.frame import TaskFrame
 from server.threads import in_own_thread
@@ -72,13 +73,6 @@ def frame_fields(
     return None if frame.empty else frame
 
 
-async def _read_limited(upload: UploadFile | str, limit: int, what: str) -> bytes:
-    data = upload.encode() if isinstance(upload, str) else await upload.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
-    return data
-
-
 def _store(state, caller: Caller, stored_id: str, new_bytes: int, put):
     """Quota check and write as one step per tenant (runs in a worker thread)."""
     registry = state.components.registry
@@ -110,12 +104,12 @@ async def upload_prefix(
     state = serving(request)
     frame = frame_fields(template, description, max_new_tokens, stop)
     stored_id = caller.stored_id(task_id)
-    data = await _read_limited(file, state.settings.max_upload_bytes, "file")
+    data = await read_limited(file, state.settings.max_upload_bytes, "file")
     if _looks_like_pickle(data, file.filename or ""):
         raise PrefixFormatError(
             "only safetensors prefix files are accepted; this looks like a pickle (.bin/.pt) and was not read"
         )
-    config_bytes = await _read_limited(config, 1 << 20, "config") if config is not None else None
+    config_bytes = await read_limited(config, 1 << 20, "config") if config is not None else None
     registry = state.components.registry
     put = functools.partial(registry.upload, stored_id, data, config_bytes, frame)
     # parses tensors: not on a long-lived thread (see server/threads.py)

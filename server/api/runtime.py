@@ -44,10 +44,17 @@ class Runtime:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
+        if self.state.files is not None:
+            await asyncio.to_thread(self._recover_files)
         if self._components is not None:
             await self._serve(self._components)
         else:
             self._tasks.append(asyncio.create_task(self._load()))
+
+    def _recover_files(self) -> None:
+        """What a killed upload or delete left in the fine-tuning files is removed (finetune/files.py)."""
+        for note in self.state.files.recover():
+            log.warning("fine-tuning files: %s", note)
 
     async def _load(self) -> None:
         settings = self.settings

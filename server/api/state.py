@@ -1,4 +1,5 @@
-"""What a running app holds, typed: the components (engine, registry), the scheduler, auth and metrics.
+"""What a running app holds, typed: the components (engine, registry), the scheduler, auth, metrics and
+the fine-tuning files.
 
 Every route reaches it through `serving(request)`, which also answers 503 while the model loads or
 the server shuts down. Its own module so that the app factory and the routes do not import each other.
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from server.api.quotas import TenantLimits
     from server.config import Settings
     from server.engine.engine import Engine
+    from server.finetune.files import FileStore
     from server.registry.registry import PrefixRegistry
     from server.scheduler import Scheduler
 
@@ -41,6 +43,7 @@ class ServerState:
     scheduler: Scheduler | None = None
     load_error: str | None = None
     metrics: Metrics | None = None
+    files: FileStore | None = None  # fine-tuning files (api/files.py); they need no model
 
     @property
     def ready(self) -> bool:

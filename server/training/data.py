@@ -6,24 +6,18 @@ The completion's tokens (then EOS) follow the prompt's tokens; the loss covers o
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.errors import PrefixServerError
+from server.errors import TrainingDataError
 
 if TYPE_CHECKING:
     import torch
 
 # torch is imported where tensors are made: reading and checking a data file must not wait for it.
 IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, padding)
-
-
-class TrainingDataError(PrefixServerError):
-    """A data file the user can fix: unreadable, not JSONL, missing fields, empty."""
-
-    code = "invalid_training_data"
 
 
 @dataclass(frozen=True)
@@ -50,35 +44,51 @@ class Batch:
 def read_jsonl(path: Path) -> list[Example]:
     """Examples from a JSONL file; TrainingDataError naming the first bad line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TrainingDataError(f"cannot read training data {path}: {e}") from e
-    examples = []
-    for number, line in enumerate(lines, start=1):
+
+    def where(number: int) -> str:
+        return f"{path}:{number}"
+
+    examples = [prompt_completion(row, where(number)) for number, row in json_lines(text, where)]
+    if not examples:
+        raise TrainingDataError(f"{path}: no examples (expected one JSON object per line)")
+    return examples
+
+
+def json_lines(text: str, where: Callable[[int], str]) -> Iterator[tuple[int, object]]:
+    """(line number from 1, the parsed JSON value) of each non-blank line; TrainingDataError starting with
+    where(line number) for one that is not JSON. Lines end at "\n" only (JSONL's rule): a string may hold
+    U+2028 or other characters that str.splitlines() would split at."""
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise TrainingDataError(f"{path}:{number}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise TrainingDataError(
-                f'{path}:{number}: expected an object {{"prompt": str, "completion": str}}, got a JSON '
-                f"{type(row).__name__}"
-            )
-        for key in ("prompt", "completion"):
-            if key not in row:
-                raise TrainingDataError(f"{path}:{number}: {_missing(key, row)}")
-        if not isinstance(row["prompt"], str):
-            raise TrainingDataError(
-                f"{path}:{number}: prompt must be a string, got {type(row['prompt']).__name__}"
-            )
-        if not isinstance(row["completion"], str) or not row["completion"].strip():
-            raise TrainingDataError(f"{path}:{number}: completion must be a non-empty string")
-        examples.append(Example(row["prompt"], row["completion"]))
-    if not examples:
-        raise TrainingDataError(f"{path}: no examples (expected one JSON object per line)")
-    return examples
+            raise TrainingDataError(f"{where(number)}: not valid JSON ({e})") from e
+        except RecursionError as e:  # [[[[... thousands deep
+            raise TrainingDataError(f"{where(number)}: JSON nested too deeply to parse") from e
+        yield number, row
+
+
+def prompt_completion(row: object, where: str) -> Example:
+    """One line {"prompt": str, "completion": str} (other keys ignored) as an Example; `where` starts
+    each error message (file:line)."""
+    if not isinstance(row, dict):
+        raise TrainingDataError(
+            f'{where}: expected an object {{"prompt": str, "completion": str}}, got a JSON '
+            f"{type(row).__name__}"
+        )
+    for key in ("prompt", "completion"):
+        if key not in row:
+            raise TrainingDataError(f"{where}: {_missing(key, row)}")
+    if not isinstance(row["prompt"], str):
+        raise TrainingDataError(f"{where}: prompt must be a string, got {type(row['prompt']).__name__}")
+    if not isinstance(row["completion"], str) or not row["completion"].strip():
+        raise TrainingDataError(f"{where}: completion must be a non-empty string")
+    return Example(row["prompt"], row["completion"])
 
 
 _OTHER_NAMES = {
