@@ -134,6 +134,15 @@ class Settings:
         help="bytes of fine-tuning files each tenant may keep (open mode and admins share one allowance); "
         "429 quota_exceeded beyond it (0 = unlimited)",
     )
+    max_jobs_per_tenant: int = setting(
+        2, help="fine-tuning jobs each tenant may have queued or running (429 beyond it; 0 = unlimited)"
+    )
+    fine_tune_threads: int = setting(1, help="torch threads of a fine-tuning run (its own process)")
+    fine_tune_nice: int = setting(
+        10,
+        help="CPU niceness added to a fine-tuning run's process: it takes the cores serving leaves idle "
+        "(0: an equal share)",
+    )
     examples: str = setting(
         "off",
         help="on: register the shipped example tasks (prefixes/examples/: sentiment, booking) at start, unless "
@@ -183,6 +192,7 @@ class Settings:
             "max_virtual_tokens",
             "max_upload_bytes",
             "max_file_bytes",
+            "fine_tune_threads",
             "max_batch_size",
             "max_batch_tokens",
             "max_queue",
@@ -208,12 +218,15 @@ class Settings:
             "kv_cache_bytes",
             "prefill_chunk_tokens",
             "max_file_bytes_per_tenant",
+            "max_jobs_per_tenant",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"setting {name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("keep_alive_s", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"setting {name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if not 0 <= self.fine_tune_nice <= 19:
+            raise ConfigError(f"setting fine_tune_nice must be in [0, 19], got {self.fine_tune_nice!r}")
         if self.body_timeout_s < 0:
             raise ConfigError(f"setting body_timeout_s must be >= 0 (0 = none), got {self.body_timeout_s!r}")
         if self.log_format not in ("json", "text"):

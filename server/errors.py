@@ -110,6 +110,12 @@ class TrainingDataError(PrefixServerError):
     code = "invalid_training_data"
 
 
+class JobNotFound(PrefixServerError):
+    """A fine-tuning job that does not exist, or is another tenant's (the same answer: 404)."""
+
+    code = "fine_tuning_job_not_found"
+
+
 class FileNotFound(PrefixServerError):
     """A fine-tuning file that does not exist, or is another tenant's (the same answer: 404)."""
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from server.api.auth import KeyRing
 from server.api.errors import install_error_handlers
 from server.api.files import router as files_router
+from server.api.fine_tuning import router as fine_tuning_router
 from server.api.forms import Utf8Forms
 from server.api.limits import BodySizeLimit, BodyTimeout
 from server.api.logs import RequestIdMiddleware
@@ -84,4 +85,5 @@ def create_app(settings: Settings | None = None, components: Components | None =
     app.include_router(prefix_router)  # /prefixes
     app.include_router(openai_router)  # /v1/models, /v1/completions, /v1/chat/completions
     app.include_router(files_router)  # /v1/files
+    app.include_router(fine_tuning_router)  # /v1/fine_tuning/jobs
     return app

@@ -17,6 +17,7 @@ from server.errors import (
     FileNotFound,
     InsufficientStorage,
     InvalidRequest,
+    JobNotFound,
     NotReady,
     Overloaded,
     PayloadTooLarge,
@@ -52,6 +53,7 @@ STATUS_CODES: dict[type[PrefixServerError], int] = {
     StoreUnavailable: 503,
     TrainingDataError: 422,
     FileNotFound: 404,
+    JobNotFound: 404,
 }
 # Starlette's own errors (routing, form parsing, the body limits in limits.py): their codes.
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

@@ -17,6 +17,9 @@ from server.api.state import Components, ServerState
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.pages import PAGE_SIZE, default_pool_bytes
+from server.finetune.files import FileStore
+from server.finetune.manager import FineTuning
+from server.finetune.runner import JobRunner
 from server.output import OutputProcessor
 from server.registry.format import ModelFingerprint
 from server.registry.registry import PrefixRegistry
@@ -84,6 +87,8 @@ class Runtime:
         scheduler = Scheduler(components.engine, components.registry, config, output)
         await scheduler.start()
         self.state.scheduler = scheduler
+        if self.state.files is not None:
+            self.state.fine_tuning = start_fine_tuning(self.settings, self.state.files, components.registry)
         log.info("ready: model %s, %d prefixes", components.model_name, len(components.registry.list()))
 
     @property
@@ -117,6 +122,9 @@ class Runtime:
         """Drain, then cancel what still runs in the background (a load in progress). A later start()
         serves again, on a new scheduler (an app's lifespan may run more than once, e.g. in tests)."""
         await self.drain()
+        if self.state.fine_tuning is not None:  # a running job stays `running`: it resumes on the next start
+            await asyncio.to_thread(self.state.fine_tuning.runner.close)
+            self.state.fine_tuning = None
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
@@ -186,3 +194,22 @@ def register_shipped_examples(settings: Settings, registry: PrefixRegistry) -> l
     from server.training.examples import register_examples
 
     return register_examples(registry)
+
+
+def start_fine_tuning(settings: Settings, files: FileStore, registry: PrefixRegistry) -> FineTuning:
+    """The fine-tuning jobs under --fine-tune-dir, their runs started (a job a previous server left running
+    resumes from its checkpoint); a finished run's prefix becomes a new version of its task."""
+    run_args = [
+        *("--model", settings.model, "--model-cache-dir", str(settings.model_cache_dir)),
+        *("--dtype", "float32", "--device", "cpu"),
+        *("--threads", str(settings.fine_tune_threads), "--nice", str(settings.fine_tune_nice)),
+    ]
+    runner = JobRunner(
+        settings.fine_tune_path / "jobs",
+        lambda task_id, data: registry.upload(task_id, data).version,
+        run_args,
+    )
+    runner.start()
+    return FineTuning(
+        settings.fine_tune_path / "jobs", files, runner, max_active_per_owner=settings.max_jobs_per_tenant
+    )

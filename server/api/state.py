@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from server.config import Settings
     from server.engine.engine import Engine
     from server.finetune.files import FileStore
+    from server.finetune.manager import FineTuning
     from server.registry.registry import PrefixRegistry
     from server.scheduler import Scheduler
 
@@ -44,6 +45,7 @@ class ServerState:
     load_error: str | None = None
     metrics: Metrics | None = None
     files: FileStore | None = None  # fine-tuning files (api/files.py); they need no model
+    fine_tuning: FineTuning | None = None  # fine-tuning jobs (api/fine_tuning.py), once the model is loaded
 
     @property
     def ready(self) -> bool:

@@ -7,6 +7,10 @@ takes the cores when serving leaves them idle, and the kernel's scheduler hands 
 once (measured: docs/training.md). The run dies with the server (PR_SET_PDEATHSIG); a restarted server
 finds the job `running` and starts it again, and the run resumes from its last checkpoint.
 
+Several servers over one folder (Ray Serve replicas sharing a prefix dir): one runs the jobs, the one that
+holds the folder's runner lock (a file lock that dies with its holder); the others only queue jobs, and
+take over when the holder is gone.
+
 Registration is the runner's alone and happens once: the job says `registering` (with the task id) before
 the result is added to the registry and `succeeded` after; a restart in between registers it again (the
 registry's version is new, the prefix the same), never half of it.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +28,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from server.finetune.jobs import FINAL, JobFolder
 from server.finetune.run import EXIT_CANCELLED, EXIT_DONE
@@ -50,20 +57,26 @@ class JobRunner:
         self._stopping = False
         self._current: tuple[JobFolder, subprocess.Popen] | None = None
         self._thread: threading.Thread | None = None
+        self._lock = FileLock(self.root / ".runner.lock", thread_local=False)  # one runner per folder
 
     # ---- the server's calls ----
     def start(self) -> None:
-        """Recover what a previous server left (running jobs go back to the queue), then run the queue."""
+        """Run the queue on a thread of its own, once this server holds the folder's runner lock."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._loop, name="fine-tuning", daemon=True)
+        self._thread.start()
+
+    def _recover(self) -> None:
+        """What the previous runner left: running jobs go back to the queue (they resume from their
+        checkpoint), creations killed before their rename are removed."""
+        for stale in self.root.glob("*/.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         for folder in self.folders():
-            job = folder.read()
-            if job["status"] == "running":
+            if folder.read()["status"] == "running":
                 folder.update(status="queued")
                 folder.append_event(
                     "The server restarted; the job is queued again and resumes from its checkpoint"
                 )
-        self._thread = threading.Thread(target=self._loop, name="fine-tuning", daemon=True)
-        self._thread.start()
 
     def submit(self, folder: JobFolder) -> None:
         with self._wake:
@@ -94,7 +107,9 @@ class JobRunner:
 
     def folders(self) -> list[JobFolder]:
         """Every job, oldest first (a folder without job.json: a creation that did not finish)."""
-        found = [JobFolder(p.parent) for p in self.root.glob("*/*/job.json")]
+        found = [
+            JobFolder(p.parent) for p in self.root.glob("*/*/job.json") if not p.parent.name.startswith(".")
+        ]
         return sorted(found, key=lambda f: (f.read()["created_at"], f.id))
 
     # ---- the runner's thread ----
@@ -104,7 +119,29 @@ class JobRunner:
                 return folder
         return None
 
+    def _take_the_lock(self) -> bool:
+        """Wait until this server holds the folder's runner lock (False: the server is stopping)."""
+        while True:
+            try:
+                self._lock.acquire(timeout=0)
+                break
+            except Timeout:
+                with self._wake:
+                    if self._stopping:
+                        return False
+                    self._wake.wait(timeout=5.0)
+        self._recover()
+        return True
+
     def _loop(self) -> None:
+        if not self._take_the_lock():
+            return
+        try:
+            self._run_queue()
+        finally:
+            self._lock.release()
+
+    def _run_queue(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and (folder := self._next()) is None:
