@@ -196,3 +196,56 @@ async def test_bad_jobs_get_openai_errors(make_server, body, status, param, frag
     assert error["param"] == param and fragment in error["message"], error
     with pytest.raises(openai.NotFoundError):
         await client.fine_tuning.jobs.retrieve("ftjob-" + "0" * 24)
+
+
+@pytest.mark.slow
+def test_a_real_server_process_trains_and_survives_a_kill_mid_job(model_folder, tmp_path):
+    """The official (sync) client against `prefix-server serve` processes: files -> job -> SIGKILL of the
+    server mid-run -> a new server resumes the job -> events -> the new task answers."""
+    from loadtest import serverproc
+
+    args = ["--model", str(model_folder), "--prefix-dir", str(tmp_path / "prefixes"), "--compile", "off"]
+    args += ["--model-cache-dir", str(tmp_path / "cache"), "--fine-tune-nice", "0"]
+    train, held_out = synthetic(96, seed=1), synthetic(16, seed=2)
+    with (
+        open(tmp_path / "server.log", "w+") as log,
+        serverproc.running(args, log=log, timeout_s=120) as (proc, base),
+    ):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        files = [
+            client.files.create(file=("d.jsonl", jsonl(d)), purpose="fine-tune").id for d in (train, held_out)
+        ]
+        job = client.fine_tuning.jobs.create(
+            model=client.models.list().data[0].id,
+            training_file=files[0],
+            validation_file=files[1],
+            hyperparameters={**FAST, "n_epochs": 8},
+        )
+        deadline = time.monotonic() + 240
+        while (
+            len([e for e in client.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"])
+            < 12
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL: no drain; the run dies with it (PR_SET_PDEATHSIG)
+        proc.wait()
+    with (
+        open(tmp_path / "server2.log", "w+") as log,
+        serverproc.running(args, log=log, timeout_s=120) as (_, base),
+    ):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.2)
+        assert job.status == "succeeded", job.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+        assert any(m.startswith("Resuming") for m in messages)
+        out = client.completions.create(
+            model=job.fine_tuned_model, prompt=held_out[0].prompt, max_tokens=3, temperature=0
+        )
+        assert out.choices[0].text.startswith(held_out[0].completion)
