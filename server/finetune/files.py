@@ -40,6 +40,7 @@ from server.errors import (
     shown,
 )
 from server.finetune.training_file import parse_training_file
+from server.registry.folder_store import fsync_dir
 from server.training.data import Example
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,14 @@ class FileStore:
                 )
             if not folder.is_dir():  # a new folder's entry must survive a crash too
                 folder.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             temp = Path(tempfile.mkdtemp(dir=folder, prefix=".upload-", suffix=".tmp"))
             try:
                 _write(temp / "data.jsonl", data)
                 _write(temp / "meta.json", json.dumps(record.meta()).encode())
-                _fsync_dir(temp)
+                fsync_dir(temp)
                 os.rename(temp, folder / record.id)  # a fresh random id: nothing is there to replace
-                _fsync_dir(folder)
+                fsync_dir(folder)
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
                 raise
@@ -174,7 +175,7 @@ class FileStore:
             record = self.get(owner, file_id)
             doomed = folder / f".delete-{file_id}.tmp"
             os.rename(folder / file_id, doomed)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         shutil.rmtree(doomed, ignore_errors=True)  # what is left is a temp folder: recover removes it
         return record
 
@@ -244,14 +245,6 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit

@@ -70,7 +70,7 @@ class FolderStore:
                     if new_folder:  # a new folder's entry (and tasks/'s) must survive a crash too
                         folder.mkdir(parents=True)
                         for parent in (self.tasks_dir, self.root):
-                            _fsync_dir(parent)
+                            fsync_dir(parent)
                     _write_atomic(folder / f"v{version}.safetensors", data)
                     _write_atomic(folder / f"v{version}.json", metadata_bytes(record))
                 except BaseException:
@@ -226,7 +226,7 @@ def _unlink_versions(folder: Path, old: Iterable[int]) -> None:
         for name in versions.file_names(version):
             (folder / name).unlink(missing_ok=True)
     if old:
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -242,10 +242,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (the folder's own entry list)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
