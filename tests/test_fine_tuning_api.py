@@ -155,7 +155,7 @@ async def test_a_restart_mid_job_resumes_it(make_server):
     job = await client.fine_tuning.jobs.create(
         model="tiny",
         training_file=await upload(client, synthetic(96, seed=1)),
-        hyperparameters={**FAST, "n_epochs": 8},
+        hyperparameters={**FAST, "n_epochs": 40},
     )
     await wait_for(client, job.id, ("running",))
     while (
@@ -219,7 +219,7 @@ def test_a_real_server_process_trains_and_survives_a_kill_mid_job(model_folder, 
             model=client.models.list().data[0].id,
             training_file=files[0],
             validation_file=files[1],
-            hyperparameters={**FAST, "n_epochs": 8},
+            hyperparameters={**FAST, "n_epochs": 40},  # 480 steps: the kill comes long before the end
         )
         deadline = time.monotonic() + 240
         while (

@@ -89,18 +89,20 @@ def test_a_run_killed_mid_way_resumes_to_the_same_prefix(model_folder, tmp_path)
     child = run_child(killed, args)
     while len(steps_of(killed)) < 7:  # past the checkpoint at step 5
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+        time.sleep(0.005)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert not killed.result.exists() and killed.load_checkpoint() is not None
+    checkpoint = killed.load_checkpoint()
+    assert not killed.result.exists() and checkpoint is not None
+    saved = len(checkpoint["losses"])  # 5, 10, ...: where the kill found it (a fast machine gets further)
+    assert saved % 5 == 0 and saved >= 5
     assert run_child(killed, args).wait() == 0
     events = killed.events()
     at = max(i for i, e in enumerate(events) if e["message"].startswith("Resuming"))
     resumed = [
         e["data"]["step"] for e in events[at:] if e["type"] == "metrics" and "step" in (e["data"] or {})
     ]
-    # from the last checkpoint (every 5 steps) to the end, again
-    assert resumed == list(range(resumed[0], 21)) and resumed[0] > 1 and (resumed[0] - 1) % 5 == 0
+    assert resumed == list(range(saved + 1, 21))  # from the checkpoint on, again
     a, b = prefix_of(whole), prefix_of(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
