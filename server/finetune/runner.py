@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # in the child, before exec: SIGKILL when the server's process ends
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: between fork and exec only a C call runs
+
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGKILL when the runner's thread ends
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class JobRunner:
