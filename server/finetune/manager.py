@@ -20,7 +20,7 @@ from pathlib import Path
 
 from server.errors import InvalidRequest, JobNotFound, QuotaExceeded, shown
 from server.finetune.files import FileStore
-from server.finetune.jobs import FINAL, Hyperparameters, JobFolder, job_record
+from server.finetune.jobs import FINAL, Hyperparameters, JobFolder, job_record, new_job_id
 from server.finetune.runner import JobRunner
 from server.finetune.training_file import CHAT
 from server.training.data import Example
@@ -65,7 +65,7 @@ class FineTuning:
                     "give both in one",
                     param="validation_file",
                 )
-        job_id = "ftjob-" + secrets.token_hex(12)
+        job_id = new_job_id()
         job = job_record(
             job_id,
             owner=owner,
@@ -170,7 +170,7 @@ def _write_examples(path: Path, examples: list[Example]) -> None:
 
 def _shown(job: dict) -> dict:
     """The job as the API answers it: OpenAI's fields, and ours under `prefix_server`."""
-    ours = ("task_id", "fine_tuned_model_name", "chat_template", "task_version", "num_steps", "total_steps")
+    ours = ("task_id", "fine_tuned_model_name", "chat_template", "task_version", "total_steps")
     shown_job = {k: v for k, v in job.items() if k not in ours}
     shown_job["prefix_server"] = {
         "task": job.get("fine_tuned_model_name"),

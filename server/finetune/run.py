@@ -27,6 +27,7 @@ MIN_EXAMPLES = 10  # as OpenAI: fewer is refused (without a validation file, a t
 
 def run(folder, *, model: str, dtype: str, device: str, cache_dir: Path, checkpoint_every: int) -> int:
     from server.engine.model import load_model
+    from server.finetune.jobs import BASE_LR
     from server.registry.frame import TaskScores
     from server.training.data import read_jsonl, split_examples
     from server.training.export import summarize
@@ -45,7 +46,7 @@ def run(folder, *, model: str, dtype: str, device: str, cache_dir: Path, checkpo
         num_virtual_tokens=hp["num_virtual_tokens"],
         epochs=hp["n_epochs"],
         batch_size=hp["batch_size"],
-        lr=1e-2 * hp["learning_rate_multiplier"],
+        lr=BASE_LR * hp["learning_rate_multiplier"],
         seed=job["seed"],
         chat_template=bool(job.get("chat_template")),
     )

@@ -194,20 +194,13 @@ class JobRunner:
 
     def _register(self, folder: JobFolder) -> None:
         job = folder.read()
-        data = (folder.result / "prefix.safetensors").read_bytes()
-        version = self.register(job["task_id"], data)
-        steps = [
-            e["data"] for e in folder.events() if e["type"] == "metrics" and e["data"] and "step" in e["data"]
-        ]
+        version = self.register(job["task_id"], (folder.result / "prefix.safetensors").read_bytes())
         folder.append_event(f"New task version {job['fine_tuned_model_name']} v{version}; the job succeeded")
         folder.update(
             status="succeeded",
             fine_tuned_model=job["fine_tuned_model_name"],
             finished_at=int(time.time()),
-            trained_tokens=None,
-            result_files=[],
             task_version=version,
-            num_steps=len(steps),
         )
 
 
