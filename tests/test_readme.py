@@ -60,6 +60,9 @@ def test_the_front_page_has_examples():
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
     args = ["--prefix-dir", str(work / "prefixes"), "--compile", "off", "--examples", "on"]  # as make serve
+    # Except that the fine-tuning block's job may use both cores (nothing else runs meanwhile): the same
+    # output as the default niced single thread (checked), in ~80 s instead of ~130 s.
+    args += ["--fine-tune-threads", "2", "--fine-tune-nice", "0"]
     with open(work / "server.log", "w+") as log, serverproc.running(args, log=log) as (_, base):
         yield base
 
