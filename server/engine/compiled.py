@@ -225,7 +225,10 @@ class CompiledDecode:
         self.ready = False
         self.packed, self.attention_kernel = kernel_choice(model)
         self._stance = "eager_on_recompile" if on_new_shape == "eager" else "fail_on_recompile"
-        self._compiled = torch.compile(DecodeStep(model, self.packed, self.attention_kernel), fullgraph=True)
+        self.step = DecodeStep(
+            model, self.packed, self.attention_kernel
+        )  # its packed linears serve prefills too
+        self._compiled = torch.compile(self.step, fullgraph=True)
 
     def __call__(self, input_ids: torch.Tensor, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
         """Logits [b, vocab] of one step; b must be one of the buckets."""

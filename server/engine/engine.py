@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from server.engine import forward, grammar
+from server.engine import forward, grammar, prefill_step
 from server.engine.compiled import CompiledDecode, DecodeStep, bucket_for
 from server.engine.compiled import supports as compiled_supports
 from server.engine.graphs import GraphDecode, max_blocks
@@ -86,6 +86,9 @@ class Engine:
         self.rows = Rows(self.pool, self.prefixes)  # the running requests, their pages and generators
         self._chunk_ran = False  # admit ran a prefill chunk since the last decode step: step skips its own
         self.decoder: CompiledDecode | GraphDecode | None = None  # set by compile(); used once warmed up
+        # Prefills on the compiled CPU step's packed linears once it is warm (engine/prefill_step.py);
+        # False: transformers' forward (what the benchmark compares against).
+        self.packed_prefill = True
         self._grammars: grammar.Grammars | None = None  # structured output's, made when first asked for
 
     def compile(self, on_new_shape: str = "eager", graphs: bool | None = None) -> float:
@@ -335,7 +338,13 @@ class Engine:
         if not chunks:
             return []
         rows, prompts = [row for _, row, _ in chunks], [ids for _, _, ids in chunks]
-        logits = forward.prefill_logits(self.model, self.pool, rows, prompts, self.pad_token_id, self.device)
+        step = getattr(self.decoder, "step", None)
+        if self.packed_prefill and step is not None and step.packed and self.decoder.ready:
+            logits = prefill_step.prefill_logits(step, self.pool, rows, prompts)
+        else:
+            logits = forward.prefill_logits(
+                self.model, self.pool, rows, prompts, self.pad_token_id, self.device
+            )
         for _, row, ids in chunks:
             row.length += len(ids)
         done = [i for i, (request, row, _) in enumerate(chunks) if row.length == request.num_prompt_tokens]
