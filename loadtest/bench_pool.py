@@ -172,7 +172,7 @@ async def run_workload(client: httpx.AsyncClient, w: Workload, prompts: list[str
     """`num_requests` POST /generate, at most `w.concurrency` at once: tokens/s, prefix cache misses."""
     slots = asyncio.Semaphore(w.concurrency)
 
-    async def one(k: int) -> tuple[int, int]:
+    async def one(k: int) -> tuple[int, int, float]:
         body = {
             "task_id": w.tasks[(w.cursor + k) % len(w.tasks)],
             "prompt": prompts[k % len(prompts)],
@@ -180,13 +180,15 @@ async def run_workload(client: httpx.AsyncClient, w: Workload, prompts: list[str
             "ignore_eos": True,
         }
         async with slots:
+            sent = time.perf_counter()
             resp = await client.post("/generate", json=body)
+            latency = time.perf_counter() - sent
         if resp.status_code != 200:
             raise BenchError(
                 f"POST /generate ({w.label}): expected 200, got {resp.status_code}: {resp.text[:300]}"
             )
         usage = resp.json()["usage"]
-        return usage["completion_tokens"], usage["prompt_tokens"]
+        return usage["completion_tokens"], usage["prompt_tokens"], latency
 
     misses0 = (await get_metrics(client, (MISSES,)))[MISSES]
     start = time.perf_counter()
@@ -194,12 +196,13 @@ async def run_workload(client: httpx.AsyncClient, w: Workload, prompts: list[str
     seconds = time.perf_counter() - start
     misses1 = (await get_metrics(client, (MISSES,)))[MISSES]
     w.cursor += num_requests
-    tokens = sum(c for c, _ in replies)
+    tokens = sum(c for c, _, _ in replies)
     return {
         "seconds": round(seconds, 3),
         "completion_tokens": tokens,
         "tok_s": tokens / seconds,
-        "prompt_tokens": statistics.median(p for _, p in replies),
+        "prompt_tokens": statistics.median(p for _, p, _ in replies),
+        "latency_s": round(statistics.median(t for _, _, t in replies), 3),  # a request's, sent to reply
         "prefix_cache_misses": None if misses0 is None else misses1 - misses0,
     }
 
@@ -421,6 +424,25 @@ def report(result: dict) -> None:
     print(format_table(rows))
     print("\nwhile 64 requests of the long-prefix task ran (the fullest moment seen):")
     print(format_memory(memory["peak"], memory["prefix_tokens"], int(memory["prompt_tokens"]) + NEW_TOKENS))
+    if "skipped" not in slow:
+        print(no_stall_line(slow["rows"][0], config["read_delay_ms"]))
+
+
+def no_stall_bound(row: dict, read_delay_ms: float) -> float:
+    """The slow-store ratio a closed loop reaches if the loads stall nothing: each request lives T s in the
+    baseline (its median latency) and cannot start before its read, so at best T / (T + delay) of it runs."""
+    t = statistics.median(run["latency_s"] for run in row["runs"]["baseline"])
+    return t / (t + read_delay_ms / 1000)
+
+
+def no_stall_line(row: dict, read_delay_ms: float) -> str:
+    bound = no_stall_bound(row, read_delay_ms)
+    t = statistics.median(run["latency_s"] for run in row["runs"]["baseline"])
+    return (
+        f"\nslow store: a request lives {t:.2f} s in its baseline; {NEW_TOKENS}-token replies that cannot start "
+        f"before a {read_delay_ms:.0f} ms read reach at most {bound:.2f} of it in a closed loop, with nothing "
+        f"stalled; measured {row['ratio']:.2f} ({row['ratio'] / bound:.2f} of that bound)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ from loadtest.bench_pool import (
     format_memory,
     format_table,
     make_pairs,
+    no_stall_bound,
+    no_stall_line,
     pages,
     parse_args,
     parse_metrics,
@@ -99,3 +101,9 @@ def test_format_memory_shows_na_and_the_prefix_pages():
     assert "| one 250-token prefix, ceil(250 / 16) | 16 |" in table
     assert "| about, prefix once: 16 + 64 rows x 4 | 272 |" in table
     assert "| about, a copy per row: 64 x (16 + 4) | 1280 |" in table
+
+
+def test_the_slow_store_bound_is_the_share_of_a_request_life_after_its_read():
+    row = {"ratio": 0.8, "runs": {"baseline": [{"latency_s": t} for t in (1.0, 1.8, 5.0)]}}
+    assert no_stall_bound(row, 200) == pytest.approx(1.8 / 2.0)  # the median latency, plus 0.2 s
+    assert "at most 0.90" in no_stall_line(row, 200) and "(0.89 of that bound)" in no_stall_line(row, 200)
