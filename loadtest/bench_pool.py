@@ -12,6 +12,7 @@ ignore_eos), at most `concurrency` in flight.
 | p16: 16 concurrent, one task, 16-token prefix | 16 concurrent, no prefix |
 | tasks: 16 concurrent, every request another of 1,000 tasks (16-token prefixes), round-robin: each cold | p16 |
 | tasks-slow-store: the same on a second server (store reads sleep 200 ms, a small prefix cache) | p16 there |
+| tasks-slow-store-staggered: the same, the first 16 requests of a run sent 0.1 s apart | p16 there, staggered too |
 | c32, c64: 32 and 64 concurrent, no prefix | 16 concurrent, no prefix |
 
 Then, while 64 requests of the 250-token task run, the K/V pool's gauges from GET /metrics beside the
@@ -49,6 +50,7 @@ from server.registry.format import ModelFingerprint, PrefixKV, save_native
 
 PAGE_TOKENS = 16  # tokens per K/V page
 PROMPT_TOKENS, NEW_TOKENS = 30, 32
+STAGGER_S = 0.1  # the staggered pair: 16 starts over ~1.6 s, about one request's life here
 LONG_PREFIX_TOKENS, SHORT_PREFIX_TOKENS = 250, 16
 KV_GAUGES = (
     "prefix_server_kv_pages_total",
@@ -85,6 +87,9 @@ class Pair:
     name: str
     scenario: Workload
     baseline: Workload
+    # Seconds between the starts of a run's first `concurrency` requests. 0: all at once, and since every
+    # request has the same length, they finish together and the next ones start together (waves).
+    stagger_s: float = 0.0
 
 
 # ---- pure parts -------------------------------------------------------------------------------------
@@ -168,8 +173,11 @@ async def get_metrics(client: httpx.AsyncClient, names: tuple[str, ...]) -> dict
     return parse_metrics((await client.get("/metrics")).text, names)
 
 
-async def run_workload(client: httpx.AsyncClient, w: Workload, prompts: list[str], num_requests: int) -> dict:
-    """`num_requests` POST /generate, at most `w.concurrency` at once: tokens/s, prefix cache misses."""
+async def run_workload(
+    client: httpx.AsyncClient, w: Workload, prompts: list[str], num_requests: int, stagger_s: float = 0.0
+) -> dict:
+    """`num_requests` POST /generate, at most `w.concurrency` at once, the first of them `stagger_s` apart:
+    tokens/s, prefix cache misses."""
     slots = asyncio.Semaphore(w.concurrency)
 
     async def one(k: int) -> tuple[int, int, float]:
@@ -180,6 +188,8 @@ async def run_workload(client: httpx.AsyncClient, w: Workload, prompts: list[str
             "ignore_eos": True,
         }
         async with slots:
+            if k < w.concurrency:
+                await asyncio.sleep(k * stagger_s)  # inside: the slot is held, so no later request overtakes
             sent = time.perf_counter()
             resp = await client.post("/generate", json=body)
             latency = time.perf_counter() - sent
@@ -259,7 +269,7 @@ async def measure(client, pairs: list[Pair], prompts: list[str], args, server: s
         for p in pairs:
             order = [("baseline", p.baseline), ("scenario", p.scenario)]
             for role, w in order if r % 2 == 0 else order[::-1]:  # ABBA: a steady drift cancels out
-                run = await run_workload(client, w, prompts, args.rounds * w.concurrency)
+                run = await run_workload(client, w, prompts, args.rounds * w.concurrency, p.stagger_s)
                 runs[p.name][role].append(run)
                 misses = run["prefix_cache_misses"]
                 misses = "" if misses is None else f", {misses:.0f} prefix cache misses"
@@ -270,8 +280,8 @@ async def measure(client, pairs: list[Pair], prompts: list[str], args, server: s
         {
             "name": p.name,
             "server": server,
-            "scenario": p.scenario.label,
-            "baseline": p.baseline.label,
+            "scenario": p.scenario.label + (", staggered starts" if p.stagger_s else ""),
+            "baseline": p.baseline.label + (", staggered starts" if p.stagger_s else ""),
             **summarize(*([x["tok_s"] for x in runs[p.name][role]] for role in ("scenario", "baseline"))),
             "runs": runs[p.name],
         }
@@ -305,8 +315,11 @@ def make_pairs(num_tasks: int, short_tokens: int, long_tokens: int, read_delay_m
     many = Workload(
         f"16 concurrent, each request another of {num_tasks} tasks{slow}", 16, task_ids(num_tasks)
     )
-    if read_delay_ms is not None:
-        return [Pair("tasks-slow-store", many, p16)]
+    if read_delay_ms is not None:  # the staggered pair shares the workloads (one cursor: every task cold)
+        return [
+            Pair("tasks-slow-store", many, p16),
+            Pair("tasks-slow-store-staggered", many, p16, stagger_s=STAGGER_S),
+        ]
     return [
         Pair(
             "p250",

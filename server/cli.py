@@ -124,6 +124,9 @@ def serve(args: argparse.Namespace) -> None:
     # torch.compile's artifacts beside the converted models, so a restart reuses them (see --compile).
     # Before the imports below: importing the engine makes inductor fix its folder for good.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.model_cache_dir / "inductor"))
+    from server.threads import set_openmp_env
+
+    set_openmp_env()  # before torch is imported: its OpenMP reads the environment then
 
     import uvicorn
 

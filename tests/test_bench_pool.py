@@ -78,8 +78,10 @@ def test_make_pairs_main_and_slow_store():
     assert by_name["p16"].baseline is by_name["p250"].baseline  # one no-prefix workload, one cursor
     assert by_name["tasks"].baseline is by_name["p16"].scenario
     assert len(by_name["tasks"].scenario.tasks) == 1000 and by_name["c64"].scenario.concurrency == 64
-    (slow,) = make_pairs(50, 16, 250, 200)
+    slow, staggered = make_pairs(50, 16, 250, 200)
     assert slow.name == "tasks-slow-store" and "200 ms store reads" in slow.scenario.label
+    assert (staggered.scenario, staggered.baseline) == (slow.scenario, slow.baseline)  # one cursor: all cold
+    assert slow.stagger_s == 0 and staggered.stagger_s > 0
 
 
 def test_format_table_rows_and_skipped():

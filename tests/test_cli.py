@@ -95,6 +95,41 @@ cli.main(["serve", "--model-cache-dir", {str(tmp_path / "models")!r}, "--prefix-
     assert run.stdout.strip().splitlines()[-1] == str(tmp_path / "models" / "inductor")
 
 
+def test_serve_sets_openmps_spin_before_torch_is_imported(tmp_path):
+    """server/threads.py's OPENMP_ENV is in the environment when torch's OpenMP reads it (at torch's import),
+    and a value the user set wins."""
+    code = f"""
+import os
+import sys
+import server.cli as cli
+
+seen = {{}}
+
+class Stub:
+    def __init__(self, *args):
+        pass
+    def run(self):
+        print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"), seen["torch_at_import"])
+
+import builtins
+original_import = builtins.__import__
+def watch(name, *args, **kwargs):
+    if name == "torch" and "torch_at_import" not in seen:
+        seen["torch_at_import"] = os.environ.get("OMP_WAIT_POLICY")
+    return original_import(name, *args, **kwargs)
+builtins.__import__ = watch
+cli._make_draining_server = lambda: Stub
+cli.main(["serve", "--model-cache-dir", {str(tmp_path / "models")!r}, "--prefix-dir", {str(tmp_path / "p")!r}])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "ACTIVE 300000 ACTIVE"
+    env["GOMP_SPINCOUNT"] = "1000"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip().splitlines()[-1] == "ACTIVE 1000 ACTIVE"
+
+
 def test_the_operations_table_names_every_setting_and_no_other():
     """docs/operations.md's flag table is checked against the one source of the flags (Settings)."""
     import dataclasses

@@ -230,6 +230,12 @@ class CompiledDecode:
         )  # its packed linears serve prefills too
         self._compiled = torch.compile(self.step, fullgraph=True)
 
+    @property
+    def prefill_step(self) -> DecodeStep | None:
+        """The step whose packed linears prefills run on (engine/prefill_step.py), once warm; None where its
+        linears are not packed."""
+        return self.step if self.ready and self.packed else None
+
     def __call__(self, input_ids: torch.Tensor, batch: DecodeBatch, pool: PagePool) -> torch.Tensor:
         """Logits [b, vocab] of one step; b must be one of the buckets."""
         mask = None if self.attention_kernel else batch.mask(pool.keys.dtype)

@@ -338,8 +338,8 @@ class Engine:
         if not chunks:
             return []
         rows, prompts = [row for _, row, _ in chunks], [ids for _, _, ids in chunks]
-        step = getattr(self.decoder, "step", None)
-        if self.packed_prefill and step is not None and step.packed and self.decoder.ready:
+        step = self.decoder.prefill_step if self.decoder is not None and self.packed_prefill else None
+        if step is not None:
             logits = prefill_step.prefill_logits(step, self.pool, rows, prompts)
         else:
             logits = forward.prefill_logits(
