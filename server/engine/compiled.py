@@ -225,9 +225,8 @@ class CompiledDecode:
         self.ready = False
         self.packed, self.attention_kernel = kernel_choice(model)
         self._stance = "eager_on_recompile" if on_new_shape == "eager" else "fail_on_recompile"
-        self.step = DecodeStep(
-            model, self.packed, self.attention_kernel
-        )  # its packed linears serve prefills too
+        # The step's packed linears serve the prefills too (engine/prefill_step.py).
+        self.step = DecodeStep(model, self.packed, self.attention_kernel)
         self._compiled = torch.compile(self.step, fullgraph=True)
 
     @property
