@@ -441,20 +441,24 @@ def report(result: dict) -> None:
         print(no_stall_line(slow["rows"][0], config["read_delay_ms"]))
 
 
+def baseline_latency(row: dict) -> float:
+    """The median of the baseline runs' median request latencies (seconds)."""
+    return statistics.median(run["latency_s"] for run in row["runs"]["baseline"])
+
+
 def no_stall_bound(row: dict, read_delay_ms: float) -> float:
     """The slow-store ratio a closed loop reaches if the loads stall nothing: each request lives T s in the
     baseline (its median latency) and cannot start before its read, so at best T / (T + delay) of it runs."""
-    t = statistics.median(run["latency_s"] for run in row["runs"]["baseline"])
+    t = baseline_latency(row)
     return t / (t + read_delay_ms / 1000)
 
 
 def no_stall_line(row: dict, read_delay_ms: float) -> str:
     bound = no_stall_bound(row, read_delay_ms)
-    t = statistics.median(run["latency_s"] for run in row["runs"]["baseline"])
     return (
-        f"\nslow store: a request lives {t:.2f} s in its baseline; {NEW_TOKENS}-token replies that cannot start "
-        f"before a {read_delay_ms:.0f} ms read reach at most {bound:.2f} of it in a closed loop, with nothing "
-        f"stalled; measured {row['ratio']:.2f} ({row['ratio'] / bound:.2f} of that bound)"
+        f"\nslow store: a request lives {baseline_latency(row):.2f} s in its baseline; {NEW_TOKENS}-token replies "
+        f"that cannot start before a {read_delay_ms:.0f} ms read reach at most {bound:.2f} of it in a closed "
+        f"loop, with nothing stalled; measured {row['ratio']:.2f} ({row['ratio'] / bound:.2f} of that bound)"
     )
 
 

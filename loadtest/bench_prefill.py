@@ -45,10 +45,9 @@ def requests(engine: Engine, rows: int, tokens: int | None, prefix: PrefixKV | N
     for i in range(rows):
         n = tokens if tokens is not None else 8 + (i * 52) // max(1, rows - 1)
         ids = torch.randint(100, vocab - 1, (n,), generator=gen).tolist()
-        r = Request(ids, SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0))
-        if prefix is not None:
-            r.prefix, r.prefix_key = prefix, ("bench", 1, "bench")
-        out.append(r)
+        sampling = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)
+        key = None if prefix is None else ("bench", 1, "bench")  # one version: its rows share its pages
+        out.append(Request(ids, prefix=prefix, prefix_key=key, sampling=sampling))
     return out
 
 

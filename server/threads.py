@@ -28,11 +28,15 @@ T = TypeVar("T")
 OPENMP_ENV = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
+def openmp_env() -> dict[str, str]:
+    """OPENMP_ENV, where this process's environment sets a value already: that value."""
+    return {name: os.environ.get(name, value) for name, value in OPENMP_ENV.items()}
+
+
 def set_openmp_env() -> None:
-    """Put OPENMP_ENV in this process's environment (a value already set wins). libgomp reads it once, when
-    torch is first imported: call this before that."""
-    for name, value in OPENMP_ENV.items():
-        os.environ.setdefault(name, value)
+    """Put `openmp_env()` in this process's environment. libgomp reads it once, when torch is first
+    imported: call this before that (a process of its own, e.g. a Ray replica, gets it at its start)."""
+    os.environ.update(openmp_env())
 
 
 async def in_own_thread(fn: Callable[..., T], *args) -> T:

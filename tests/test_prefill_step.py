@@ -119,3 +119,10 @@ def test_bfloat16_packed_prefill_is_close(tokenizer, spy):
     assert spy
     for w, g in zip(want, got, strict=True):  # bfloat16 rounds in other places: close, not equal
         assert g.output_logprobs[0].logprob == pytest.approx(w.output_logprobs[0].logprob, abs=0.1)
+
+
+def test_packed_prefill_off_uses_the_models_forward(tokenizer, spy):
+    engine = packed_engine(make_tiny_model("llama-gqa"), tokenizer)
+    engine.packed_prefill = False  # what loadtest/bench_prefill.py compares against
+    engine.generate(make_requests([None], [12], [2]))
+    assert spy == []

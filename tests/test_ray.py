@@ -260,3 +260,16 @@ def test_routing_id_names_the_stored_task(tmp_path, path, body, key, expected):
     assert routing_id("/generate", b"{not json", ring, f"Bearer {key}") is None
     open_ring = KeyRing.load(None, Quotas())  # no keys file: task ids are stored as named
     assert routing_id("/generate", b'{"task_id": "t"}', open_ring, None) == "t"
+
+
+def test_replicas_start_with_the_engines_openmp_spin(monkeypatch):
+    """Each replica's process gets server/threads.py's OpenMP variables before it imports torch (a value
+    set where the app is built wins)."""
+    from server.distributed.app import replica_actor_options
+    from server.threads import OPENMP_ENV
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    options = replica_actor_options({"replica_cpus": 1.0, "replica_gpus": 0.0})
+    assert options["runtime_env"]["env_vars"] == {**OPENMP_ENV, "GOMP_SPINCOUNT": "1000"}
+    assert (options["num_cpus"], options["num_gpus"]) == (1.0, 0.0)

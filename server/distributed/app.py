@@ -23,7 +23,7 @@ from server.config import ENV_PREFIX, Settings
 from server.distributed.ingress import PrefixServerIngress
 from server.distributed.replica import PrefixServerReplica
 from server.errors import ConfigError
-from server.threads import OPENMP_ENV
+from server.threads import openmp_env
 
 APP_OPTIONS = {
     "num_replicas": (int, 2),
@@ -34,6 +34,16 @@ APP_OPTIONS = {
     "max_ongoing_requests": (int, 0),  # 0: 2 x max_batch_size
     "max_queued_requests": (int, 0),  # 0: max_queue
 }
+
+
+def replica_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """A replica's Ray actor: its CPUs and GPUs, and the engine's OpenMP spin (server/threads.py) in its
+    environment from the start, before its process imports torch."""
+    return {
+        "num_cpus": opts["replica_cpus"],
+        "num_gpus": opts["replica_gpus"],
+        "runtime_env": {"env_vars": openmp_env()},
+    }
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -53,14 +63,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     replicas = serve.deployment(PrefixServerReplica).options(
         name="PrefixServerReplica",
         num_replicas=opts["num_replicas"],
-        ray_actor_options={
-            "num_cpus": opts["replica_cpus"],
-            "num_gpus": opts["replica_gpus"],
-            # The engine's OpenMP spin (server/threads.py), set before the replica's process imports torch.
-            "runtime_env": {
-                "env_vars": {**OPENMP_ENV, **{k: os.environ[k] for k in OPENMP_ENV if k in os.environ}}
-            },
-        },
+        ray_actor_options=replica_actor_options(opts),
         max_ongoing_requests=opts["max_ongoing_requests"] or 2 * settings.max_batch_size,
         max_queued_requests=opts["max_queued_requests"] or settings.max_queue,
         # Ray waits this long for __del__, which lets running requests finish first.

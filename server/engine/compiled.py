@@ -163,18 +163,8 @@ class DecodeStep(torch.nn.Module):
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             d, kv_heads = attn.head_dim, attn.config.num_key_value_heads
-            x = layer.input_layernorm(hidden)  # [b, hidden]
-            if self.packed:
-                q, k, v = (
-                    self.qkv[i](x)
-                    .view(b, -1, d)
-                    .split([attn.config.num_attention_heads, kv_heads, kv_heads], 1)
-                )
-            else:
-                q, k, v = (proj(x).view(b, -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [b, heads | kv_heads, d]; cos, sin [b, 1, d]
+            q, k, v = self.qkv_of(i, layer.input_layernorm(hidden))  # [b, heads | kv_heads, d]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)  # cos, sin [b, 1, d]
             if (
                 self.write_kernel
             ):  # in place through a pointer: an index_put traced by inductor copies the pool
@@ -195,17 +185,36 @@ class DecodeStep(torch.nn.Module):
                     attn_mask=mask,
                     scale=attn.scaling,
                 )  # [b, kv_heads, groups, d]
-            out = out.reshape(b, -1)  # [b, heads * d]
-            if self.packed:
-                hidden = hidden + self.o[i](out)
-                gate, up = self.gate_up[i](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-                hidden = hidden + self.down[i](layer.mlp.act_fn(gate) * up)
-            else:
-                hidden = hidden + attn.o_proj(out)
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = inner.norm(hidden)
-        logits = self.lm_head(hidden) if self.packed else self.model.lm_head(hidden)
-        return logits.float()  # [b, vocab]
+            hidden = self.after_attention(i, hidden, out.reshape(b, -1))
+        return self.logits(hidden)  # [b, vocab]
+
+    # The layer's parts around attention, shared with the prefill (engine/prefill_step.py).
+    def qkv_of(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's q [n, heads, d], k, v [n, kv_heads, d] (before rotary) of its normed input x [n, hidden]."""
+        attn = self.model.model.layers[i].self_attn
+        d, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
+        if self.packed:
+            q, k, v = self.qkv[i](x).view(x.shape[0], -1, d).split([heads, kv_heads, kv_heads], 1)
+        else:
+            q, k, v = (proj(x).view(x.shape[0], -1, d) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k, v
+
+    def after_attention(self, i: int, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residual stream [n, hidden] after layer i's attention output out [n, heads * d] and its MLP."""
+        layer = self.model.model.layers[i]
+        if self.packed:
+            hidden = hidden + self.o[i](out)
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+            return hidden + self.down[i](layer.mlp.act_fn(gate) * up)
+        hidden = hidden + layer.self_attn.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] after the last layer -> float32 logits [n, vocab]."""
+        hidden = self.model.model.norm(hidden)
+        return (self.lm_head(hidden) if self.packed else self.model.lm_head(hidden)).float()
 
 
 class CompiledDecode:
@@ -230,7 +239,7 @@ class CompiledDecode:
         self._compiled = torch.compile(self.step, fullgraph=True)
 
     @property
-    def prefill_step(self) -> DecodeStep | None:
+    def packed_step(self) -> DecodeStep | None:
         """The step whose packed linears prefills run on (engine/prefill_step.py), once warm; None where its
         linears are not packed."""
         return self.step if self.ready and self.packed else None

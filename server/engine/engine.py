@@ -338,7 +338,7 @@ class Engine:
         if not chunks:
             return []
         rows, prompts = [row for _, row, _ in chunks], [ids for _, _, ids in chunks]
-        step = self.decoder.prefill_step if self.decoder is not None and self.packed_prefill else None
+        step = self.decoder.packed_step if self.decoder is not None and self.packed_prefill else None
         if step is not None:
             logits = prefill_step.prefill_logits(step, self.pool, rows, prompts)
         else:

@@ -108,10 +108,10 @@ class GraphDecode:
     """The decode step (`step`: compiled.DecodeStep on the torch-ops path) per (rows, width) bucket, as a
     CUDA graph (`capture=True`) or called eagerly on the same static buffers (`capture=False`).
 
-    Same interface as compiled.CompiledDecode: `buckets`, `ready`, `prefill_step`, `warm_up(pool)`,
+    Same interface as compiled.CompiledDecode: `buckets`, `ready`, `packed_step`, `warm_up(pool)`,
     `__call__`."""
 
-    prefill_step = None  # its linears are torch's: prefills stay on the model's forward
+    packed_step = None  # its linears are torch's: prefills stay on the model's forward
 
     def __init__(self, step: torch.nn.Module, max_rows: int, max_blocks: int, pool: PagePool, capture: bool):
         self.step, self.capture = step, capture

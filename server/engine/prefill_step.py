@@ -9,8 +9,8 @@ on the same packed modules (no second copy of the weights).
 Layout: the chunks' tokens flattened, no padding ([n, hidden] through every linear, norm and rotary);
 only attention sees rows, left-padded to the longest chunk, through prefill.cascade_attention (each
 shared prefix read from its pages once for its rows). Each token's K/V go straight into its row's pages
-(`write_kv`), at the position PEFT gives it (context length + index in the chunk). Numerics: the same
-operations as the compiled decode step, which is token-for-token equal to the eager engine in the tests.
+(`write_kv`), at the position PEFT gives it (context length + index in the chunk). A layer's parts around
+attention are the decode step's own (`DecodeStep.qkv_of`, `after_attention`, `logits`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ from server.engine.pages import PagePool
 from server.engine.prefill import cascade_attention
 
 
-@torch.inference_mode()
 def prefill_logits(
     step: DecodeStep, pool: PagePool, rows: Sequence[RowKV], chunks: Sequence[list[int]]
 ) -> torch.Tensor:
     """One prefill forward (as forward.prefill_logits): chunks[i] continues rows[i] from its `length`.
-    Returns the logits after each chunk's last token [rows, vocab] (float32)."""
+    Returns the logits after each chunk's last token [rows, vocab] (float32). Runs under the engine's
+    inference mode."""
     assert step.packed, "the packed prefill needs the step's packed linears"
-    model, ops = step.model, torch.ops.prefix_server
-    inner, device = model.model, pool.keys.device
+    inner, ops, device = step.model.model, torch.ops.prefix_server, pool.keys.device
     lens = [len(ids) for ids in chunks]
     b, t_max = len(rows), max(lens)
     cache = PrefillCache(pool, rows, lens, cascade=True)  # contexts, and each token's (row, column, slot)
@@ -55,20 +54,16 @@ def prefill_logits(
     hidden = inner.embed_tokens(ids)  # [n, hidden]
     cos, sin = (t[0] for t in inner.rotary_emb(hidden, positions[None]))  # [n, head_dim]
     for i, layer in enumerate(inner.layers):
-        attn = layer.self_attn
-        d, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
-        x = layer.input_layernorm(hidden)  # [n, hidden]
-        q, k, v = step.qkv[i](x).view(len(ids), -1, d).split([heads, kv_heads, kv_heads], 1)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [n, heads | kv_heads, d]
+        q, k, v = step.qkv_of(i, layer.input_layernorm(hidden))  # [n, heads | kv_heads, d]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         ops.write_kv(pool.keys, pool.values, i, cache.dst_slots, k, v)
-        q_rows = q.new_zeros(b, heads, t_max, d)
-        k_rows, v_rows = k.new_zeros(b, kv_heads, t_max, d), v.new_zeros(b, kv_heads, t_max, d)
+        q_rows = q.new_zeros(b, q.shape[1], t_max, q.shape[2])  # [b, heads, T, d], left-padded
+        k_rows, v_rows = (x.new_zeros(b, x.shape[1], t_max, x.shape[2]) for x in (k, v))
         q_rows[src], k_rows[src], v_rows[src] = q, k, v
-        out = cascade_attention(cache, i, q_rows, k_rows, v_rows, mask, attn.scaling)  # [b, T, heads, d]
-        out = out[cache.src_rows, cache.src_cols].reshape(len(ids), heads * d)  # [n, heads * d]
-        hidden = hidden + step.o[i](out)
-        gate, up = step.gate_up[i](layer.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        hidden = hidden + step.down[i](layer.mlp.act_fn(gate) * up)
-    return step.lm_head(inner.norm(hidden[last])).float()  # [b, vocab]
+        out = cascade_attention(
+            cache, i, q_rows, k_rows, v_rows, mask, layer.self_attn.scaling
+        )  # [b, T, heads, d]
+        hidden = step.after_attention(
+            i, hidden, out[cache.src_rows, cache.src_cols].flatten(1)
+        )  # [n, hidden]
+    return step.logits(hidden[last])  # [b, vocab]
