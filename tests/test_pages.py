@@ -16,6 +16,7 @@ from conftest import app_client, make_tiny_model, peft_greedy, peft_prefix_model
 from test_engine import make_requests, random_prefix
 
 from server.engine.engine import Engine
+from server.engine.paged import PrefillCache
 from server.engine.pages import PagePool, ResidentPrefixes, bytes_per_page
 from server.errors import InvalidRequest
 from server.registry.format import ModelFingerprint, load_prefix, save_native
@@ -123,6 +124,40 @@ def test_rows_of_one_task_share_its_pages_and_equal_each_alone(model, tokenizer)
     ]
     assert [r.output_token_ids for r in reqs] == [a.output_token_ids for a in alone]
     assert engine.prefixes.entries[key].refs == 0 and engine.kv_stats()["pages_shared"] == 0
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_rows_of_different_tasks_prefill_together_and_equal_each_alone(tokenizer, monkeypatch, attention):
+    """Prefixes of one length read by one row each are gathered and attended as one batch per layer
+    (engine/paged.py); the tokens stay each row's alone (where every prefix goes on its own)."""
+    model = make_tiny_model(FAMILY)
+    model.config._attn_implementation = attention
+    shapes = []
+    real = PrefillCache.prefix_kv
+
+    def spied(self, layer):
+        for rows, keys, values in real(self, layer):
+            shapes.append((len(rows), keys.dim()))
+            yield rows, keys, values
+
+    monkeypatch.setattr(PrefillCache, "prefix_kv", spied)
+    engine = Engine(model, tokenizer, max_rows=8)
+    fp = engine.fingerprint
+
+    def requests():  # five tasks of 15 tokens (one read by two rows), one of 17, one row without
+        p15 = [random_prefix(fp, 15, seed) for seed in range(5)]
+        prefixes = [p15[0], p15[1], None, p15[2], p15[3], random_prefix(fp, 17, 9), p15[4], p15[3]]
+        return make_requests(prefixes, [4, 9, 3, 17, 1, 6, 12, 8], [8] * 8, logprobs=0)
+
+    together = engine.generate(requests())
+    assert (4, 4) in shapes  # the four 15-token prefixes of one row each: one batch
+    assert (2, 3) in shapes and (1, 3) in shapes  # the shared one and the 17-token one as before
+    shapes.clear()
+    alone = [Engine(model, tokenizer, max_rows=1).generate([r])[0] for r in requests()]
+    assert {dim for _, dim in shapes} == {3}
+    for t, a in zip(together, alone, strict=True):
+        assert t.output_token_ids == a.output_token_ids
+        assert t.output_logprobs[0].logprob == pytest.approx(a.output_logprobs[0].logprob, abs=1e-5)
 
 
 def test_hot_swap_while_rows_run_on_the_old_version(model, tokenizer):

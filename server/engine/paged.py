@@ -197,7 +197,21 @@ class PrefillCache(_PagedCache):
                 shared.setdefault(id(r.prefix), [[], pages(r.prefix.pages), r.prefix_len, None, 0])[0].append(
                     i
                 )
-        self.contexts += [tuple(c) for c in shared.values()]
+        # Prefixes read by one row each (e.g. every request another task) go in batches, one per prefix
+        # length: a [m, kv_heads, P, d] gather and one attention per layer for all m instead of m of each.
+        singles: dict[int, list] = {}
+        for c in shared.values():
+            if len(c[0]) == 1:
+                singles.setdefault(c[2], []).append(c)
+            else:
+                self.contexts.append(tuple(c))
+        for length, cs in singles.items():
+            if len(cs) == 1:
+                self.contexts.append(tuple(cs[0]))
+            else:  # rows [m], prefix pages [m, pages]
+                self.contexts.append(
+                    ([c[0][0] for c in cs], torch.stack([c[1] for c in cs]), length, None, 0)
+                )
         self.contexts = [(torch.tensor(c[0], device=device), *c[1:]) for c in self.contexts]
         # Where each real chunk token goes: source (row, column of the padded chunk), destination slot.
         t_max = max(chunk_lens)
@@ -218,14 +232,26 @@ class PrefillCache(_PagedCache):
         b, kv_heads, _, d = k.shape
         context_k = k.new_zeros(b, kv_heads, self.past_len, d)  # [b, kv_heads, Cmax, d], right-aligned
         context_v = torch.zeros_like(context_k)
-        for rows, k_c, v_c in self.prefix_kv(layer):
-            context_k[rows, :, self.past_len - k_c.shape[1] :] = k_c
-            context_v[rows, :, self.past_len - v_c.shape[1] :] = v_c
+        for rows, k_c, v_c in self.prefix_kv(layer):  # k_c, v_c [kv_heads, C, d] or [n, kv_heads, C, d]
+            context_k[rows, :, self.past_len - k_c.shape[-2] :] = k_c
+            context_v[rows, :, self.past_len - v_c.shape[-2] :] = v_c
         return torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
 
     def prefix_kv(self, layer: int):
-        """(rows [n], keys, values [kv_heads, C, d]) of each context in this prefill, from its pages."""
+        """(rows [n], keys, values [kv_heads, C, d]) of each context in this prefill, from its pages; for a
+        batch of prefixes of one length read by one row each, (rows [m], keys, values [m, kv_heads, P, d])."""
         for rows, prefix_pages, prefix_len, own_pages, own_len in self.contexts:
+            if prefix_pages.dim() == 2:  # a batch: pages [m, pages per prefix]
+                yield (
+                    rows,
+                    *(
+                        t[layer][prefix_pages]
+                        .transpose(1, 2)
+                        .flatten(2, 3)[:, :, :prefix_len]  # [m, kv_heads, P, d]
+                        for t in (self.pool.keys, self.pool.values)
+                    ),
+                )
+                continue
             parts = [
                 tuple(
                     t[layer][p].transpose(0, 1).flatten(1, 2)[:, :length]  # [kv_heads, length, d]

@@ -79,15 +79,18 @@ def cascade_attention(cache, layer: int, query, key, value, mask, scaling) -> to
     )
     additive = additive.expand(b, 1, t, t)[:, :, None].expand(b, 1, groups, t, t).reshape(b, 1, groups * t, t)
     out, lse = _flash(q, key, value, additive, scale)  # [b, kv_heads, gT, d], [b, kv_heads, gT]
-    for rows, k_p, v_p in cache.prefix_kv(layer):  # k_p, v_p [kv_heads, P, d], read once for the rows
+    for rows, k_p, v_p in cache.prefix_kv(layer):
         n = len(rows)
-        qg = q[rows].transpose(0, 1).reshape(1, kv_heads, n * groups * t, d)
-        out_p, lse_p = _flash(qg, k_p[None], v_p[None], None, scale)  # [1, kv_heads, n * gT, d | ]
-        out_p = out_p[0].reshape(kv_heads, n, groups * t, d).transpose(0, 1)  # [n, kv_heads, gT, d]
-        lse_p = lse_p[0].reshape(kv_heads, n, groups * t).transpose(0, 1)  # [n, kv_heads, gT]
+        if k_p.dim() == 4:  # [n, kv_heads, P, d]: each row its own prefix, all of one length
+            out_p, lse_p = _flash(q[rows], k_p, v_p, None, scale)  # [n, kv_heads, gT, d | ]
+        else:  # [kv_heads, P, d]: read once for all the rows
+            qg = q[rows].transpose(0, 1).reshape(1, kv_heads, n * groups * t, d)
+            out_p, lse_p = _flash(qg, k_p[None], v_p[None], None, scale)  # [1, kv_heads, n * gT, d | ]
+            out_p = out_p[0].reshape(kv_heads, n, groups * t, d).transpose(0, 1)  # [n, kv_heads, gT, d]
+            lse_p = lse_p[0].reshape(kv_heads, n, groups * t).transpose(0, 1)  # [n, kv_heads, gT]
         # The prefix part's weight e^lse_p / (e^lse_o + e^lse_p) = sigmoid(lse_p - lse_o).
         w_p = torch.sigmoid(lse_p - lse[rows])[..., None]  # [n, kv_heads, gT, 1] float32
-        if n == b and out.dtype == torch.float32:  # the usual case: in place, no gather and scatter
+        if n == b and out.dtype == torch.float32:  # rows 0..b-1 in order: in place, no gather and scatter
             out.add_((out_p - out).mul_(w_p))
         else:
             own = out[rows].float()
