@@ -172,7 +172,8 @@ class PrefillCache(_PagedCache):
     (batch.py's layout): each row's real chunk K/V go straight into its own pages, after the `row.length`
     tokens its earlier chunks wrote. `cascade`: attention is prefill.cascade_attention, which reads each
     context from the pages once for all its rows (`prefix_kv`): a prefix version shared by rows on their
-    first chunk, or one row's prefix and earlier chunks; else (a model on another attention
+    first chunk, prefixes of one length read by one row each (as one batch), or one row's prefix and
+    earlier chunks; else (a model on another attention
     implementation) attention gets each row's context and chunk K/V side by side, [b, kv_heads, Cmax +
     Tmax, d]."""
 
