@@ -38,12 +38,14 @@
 namespace {
 
 constexpr int64_t kBlock = 16;    // output features per packed block: one AVX-512 register of floats
-// Software prefetch on each weight stream, in k steps: into L1 just ahead, and into L2 further ahead. With
-// 8 or more rows a k step takes ~8 cycles of FMAs, and the hardware's prefetch (which stops at 4 KB page
-// ends) ran too short: the L2 prefetch made all linears of the default model 5-10% faster at 8 and 16
-// rows on the 2-core Xeon (/tmp microbenchmark, alternating builds); unchanged at 1 row.
+// Software prefetch on each weight stream, in k steps: into L1 just ahead, and, for 4 rows or more, into L2
+// further ahead. With 8 or more rows a k step takes ~8 cycles of FMAs, and the hardware's prefetch (which
+// stops at 4 KB page ends) ran too short: the L2 prefetch made all linears of the default model ~10%
+// faster at 8 and 16 rows on the 2-core Xeon, float32 and bfloat16 (/tmp microbenchmark, builds
+// alternating); at 1 row, which streams at memory speed anyway, it cost bfloat16 ~5%, so fewer rows skip it.
 constexpr int64_t kPrefetch = 8;
 constexpr int64_t kPrefetchL2 = 64;
+constexpr int kPrefetchL2Rows = 4;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma")
@@ -85,7 +87,8 @@ inline void tile(const float* x, int64_t K, const W* w, const Scales& s, float* 
       __m512 wv[NB];
       for (int j = 0; j < NB; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(wb + (j * K + k + kPrefetch) * kBlock), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wb + (j * K + k + kPrefetchL2) * kBlock), _MM_HINT_T1);
+        if constexpr (M >= kPrefetchL2Rows)
+          _mm_prefetch(reinterpret_cast<const char*>(wb + (j * K + k + kPrefetchL2) * kBlock), _MM_HINT_T1);
         wv[j] = load16(wb + (j * K + k) * kBlock);
         if constexpr (kScaled<W>) wv[j] = _mm512_mul_ps(wv[j], sv[j]);
       }
