@@ -86,3 +86,17 @@ def test_top_p_over_a_large_vocabulary_equals_sorting_it_whole():
     assert torch.equal(out[2], flat)  # top_p 1.0: off
     only_peaked = filter_logits(peaked[None], torch.zeros(1, dtype=torch.long), torch.tensor([0.9]))
     assert torch.equal(only_peaked[0], reference_filter(peaked, 0.9))  # the candidates alone suffice
+
+
+def test_greedy_takes_argmaxs_token_with_ties_nan_and_inf():
+    """The greedy pick (max's indices, faster than argmax on CPU) is torch.argmax's token: the first of tied
+    maxima, a NaN over any number, a row of -inf at 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 3, (6, 1000), generator=g).float()  # many ties at the top
+    logits[2, 500] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 10] = float("inf")
+    logits[5, 999] = 3.0  # the maximum last
+    picked = sample(logits, [SamplingParams()] * 6, [None] * 6)
+    assert picked == torch.argmax(logits, dim=-1).tolist()
+    assert picked[2] == 500 and picked[3] == 0 and picked[4] == 10 and picked[5] == 999

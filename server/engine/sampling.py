@@ -61,7 +61,9 @@ def sample(
 ) -> list[int]:
     """Pick one token per row. logits: [batch, vocab] (any float dtype); returns `batch` token ids."""
     logits = logits.float()
-    tokens = torch.argmax(logits, dim=-1)  # [batch] greedy for every row; sampled rows overwrite below
+    # [batch] greedy for every row; sampled rows overwrite below. max's indices follow argmax's rule (the
+    # first maximum; NaN wins) and run ~3x faster on CPU: 8 x 49152 float32 logits 110 vs 330 us.
+    tokens = logits.max(dim=-1).indices
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens.tolist()
