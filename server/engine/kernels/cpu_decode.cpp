@@ -171,6 +171,7 @@ struct HeadPages {
 };
 
 constexpr int64_t kMaxD = 256;  // head dims the vectorised paths take
+constexpr int64_t kPrefetchUnitBytes = 512 * 1024;  // keys and values asked for ahead per unit: a share of L2
 
 // The shared prefix's attention, for the nq queries of a unit at once, one query per SIMD lane: the
 // queries are transposed once per unit into qt [d, NQ] (NQ = nq rounded up to 16, zero-padded), so a
@@ -279,13 +280,18 @@ void attend_unit(const float* q, float* out, const HeadPages<T>& kp, const HeadP
   w.buf.resize(kBlock * std::max<int64_t>(d, kMaxD));
   const bool vector_d = d % kBlock == 0 && d <= kMaxD;
 
-  // The unit's keys and values lie on scattered pages, cold after the step's weight stream: ask for all of
-  // them (into L2) before reading any, so that their misses overlap instead of coming a token at a time
-  // (16 rows of one task, 30 layers, caches flushed between layers: 16-token prefix 6.1-6.3 -> 5.1 ms,
-  // 250-token 9.7-9.8 -> 7.5-8.6 ms; a /tmp microbenchmark, builds alternating).
+  // The unit's keys and values lie on scattered pages, cold after the step's weight stream: ask for them
+  // (into L2) before reading any, so that their misses overlap instead of coming a token at a time (16 rows
+  // of one task, 30 layers, caches flushed between layers: 16-token prefix 6.1-6.3 -> 5.1 ms, 250-token
+  // 9.7-9.8 -> 7.5-8.6 ms; a /tmp microbenchmark, builds alternating). At most kPrefetchUnitBytes, in
+  // reading order: a long context asked for whole would evict its own first lines from L2 before they
+  // are read (16 rows of 4,000 own tokens: 269-326 ms per 30 layers uncapped, 271-273 capped, 262 with no
+  // prefetch, where the pages are long sequential runs the hardware prefetches anyway).
+  int64_t budget = kPrefetchUnitBytes;
   auto prefetch = [&](const int64_t* table, int64_t n) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t x = 0; x < d * static_cast<int64_t>(sizeof(T)); x += 64) {
+    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+    for (int64_t j = 0; j < n && budget > 0; ++j, budget -= 2 * row_bytes)
+      for (int64_t x = 0; x < row_bytes; x += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(kp.at(table, j)) + x, _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(vp.at(table, j)) + x, _MM_HINT_T1);
       }
@@ -492,7 +498,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
 constexpr int64_t kQ = 32;            // k per scale group, weights and activations
 constexpr int64_t kPrefetchQ8 = 32;  // 64-byte lines ahead on each weight stream (measured: 8 to 32 is ~5%)
 // From 4 rows on, also 128 lines (8 KB) ahead into L2, as the float tile does (kPrefetchL2): all linears of
-// the default model, q8, 8 rows 8.9 -> 7.6-7.9 ms, 16 rows 12.5-13.4 -> 11.7-11.9 (256 lines: the same; a16
+// the default model, q8, 8 rows 8.9 -> 7.6-7.9 ms, 16 rows 12.5-13.4 -> 11.1-12.0 (256 lines: the same; a16
 // and one row unchanged; `python -m loadtest.bench_int8_kernels`, an Intel Xeon, builds alternating).
 constexpr int64_t kPrefetchQ8L2 = 128;
 
