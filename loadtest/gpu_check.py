@@ -421,7 +421,7 @@ def compile_counters(engine) -> dict:
 class Fixture:
     """An engine on one model folder, with random prefixes and prompts."""
 
-    def __init__(self, ctx: Ctx, name: str):
+    def __init__(self, ctx: Ctx, name: str, quantize: str = "off"):
         from server.engine.engine import Engine
         from server.engine.model import load_model
 
@@ -433,6 +433,7 @@ class Fixture:
             dtype=ctx.dtype,
             device=ctx.device,
             cache_dir=ctx.workdir / "model-cache",
+            **({"quantize": quantize} if quantize != "off" else {}),  # loadtest/gpu_int8.py's int8 engine
         )
         self.engine = Engine(
             self.loaded.model,

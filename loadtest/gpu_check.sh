@@ -9,7 +9,9 @@
 # --out OUTDIR` under a hard time limit (GPU_CHECK_TOTAL_S, default 450 s for everything). Writes
 # OUTDIR/gpu_check.json, OUTDIR/gpu_check.md, OUTDIR/gpu_check.log (this script's and the driver's
 # progress) and OUTDIR/gpu_check.parts.log (each part's whole output); the JSON and the Markdown exist
-# even when the driver fails or is killed (then they say so). Exit code: the driver's (0: every part ok;
+# even when the driver fails or is killed (then they say so). Then issue #18's int8 measurement,
+# `python3 -m loadtest.gpu_int8 --out OUTDIR`, under its own limit (GPU_CHECK_INT8_S, default 110 s; 0
+# skips it): OUTDIR/gpu_int8.json and gpu_int8.md. Both together: under 560 s. Exit code: the driver's (0: every part ok;
 # 3: the report is written but a part failed, ran out of time or was skipped; 124 or 137: stopped at the
 # limit; 124 also when too little time was left to start it). Arguments after OUTDIR go to the driver,
 # e.g. `--device cpu --tiny` for a rehearsal on a CPU (with GPU_CHECK_SKIP_WHEELS=1 and PYTHON set to a
@@ -18,7 +20,13 @@ set -euo pipefail
 
 OUT=${1:?usage: bash loadtest/gpu_check.sh OUTDIR [driver arguments]}
 shift
+INT8_ARGS=()  # a CPU rehearsal (--device cpu) gives gpu_int8 the same device, tiny shapes with it
+for ((i = 1; i <= $#; i++)); do
+  [[ ${!i} == --device ]] && j=$((i + 1)) && INT8_ARGS+=(--device "${!j}")
+  [[ ${!i} == --tiny ]] && INT8_ARGS+=(--tiny)
+done
 TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
+INT8_S=${GPU_CHECK_INT8_S:-110}
 PY=${PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/prefix-server-gpu-site}
 START=$(date +%s)
@@ -105,4 +113,15 @@ if ((rc != 0)) && grep -q '^## Parts' "$OUT/gpu_check.md"; then
   echo "The driver exited with code $rc (124 or 137: stopped at the ${TOTAL_S} s limit; a part still 'running' above was cut off)." >>"$OUT/gpu_check.md"
 fi
 say "done, exit code $rc: $OUT/gpu_check.json, $OUT/gpu_check.md, $OUT/gpu_check.log" | tee -a "$LOG"
+
+# Issue #18's int8 figures after #16's (its own limit, GPU_CHECK_INT8_S; 0 skips it). It cannot change
+# the exit code above: #16's report comes first.
+if ((INT8_S > 0)); then
+  say "int8: python -m loadtest.gpu_int8, limit ${INT8_S} s" | tee -a "$LOG"
+  set +e
+  timeout --kill-after=5 "$INT8_S" "$PY" -m loadtest.gpu_int8 --out "$OUT" --budget-s $((INT8_S - 15)) \
+    "${INT8_ARGS[@]}" 2>&1 | tee -a "$LOG"
+  say "int8: exit code ${PIPESTATUS[0]}: $OUT/gpu_int8.json, $OUT/gpu_int8.md" | tee -a "$LOG"
+  set -e
+fi
 exit "$rc"

@@ -208,7 +208,7 @@ def test_int8_linear_on_a_vnni_kernel(kernel):
     torch.testing.assert_close(layer(x).double(), want.reshape(2, 3, 48), rtol=1e-5, atol=1e-5)
     assert Int8Linear(torch.nn.Linear(40, 48), kernel).kernel is None  # 40 is no multiple of 32
     assert Int8Linear(torch.nn.Linear(64, 40), kernel).kernel is None  # 40 is no multiple of 16
-    with pytest.raises(ValueError, match="kernel must be None, 'a16' or 'q8'"):
+    with pytest.raises(ValueError, match="kernel must be None, 'a16', 'q8' or 'triton'"):
         Int8Linear(lin, "int4")
 
 

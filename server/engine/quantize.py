@@ -10,6 +10,8 @@ How each linear multiplies, on a CPU with AVX-512 VNNI (where the kernels build)
     ~1e-5: the result is weight-only int8's), int8 x int16 into int32, two pairs per lane per instruction.
   - w8a8: `prefix_server::linear_q8`: llama.cpp's Q8_0 x Q8_0: the input rounded to int8 per row and 32 k,
     int8 x int8, four pairs per lane per instruction: faster for many rows, further from float32.
+On CUDA both are weight-only on a Triton kernel (`kernels/triton_int8.py`: each group's integer tile
+times its rows, scaled once per 32 products; prefill-sized inputs widen the weight once for cuBLAS).
 Elsewhere both are weight-only: the compiled AVX-512 step widens each weight vector in registers
 (`linear_int8`), other paths widen the weight in the forward (gpt-fast's WeightOnlyInt8Linear).
 How far each is from float32, and how fast, is measured by `python -m loadtest.bench_int8`
@@ -26,6 +28,7 @@ from transformers import PreTrainedModel
 
 from server.config import QUANTIZE_CHOICES
 from server.engine import kernels
+from server.engine.kernels import triton_int8
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
 
 # --quantize mode -> the kernel its Int8Linears run on where the CPU has AVX-512 VNNI
 VNNI_KERNELS = {"int8": "a16", "w8a8": "q8"}
+KERNELS = (None, "a16", "q8", "triton")  # Int8Linear's: weight-only in torch, the two VNNI ones, CUDA's
 
 
 class Int8Linear(torch.nn.Module):
@@ -62,8 +66,10 @@ class Int8Linear(torch.nn.Module):
 
     `kernel` 'a16' or 'q8' (asked for, the output features a multiple of 16, the input features of 32, on a
     CPU with VNNI where the kernels load): the weight as `pack_a16` / `pack_q8` lay it out, the scales
-    [N / 16, G, 16], and the forward is `linear_a16` / `linear_q8`. Otherwise (kernel None): weight int8
-    [N, K], scales [N, G], and the forward widens the weight to the input's dtype."""
+    [N / 16, G, 16], and the forward is `linear_a16` / `linear_q8`. 'triton' (asked for, on CUDA with
+    Triton installed, or under Triton's interpreter on the CPU): weight int8 [N, K], scales [N, G], and the
+    forward is `triton_int8.linear`. Otherwise (kernel None): the same layout, and the forward widens the
+    weight to the input's dtype."""
 
     def __init__(
         self,
@@ -76,8 +82,8 @@ class Int8Linear(torch.nn.Module):
         (built without weights: engine/gguf_int8.py `load_from_blocks`) needs them, and the layer lives on
         their device; its bias, if any, must be real."""
         super().__init__()
-        if kernel not in (None, "a16", "q8"):
-            raise ValueError(f"kernel must be None, 'a16' or 'q8', got {kernel!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be None, 'a16', 'q8' or 'triton', got {kernel!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight  # [N, K], float; shape only when on the meta device
         if weight.is_meta and (blocks is None or (linear.bias is not None and linear.bias.is_meta)):
@@ -96,15 +102,18 @@ class Int8Linear(torch.nn.Module):
                     f"{tuple(weight.shape)} and scales {want}, got {q.dtype} {tuple(q.shape)} and "
                     f"{tuple(scales.shape)}"
                 )
-        usable = (
-            kernel is not None
-            and self.out_features % 16 == 0
-            and self.in_features % GROUP_SIZE == 0
-            and q.device.type == "cpu"
-            and kernels.vnni()  # loads (and once per machine builds) the kernels: only when asked for
-        )
+        if kernel == "triton":
+            usable = triton_int8.available(q.device)
+        else:
+            usable = (
+                kernel is not None
+                and self.out_features % 16 == 0
+                and self.in_features % GROUP_SIZE == 0
+                and q.device.type == "cpu"
+                and kernels.vnni()  # loads (and once per machine builds) the kernels: only when asked for
+            )
         self.kernel = kernel if usable else None
-        if self.kernel is not None:
+        if self.kernel in ("a16", "q8"):
             ops = torch.ops.prefix_server
             pack = ops.pack_a16 if self.kernel == "a16" else ops.pack_q8
             q, scales = pack(q), ops.pack_linear(scales)
@@ -118,11 +127,15 @@ class Int8Linear(torch.nn.Module):
             return torch.ops.prefix_server.linear_a16(x, self.weight, self.scales, self.bias)
         if self.kernel == "q8":
             return torch.ops.prefix_server.linear_q8(x, self.weight, self.scales, self.bias)
+        if self.kernel == "triton":
+            return triton_int8.linear(x, self.weight, self.scales, self.bias)
         return F.linear(x, dequantize(self.weight, self.scales, x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         groups = self.scales.shape[1]
-        how = {"a16": "int8 x int16", "q8": "int8 x int8", None: "int8 weights"}[self.kernel]
+        how = {"a16": "int8 x int16", "q8": "int8 x int8", "triton": "Triton int8", None: "int8 weights"}[
+            self.kernel
+        ]
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}, {groups} scales per row"
 
 
@@ -131,11 +144,14 @@ def quantize_model(
     mode: str,
     vnni: bool = True,
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    triton: bool | None = None,
 ) -> PreTrainedModel:
     """`mode` 'int8' or 'w8a8': every nn.Linear of the decoder layers and the lm_head replaced by an
     Int8Linear, in place (the float weights are freed, except an lm_head tied to the embedding, which the
-    embedding keeps), on the mode's VNNI kernel where the CPU runs it; 'off': the model as it is.
-    `vnni` False: weight-only everywhere (for comparisons). `blocks`: module name -> int8 weight and scales
+    embedding keeps), on the mode's VNNI kernel where the CPU runs it, on the Triton kernel on CUDA (both
+    modes weight-only there); 'off': the model as it is. `vnni` False: weight-only in torch everywhere (for
+    comparisons). `triton`: None, on CUDA (and on a CPU where TRITON_INTERPRET=1 asks for Triton's
+    interpreter); True, asked for anywhere (a CPU runs it only under the interpreter); False, never. `blocks`: module name -> int8 weight and scales
     to take as they are (a GGUF's Q8_0 linears); the others are rounded from their float weights. The
     blocks are taken out of the dict as they are used, so each is freed once its layer has packed it."""
     if mode not in QUANTIZE_CHOICES:
@@ -148,7 +164,10 @@ def quantize_model(
             f"--quantize int8 needs a Llama-family model (decoder layers of nn.Linear and an lm_head), "
             f"got {type(model).__name__}"
         )
-    kernel, blocks = VNNI_KERNELS[mode] if vnni else None, blocks or {}
+    if triton is None:  # CUDA's kernel; on a CPU under Triton's interpreter too (a rehearsal of the GPU path)
+        triton = model.device.type == "cuda" or triton_int8.interpreting()
+    kernel = None if not vnni else "triton" if triton else VNNI_KERNELS[mode]
+    blocks = blocks or {}
     names = {id(module): name for name, module in model.named_modules()}
     taken = len(blocks.keys() & set(names.values()))
     num = 0
@@ -162,13 +181,14 @@ def quantize_model(
     num += 1
     on_kernel = sum(isinstance(m, Int8Linear) and m.kernel is not None for m in model.modules())
     how = {
-        "a16": "int8 x int16 (activations rounded to int16 per 32)",
-        "q8": "int8 x int8 (activations rounded to int8 per 32, llama.cpp's Q8_0 arithmetic)",
+        "a16": "int8 x int16 (activations rounded to int16 per 32) on AVX-512 VNNI",
+        "q8": "int8 x int8 (activations rounded to int8 per 32, llama.cpp's Q8_0 arithmetic) on AVX-512 VNNI",
+        "triton": "weight-only on the Triton kernel",
         None: "weight-only",
     }[kernel]
     log.info(
-        "quantized %d linears to int8 (a scale per %d weights; %d blocks taken as they were); %d of them %s "
-        "on AVX-512 VNNI, the others weight-only on %s activations",
+        "quantized %d linears to int8 (a scale per %d weights; %d blocks taken as they were); %d of them %s, "
+        "the others weight-only in torch; activations %s",
         num,
         GROUP_SIZE,
         taken,
@@ -176,13 +196,20 @@ def quantize_model(
         how,
         model.dtype,
     )
-    if mode == "w8a8" and on_kernel == 0:
-        log.warning("--quantize w8a8 needs a CPU with AVX-512 VNNI; here it runs weight-only, as int8 does")
-    if model.device.type != "cpu":  # no int8 kernel there yet: each step widens every weight first
+    if mode == "w8a8" and kernel != "q8":
         log.warning(
-            "--quantize %s on %s widens the int8 weights in every step: expect it slower than "
-            "bfloat16 there (the int8 kernels are CPU-only so far)",
+            "--quantize w8a8 rounds activations on CPUs with AVX-512 VNNI only; here it runs weight-only, as int8 does"
+        )
+    elif mode == "w8a8" and on_kernel == 0:
+        log.warning("--quantize w8a8 needs a CPU with AVX-512 VNNI; here it runs weight-only, as int8 does")
+    if model.device.type != "cpu" and on_kernel < num:  # e.g. CUDA without Triton: every step widens weights
+        log.warning(
+            "--quantize %s on %s: %d of %d linears widen their int8 weights in every step (no Triton "
+            "here?): expect them slower than %s",
             mode,
             model.device.type,
+            num - on_kernel,
+            num,
+            model.dtype,
         )
     return model

@@ -1,0 +1,230 @@
+"""Weight-only int8 linears on CUDA (issue #18's GPU half): a Triton kernel over Int8Linear's own layout,
+the int8 weight [N, K] and its float32 scales [N, G] (G = K / 32, or 1 when 32 does not divide K).
+
+A decode step reads every weight once and does little else with it, so its time is the weight read:
+bfloat16 is 2 bytes a weight, int8 1 (+ 4 bytes of scale per 32), ~0.56x. Each program multiplies a
+[block_m, 32] tile of x by the group's [32, block_n] int8 tile taken as x's dtype (integers up to 127 are
+exact in bfloat16, float16 and float32) and adds that dot times the group's scales to a float32
+accumulator: the weight is never widened in memory, and the scale is applied once per 32 products, to
+the exact integer weights (weight-only int8 as GPTQ's and Marlin's kernels do it). `Config.k_groups` > 1
+takes several groups a step instead (longer reads along K), scaling the widened tile before one dot:
+which is faster on a given GPU is what loadtest/gpu_int8.py's sweep says. A few rows give few N tiles,
+far fewer than a GPU's SMs, so K is split too (split-K): each split writes float32 partial sums and one
+sum adds them in a fixed order (no atomics: the same inputs give the same bits).
+
+Rows beyond `MAX_KERNEL_ROWS` (prefill chunks) are compute-bound: there the weight is widened once into
+a temporary and torch's matmul (cuBLAS) runs; the extra read is small beside such a GEMM.
+
+Triton is imported on first use (the CPU server never needs it). Under Triton's interpreter
+(TRITON_INTERPRET=1) the same kernel runs on CPU tensors, which is how tests/test_triton_int8.py checks it
+on machines without a GPU; the interpreter's bfloat16 casts are wrong (Triton 3.6 to 3.8), so those tests
+run float32 and float16. Speed is measured on a GPU only: `loadtest/gpu_int8.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP_SIZE = 32  # engine/quantize.py's: the weights per scale along K (the kernel's K step)
+MAX_KERNEL_ROWS = 256  # more rows (a prefill chunk): widen the weight once, then cuBLAS
+SPLIT_TARGET = 2  # split K until the grid holds about this many programs per SM
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch's tiling: rows and output features per program, K splits, and Triton's warps and
+    pipeline stages. `choose` picks one; loadtest/gpu_int8.py sweeps them."""
+
+    block_m: int = 16
+    block_n: int = 64
+    split_k: int = 1
+    k_groups: int = 1  # groups of 32 k per step; more than 1: the tile is scaled before its dot
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two of at least 16 (tl.dot), got {value}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be at least 1, got {self.split_k}")
+        if self.k_groups < 1 or self.k_groups & (self.k_groups - 1):
+            raise ValueError(f"k_groups must be a power of two, got {self.k_groups}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is asked for (its kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel runs on `device`: CUDA with Triton installed, or the CPU under its interpreter."""
+    if _triton() is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small, so the tests' shapes split K too
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose(rows: int, n: int, k: int, device: torch.device) -> Config:
+    """The default tiling for x [rows, k] times a weight [n, k]. The split depends on (n, k) only, so a
+    row's sum runs in the same order whatever the batch (block_m follows the rows)."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_n = 64
+    n_tiles, groups = _cdiv(n, block_n), _cdiv(k, GROUP_SIZE)
+    split = 1
+    # At least 8 groups (256 k) a split, so each program streams enough to hide its latency.
+    while n_tiles * split < SPLIT_TARGET * _sm_count(device) and groups // (split * 2) >= 8:
+        split *= 2
+    return Config(block_m=block_m, block_n=block_n, split_k=split)
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    """The jitted kernel; `interpret`: Triton's interpreter (decided when the function is decorated, so
+    one of each is kept)."""
+    triton, tl = _triton()
+
+    @triton.jit
+    def int8_linear(
+        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
+        M, N, K, G, stride_xm, stride_ym, stride_ys,
+        GROUP: tl.constexpr, GROUPED: tl.constexpr, SCALE_TILE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = sum_k x[m, k] * w[n, k] * s[n, k // GROUP] (+ bias[n]) over this program's K split.
+        GROUPED (G = K / GROUP scales a row): each step's dot is one group's, scaled after (BLOCK_K = GROUP),
+        or, SCALE_TILE, BLOCK_K spans several groups and the weight tile is scaled before its dot; else one
+        scale a row, applied at the end. PARTIAL: float32 sums to y[pid_k] ([splits, M, N]; the host adds
+        them) instead of y [M, N]."""
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        rk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        m_ok, n_ok = rm < M, rn < N
+        # tl.full, not tl.zeros: the standard library's functions are jitted when triton is imported, and an
+        # interpreter turned on after that cannot call them (the tests turn it on late).
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for step in range(0, K_STEPS):  # this split's K: K_STEPS x BLOCK_K from pid_k * K_STEPS * BLOCK_K
+            k0 = (pid_k * K_STEPS + step) * BLOCK_K
+            kk = k0 + rk
+            k_ok = kk < K
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            )  # [BLOCK_M, BLOCK_K], x's dtype
+            q = tl.load(
+                w_ptr + rn[None, :] * K + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0
+            )  # [BLOCK_K, BLOCK_N] int8 (via float32: the interpreter's int8 -> bfloat16 cast is wrong)
+            if SCALE_TILE:  # several groups a step: the tile widened and scaled, weight by weight
+                s = tl.load(
+                    s_ptr + rn[None, :] * G + kk[:, None] // GROUP,
+                    mask=n_ok[None, :] & k_ok[:, None],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_N] float32, each group's scale repeated (from L1)
+                acc += tl.dot(x, (q.to(tl.float32) * s).to(x.dtype), input_precision=PRECISION)
+            else:
+                dot = tl.dot(x, q.to(tl.float32).to(x.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+                if GROUPED:  # BLOCK_K is one group: its scales [BLOCK_N]
+                    acc += dot * tl.load(s_ptr + rn * G + k0 // GROUP, mask=n_ok, other=0.0)[None, :]
+                else:
+                    acc += dot
+        if not GROUPED:  # one scale per output feature
+            acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        out = rm[:, None] * stride_ym + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if PARTIAL:
+            tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=ok)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    return int8_linear
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """x [..., K] (float32, bfloat16 or float16) times the int8 weight [N, K] with float32 scales [N, G]
+    (+ bias [N]) -> [..., N] in x's dtype, accumulated in float32. `config`: a tiling to use instead of
+    `choose`'s (and the kernel even past MAX_KERNEL_ROWS)."""
+    n, k = weight.shape
+    groups = scales.shape[1]
+    if (
+        x.shape[-1] != k
+        or weight.dtype != torch.int8
+        or scales.shape[0] != n
+        or groups not in (1, k // GROUP_SIZE)
+    ):
+        raise ValueError(
+            f"int8 linear: expected x [..., {k}], an int8 weight [{n}, {k}] and scales [{n}, "
+            f"{k // GROUP_SIZE} or 1], got x {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)} and "
+            f"scales {tuple(scales.shape)}"
+        )
+    if groups > 1 and k % GROUP_SIZE:
+        raise ValueError(f"int8 linear: grouped scales need K a multiple of {GROUP_SIZE}, got {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    rows = x2.shape[0]
+    # Also where the kernel cannot run: a CPU tensor outside the interpreter.
+    if rows == 0 or (config is None and rows > MAX_KERNEL_ROWS) or not (x.is_cuda or interpreting()):
+        w = (weight.view(n, groups, -1).to(torch.float32) * scales[:, :, None]).view(n, k).to(x.dtype)
+        return F.linear(x, w, bias)
+    x2 = x2.contiguous()
+    config = config or choose(rows, n, k, x.device)
+    kernel = _kernel(interpreting())
+    block_k = GROUP_SIZE * config.k_groups
+    k_per_split = _cdiv(_cdiv(k, block_k), config.split_k) * block_k  # whole steps (so whole groups)
+    splits = _cdiv(k, k_per_split)  # split_k or fewer (when it does not divide the steps evenly)
+    partial = splits > 1
+    y = torch.empty(
+        (splits, rows, n) if partial else (rows, n),
+        device=x.device,
+        dtype=torch.float32 if partial else x.dtype,
+    )
+    grid = (_cdiv(n, config.block_n), _cdiv(rows, config.block_m), splits)
+    kernel[grid](
+        x2, weight, scales, bias if bias is not None else scales, y,
+        rows, n, k, groups, x2.stride(0), n, rows * n,
+        GROUP=GROUP_SIZE, GROUPED=groups > 1, SCALE_TILE=groups > 1 and config.k_groups > 1,
+        HAS_BIAS=bias is not None, PARTIAL=partial,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 x: in full, not TF32
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, K_STEPS=k_per_split // block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if partial:
+        y = y.sum(0)  # [M, N] float32, the splits in order
+        if bias is not None:
+            y += bias
+        y = y.to(x.dtype)
+    return y.view(*lead, n)

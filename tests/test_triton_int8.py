@@ -1,0 +1,205 @@
+"""The CUDA int8 kernel (server/engine/kernels/triton_int8.py), run here by Triton's interpreter on CPU
+tensors (TRITON_INTERPRET=1): the same kernel source a GPU compiles, so its indexing, group scales, K
+splits, masks and bias are checked on machines without one. The interpreter's bfloat16 casts are wrong
+(Triton 3.6 to 3.9), so these run float32 and float16; bfloat16 and the speed are the GPU's
+(`cuda` tests, loadtest/gpu_int8.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import byte_tokenizer, make_tiny_model, run_joining
+from test_engine import make_requests, random_prefix
+
+from server.engine.engine import Engine
+from server.engine.kernels import triton_int8
+from server.engine.kernels.triton_int8 import Config, choose
+from server.engine.quantize import Int8Linear, dequantize, quantize_int8, quantize_model
+
+pytest.importorskip("triton", reason="Triton is a dev dependency (pyproject.toml)")
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def reference(x, q, scales, bias=None) -> torch.Tensor:
+    """The weight-only linear in float64: x [..., K] times (q * scales) [N, K] (+ bias)."""
+    w = dequantize(q, scales, torch.float64)
+    return F.linear(x.double(), w, None if bias is None else bias.double())
+
+
+def quantized(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_int8(torch.randn(n, k, generator=gen) * torch.rand(k, generator=gen) * 3)
+
+
+# rows, N, K: one row to past a block_m; N ragged against block_n; K in groups of 32, or not (one scale a
+# row); configs: choose's, and explicit ones that split K unevenly and tile differently.
+CASES = [
+    (1, 64, 256, None),
+    (3, 80, 96, None),
+    (17, 48, 512, None),
+    (40, 100, 64, None),
+    (5, 40, 40, None),  # 40 is no multiple of 32: a scale per output feature
+    (2, 24, 1000, None),  # ... and K past one split
+    (9, 64, 512, Config(split_k=3)),  # 16 groups in splits of 6, 6, 4
+    (9, 64, 512, Config(block_m=32, block_n=16, split_k=16)),
+    (33, 72, 160, Config(block_m=64, block_n=128, split_k=2)),
+    (9, 64, 512, Config(k_groups=4)),  # the tile scaled before its dot: 4 groups a step
+    (3, 80, 96, Config(k_groups=2, split_k=2)),  # ... 3 groups in steps of 2, one a split
+    (5, 40, 40, Config(k_groups=4, split_k=2)),  # one scale a row: any step
+]
+
+
+@pytest.mark.parametrize("rows, n, k, config", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_is_the_weight_only_linear_in_float32(rows, n, k, config, bias):
+    q, scales = quantized(n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(n) if bias else None
+    got = triton_int8.linear(x, q, scales, b, config)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    want = reference(x, q, scales, b)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("rows, n, k", [(1, 64, 256), (20, 48, 96), (7, 40, 40)])
+def test_kernel_in_float16_rounds_only_its_output(rows, n, k):
+    """float16 x and bias: the integer weights are exact in float16 and the sums float32, so the result is
+    the float64 one rounded once to float16 (half a unit in the last place, and the inputs' own rounding)."""
+    q, scales = quantized(n, k, seed=3)
+    x = torch.randn(2, rows, k, generator=torch.Generator().manual_seed(4)).half()
+    b = torch.randn(n).half()
+    got = triton_int8.linear(x, q, scales, b)
+    assert got.dtype == torch.float16 and got.shape == (2, rows, n)
+    want = reference(x, q, scales, b)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch_and_run_to_run():
+    """The K split depends on (N, K) only and partial sums add in a fixed order: row i's output does not
+    depend on the other rows of its tile, nor on the run."""
+    q, scales = quantized(64, 1024, seed=5)
+    x = torch.randn(12, 1024, generator=torch.Generator().manual_seed(6))
+    assert choose(1, 64, 1024, x.device).split_k == choose(12, 64, 1024, x.device).split_k > 1
+    batch = triton_int8.linear(x, q, scales)
+    assert torch.equal(batch, triton_int8.linear(x, q, scales))
+    for i in (0, 5, 11):
+        assert torch.equal(triton_int8.linear(x[i : i + 1], q, scales), batch[i : i + 1])
+
+
+def test_many_rows_widen_the_weight_once_for_torchs_matmul(monkeypatch):
+    """Past MAX_KERNEL_ROWS (a prefill chunk) the weight is widened and torch's linear runs; both paths
+    give the weight-only linear."""
+    monkeypatch.setattr(triton_int8, "MAX_KERNEL_ROWS", 4)
+    q, scales = quantized(48, 128, seed=7)
+    x = torch.randn(6, 128)
+    b = torch.randn(48)
+    calls = []
+    monkeypatch.setattr(triton_int8, "_kernel", lambda interpret: calls.append(1))
+    widened = triton_int8.linear(x, q, scales, b)
+    assert not calls  # the kernel was not launched
+    torch.testing.assert_close(widened.double(), reference(x, q, scales, b), rtol=1e-5, atol=1e-4)
+    assert triton_int8.linear(x[:0], q, scales, b).shape == (0, 48)
+
+
+def test_bad_shapes_say_what_was_expected():
+    q, scales = quantized(48, 128)
+    with pytest.raises(
+        ValueError, match=r"expected x \[\.\.\., 128\], an int8 weight \[48, 128\].*got x \(2, 64\)"
+    ):
+        triton_int8.linear(torch.randn(2, 64), q, scales)
+    with pytest.raises(ValueError, match=r"got x .* torch.float32"):
+        triton_int8.linear(torch.randn(2, 128), q.float(), scales)
+    with pytest.raises(ValueError, match=r"scales \(48, 3\)"):
+        triton_int8.linear(torch.randn(2, 128), q, scales[:, :3])
+    with pytest.raises(ValueError, match="block_n must be a power of two of at least 16"):
+        Config(block_n=24)
+    with pytest.raises(ValueError, match="split_k must be at least 1"):
+        Config(split_k=0)
+    with pytest.raises(ValueError, match="k_groups must be a power of two, got 3"):
+        Config(k_groups=3)
+
+
+def test_int8_linear_runs_on_triton_where_it_is_available(monkeypatch):
+    """Int8Linear(kernel='triton'): the kernel where Triton runs (CUDA, or the CPU under its interpreter),
+    weight-only in torch elsewhere; both the same linear up to float32 rounding."""
+    torch.manual_seed(8)
+    lin = torch.nn.Linear(64, 40)
+    layer = Int8Linear(lin, "triton")
+    assert layer.kernel == "triton" and layer.weight.shape == (40, 64) and layer.scales.shape == (40, 2)
+    assert "Triton int8" in repr(layer)
+    x = torch.randn(2, 3, 64)
+    want = reference(x, layer.weight, layer.scales, lin.bias)
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    on_triton = layer(x)
+    monkeypatch.delenv("TRITON_INTERPRET")  # a CPU without the interpreter: torch's weight-only path
+    plain = Int8Linear(lin, "triton")
+    assert plain.kernel is None
+    torch.testing.assert_close(plain(x), on_triton, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), on_triton, rtol=1e-5, atol=1e-5)  # the kernel's layer, widened
+
+
+def test_quantize_model_takes_triton_on_cuda_or_under_the_interpreter(monkeypatch):
+    """Default: the Triton kernel on CUDA, and on a CPU where TRITON_INTERPRET asks for the interpreter (a
+    rehearsal of the GPU path, as here); otherwise a CPU's VNNI kernels. vnni=False: torch's path."""
+
+    def kernels_of(model):
+        return {m.kernel for m in model.modules() if isinstance(m, Int8Linear)}
+
+    assert kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8")) == {"triton"}
+    assert kernels_of(quantize_model(make_tiny_model("llama-gqa"), "w8a8")) == {"triton"}  # weight-only there
+    assert kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8", vnni=False)) == {None}
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "triton" not in kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8"))
+    # asked for where it cannot run (a CPU outside the interpreter): torch's weight-only path
+    assert kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8", triton=True)) == {None}
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(graphs):
+    """Rows of different prefixes (and none) joining mid-flight, every linear on the Triton kernel, on the
+    eager decode or the CUDA-graph step's code (static buffers, no capture on a CPU): each row's greedy
+    tokens are the tokens it gets alone, and the weight-only torch engine's (float32)."""
+    model = quantize_model(make_tiny_model("llama-gqa"), "int8", triton=True)
+    assert model.lm_head.kernel == model.model.layers[0].self_attn.q_proj.kernel == "triton"
+    engine = Engine(model, byte_tokenizer(), max_rows=4, max_virtual_tokens=32, max_seq_len=64)
+    if graphs:
+        engine.compile(graphs=True)
+        assert engine.decoder.captures == 0
+    fp = engine.fingerprint
+    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
+    prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [10, 5, 8, 6], [0, 0, 2, 4]
+    batch = make_requests(prefixes, prompt_lens, new_tokens)
+    run_joining(engine, batch, joins_at)
+    for i, req in enumerate(batch):
+        alone = make_requests(prefixes, prompt_lens, new_tokens)[i]
+        engine.generate([alone])
+        assert req.output_token_ids == alone.output_token_ids, f"row {i}"
+    torch_int8 = Engine(
+        quantize_model(make_tiny_model("llama-gqa"), "int8", vnni=False), byte_tokenizer(), max_rows=4
+    )
+    want = make_requests(prefixes, prompt_lens, new_tokens)
+    run_joining(torch_int8, want, joins_at)
+    assert [r.output_token_ids for r in batch] == [r.output_token_ids for r in want]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 16, 64, 300])
+def test_cuda_kernel_is_the_weight_only_linear(dtype, rows, monkeypatch):
+    """On a GPU, compiled (not interpreted): each dtype against float64, within its output rounding (and
+    float32's full precision: not TF32)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q, scales = quantized(2048, 2048, seed=9)
+    q, scales = q.cuda(), scales.cuda()
+    x = torch.randn(rows, 2048, device="cuda").to(dtype)
+    b = torch.randn(2048, device="cuda").to(dtype)
+    got = triton_int8.linear(x, q, scales, b)
+    want = reference(x, q, scales, b)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
