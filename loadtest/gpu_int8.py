@@ -35,7 +35,7 @@ SWEEP_ROWS = (64, 1)  # 64 first: the serving goal's batch
 # (block_n, split_k, k_groups): every block_n x split_k with one group a step, and a few with four
 SWEEP_TILINGS = [(bn, sk, 1) for bn in (32, 64, 128) for sk in (1, 2, 4, 8, 16)] + [
     (bn, sk, 4) for bn in (64, 128) for sk in (1, 4)
-]
+]  # all with the split-K sums added in the kernel (`choose`'s tiling is also run with torch adding them)
 TINY_TILINGS = [(32, 1, 1), (64, 2, 1), (64, 1, 2), (32, 2, 2)]
 WORKLOAD = gc.Workload(levels=(1, 16, 64), new_tokens=64, waves=1, exact_rows=8, exact_new_tokens=16)
 TINY_WORKLOAD = gc.Workload(levels=(1, 4), prompt_len=8, new_tokens=8, waves=1, exact_rows=4,
@@ -130,6 +130,44 @@ class Linears:
         return lambda: [F.linear(xs[q.shape[1]], dequantize(q, s, self.dtype)) for q, s in self.int8]
 
 
+def kernel_check(ctx: gc.Ctx, lin: Linears) -> dict:
+    """The kernel on this device against the widened weight's float32 product (torch), for every distinct
+    shape at each row count: `choose`'s tiling with split-K's sums added in the kernel and by torch; each
+    run twice (the same bits?), and row 0 alone against row 0 in the batch (the same bits where the tiling
+    is; informative where block_m differs)."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from server.engine.kernels import triton_int8
+    from server.engine.quantize import dequantize
+
+    cases = []
+    for n, k in sorted(set(lin.shapes)):
+        q, s = next(p for p in lin.int8 if tuple(p[0].shape) == (n, k))
+        w = dequantize(q, s, torch.float32)
+        for rows in (1, 4) if ctx.tiny else LINEAR_ROWS:
+            x = torch.randn(rows, k, device=lin.device).to(lin.dtype)
+            want = F.linear(x.float(), w)  # [rows, n] float32
+            chosen = triton_int8.choose(rows, n, k, x.device)
+            for fused in (True, False):
+                cfg = dataclasses.replace(chosen, fused_reduce=fused)
+                got, again = (triton_int8.linear(x, q, s, None, cfg) for _ in range(2))
+                alone = triton_int8.linear(x[:1], q, s, None, cfg)
+                err = ((got.float() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+                cases.append({"n": n, "k": k, "rows": rows, "split_k": chosen.split_k, "fused_reduce": fused,
+                              "rel_err": float(f"{err:.3g}"), "same_bits_twice": torch.equal(got, again),
+                              "row0_alone_same_bits": torch.equal(alone[0], got[0])})  # fmt: skip
+    tolerance = 1e-2 if lin.dtype != torch.float32 else 1e-5  # bfloat16's rounding of the result
+    return {
+        "cases": cases,
+        "tolerance": tolerance,
+        "all_ok": all(c["rel_err"] < tolerance and c["same_bits_twice"] for c in cases),
+        "max_rel_err": max(c["rel_err"] for c in cases),
+    }
+
+
 def linears_at(ctx: gc.Ctx, lin: Linears, rows: int, bandwidth: float | None) -> dict:
     ms = timer(ctx)
     xs = lin.inputs(rows)
@@ -148,6 +186,8 @@ def linears_at(ctx: gc.Ctx, lin: Linears, rows: int, bandwidth: float | None) ->
 def sweep(ctx: gc.Ctx, lin: Linears) -> dict:
     """Each tiling (block_n, split_k, k_groups) on the three largest distinct shapes at SWEEP_ROWS (the tiny
     rehearsal: one shape, four tilings); ms per call, best first. Stops at the budget with what it has."""
+    import dataclasses
+
     from server.engine.kernels import triton_int8
 
     ms = timer(ctx)
@@ -173,6 +213,15 @@ def sweep(ctx: gc.Ctx, lin: Linears) -> dict:
                     timings.append(
                         {"block_n": block_n, "split_k": split_k, "k_groups": k_groups, "ms": round(t, 4)}
                     )
+                if chosen.split_k > 1:  # choose's tiling with torch adding the splits: what fusing saves
+                    cfg = dataclasses.replace(chosen, fused_reduce=False)
+                    t = ms(
+                        lambda c=cfg, x=xs[k], q=q, s=s: triton_int8.linear(x, q, s, None, c),
+                        1 if ctx.tiny else 10,
+                    )
+                    unfused = round(t, 4)
+                else:
+                    unfused = None
                 timings.sort(key=lambda r: r["ms"])
                 mine = (chosen.block_n, chosen.split_k, chosen.k_groups)
                 pick = next((r for r in timings if (r["block_n"], r["split_k"], r["k_groups"]) == mine), None)
@@ -182,7 +231,11 @@ def sweep(ctx: gc.Ctx, lin: Linears) -> dict:
                         "n": n,
                         "k": k,
                         "best": timings[0],
-                        "chosen": {"tiling": list(mine), "ms": pick and pick["ms"]},
+                        "chosen": {
+                            "tiling": list(mine),
+                            "ms": pick and pick["ms"],
+                            "ms_torch_reduce": unfused,
+                        },
                         "gb_per_s_best": round((n * k + n * k // 8) / timings[0]["ms"] / 1e6, 1),
                         "all": timings,
                     }
@@ -239,6 +292,7 @@ def engines(ctx: gc.Ctx, name: str, bandwidth: float | None) -> None:
                 gc.run_in_flight(f.engine, [f.request(f"t{i}", 4) for i in range(8)], 8) or {"ok": True}
             ),
         )
+    ctx.data["triton_compiles"] = {"after_warm_up": triton_compiles()}
     w = ctx.workload
     for rows in w.levels:
         for mode, fx in fixtures.items():
@@ -253,12 +307,31 @@ def engines(ctx: gc.Ctx, name: str, bandwidth: float | None) -> None:
                 f"tokens_per_s:{mode}:{attempt}", lambda f=fx: gc.tokens_per_s(f, level, False), need_s=4
             )
     ctx.step("exactness:int8", lambda: gc.exactness(fixtures["int8"]), need_s=5)
+    ctx.data["triton_compiles"] |= {"end": triton_compiles()}  # more than after warm-up: compiled mid-serving
+
+
+def triton_compiles() -> int | None:
+    """Kernels the compiled (not interpreted) int8 kernel holds, over every device; None where unknown."""
+    from server.engine.kernels import triton_int8
+
+    try:
+        caches = triton_int8._kernel(False).device_caches  # Triton 3.x: device -> (kernel cache, ...)
+        return sum(len(c[0]) for c in caches.values())
+    except Exception:  # another Triton's internals, or none
+        return None
 
 
 def summary(data: dict) -> list[str]:
     """The Markdown report."""
     lines = ["# int8 on the GPU (issue #18)", "", f"{data.get('environment', {}).get('gpu', '?')}; "
              f"copy bandwidth {data.get('bandwidth', {}).get('gb_per_s', '?')} GB/s", ""]  # fmt: skip
+    check = data.get("kernel_check")
+    if isinstance(check, dict) and "cases" in check:
+        bad = [c for c in check["cases"] if c["rel_err"] >= check["tolerance"] or not c["same_bits_twice"]]
+        lines += [f"Kernel check: {len(check['cases']) - len(bad)} of {len(check['cases'])} cases within "
+                  f"{check['tolerance']} of torch's float32 product and the same bits twice (largest relative "
+                  f"error {check['max_rel_err']}).", ""]  # fmt: skip
+        lines += [f"- wrong: {c}" for c in bad[:10]]
     rows = [v for k, v in data.items() if k.startswith("linears:") and isinstance(v, dict) and "rows" in v]
     if rows:
         lines += [
@@ -291,6 +364,10 @@ def summary(data: dict) -> list[str]:
         lines += [f"| tokens/s, {level} in flight, {level} tasks | run | tokens/s |", "|---|---|---|"]
         lines += [f"| {k.split(':')[1]} | {k.split(':')[2]} | {v['tokens_per_s']} |" for k, v in tps.items()]
         lines.append("")
+    compiles = data.get("triton_compiles")
+    if compiles:
+        lines += [f"Triton compiles of the int8 kernel: {compiles.get('after_warm_up')} after warm-up, "
+                  f"{compiles.get('end')} at the end.", ""]  # fmt: skip
     exact = data.get("exactness:int8")
     if isinstance(exact, dict) and "equal" in exact:
         lines += [
@@ -348,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if "linears" not in skip:
             lin = Linears(ctx, shape)
             ctx.data["weights"] = {"linears": len(lin.shapes), "bytes": lin.bytes}
+            ctx.step("kernel_check", lambda: kernel_check(ctx, lin), need_s=5)
             for rows in LINEAR_ROWS if not args.tiny else (1, 4):
                 ctx.step(f"linears:{rows}", lambda r=rows: linears_at(ctx, lin, r, bandwidth), need_s=3)
         if "engine" not in skip:

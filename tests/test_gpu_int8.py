@@ -44,6 +44,8 @@ def test_tiny_cpu_rehearsal_reports_every_section(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_int8.json").read_text())
+    check = data["kernel_check"]
+    assert check["all_ok"] and len(check["cases"]) == 5 * 2 * 2  # tiny's 5 shapes, 2 row counts, 2 reductions
     for rows in (1, 4):
         lin = data[f"linears:{rows}"]
         assert lin["linears"] == 2 * 7 + 1 and lin["int8_triton_ms"] > 0 and "int8_triton_vs_floor" in lin
@@ -57,3 +59,4 @@ def test_tiny_cpu_rehearsal_reports_every_section(tmp_path):
     assert sweep["stopped"] is None and len(sweep["results"]) == 2 and len(sweep["results"][0]["all"]) == 4
     report = (tmp_path / "gpu_int8.md").read_text()
     assert "| rows | bf16 ms" in report and "4 of 4 rows equal" in report and "sweep 64 x" in report
+    assert "Kernel check: 20 of 20 cases" in report

@@ -51,6 +51,8 @@ CASES = [
     (9, 64, 512, Config(k_groups=4)),  # the tile scaled before its dot: 4 groups a step
     (3, 80, 96, Config(k_groups=2, split_k=2)),  # ... 3 groups in steps of 2, one a split
     (5, 40, 40, Config(k_groups=4, split_k=2)),  # one scale a row: any step
+    (9, 64, 512, Config(split_k=4, fused_reduce=False)),  # the splits added by torch
+    (2, 24, 1000, Config(split_k=3, k_groups=2, fused_reduce=False)),
 ]
 
 
@@ -77,6 +79,20 @@ def test_kernel_in_float16_rounds_only_its_output(rows, n, k):
     assert got.dtype == torch.float16 and got.shape == (2, rows, n)
     want = reference(x, q, scales, b)
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_split_k_leaves_its_counts_at_zero_and_adds_splits_in_order():
+    """The fused reduction resets every tile's count (a graph replay finds them at 0) and gives the bits
+    of torch adding the same float32 splits in order."""
+    q, scales = quantized(200, 1024, seed=10)
+    x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(11))
+    b = torch.randn(200)
+    fused = triton_int8.linear(x, q, scales, b, Config(block_m=16, block_n=32, split_k=4))
+    assert not triton_int8._COUNTS[x.device].any()
+    host = triton_int8.linear(x, q, scales, b, Config(block_m=16, block_n=32, split_k=4, fused_reduce=False))
+    torch.testing.assert_close(fused, host, rtol=1e-6, atol=1e-5)
+    again = triton_int8.linear(x, q, scales, b, Config(block_m=16, block_n=32, split_k=4))
+    assert torch.equal(fused, again)
 
 
 def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch_and_run_to_run():

@@ -44,6 +44,7 @@ class Config:
     block_n: int = 64
     split_k: int = 1
     k_groups: int = 1  # groups of 32 k per step; more than 1: the tile is scaled before its dot
+    fused_reduce: bool = True  # split-K's sums added by the tile's last split (else by torch, after)
     num_warps: int = 4
     num_stages: int = 4
 
@@ -110,19 +111,23 @@ def _kernel(interpret: bool):
     one of each is kept)."""
     triton, tl = _triton()
 
-    @triton.jit
+    # M (rows) not specialized on (Triton would compile apart for 1 and multiples of 16): every row count
+    # of a block_m shares one compile, so the decode buckets' warm-up compiles what prefills use too.
+    @triton.jit(do_not_specialize=["M"])
     def int8_linear(
-        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-        M, N, K, G, stride_xm, stride_ym, stride_ys,
+        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+        M, N, K, G, stride_xm, stride_ym, stride_ws,
         GROUP: tl.constexpr, GROUPED: tl.constexpr, SCALE_TILE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PARTIAL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     ):  # fmt: skip
         """y[m, n] = sum_k x[m, k] * w[n, k] * s[n, k // GROUP] (+ bias[n]) over this program's K split.
         GROUPED (G = K / GROUP scales a row): each step's dot is one group's, scaled after (BLOCK_K = GROUP),
         or, SCALE_TILE, BLOCK_K spans several groups and the weight tile is scaled before its dot; else one
-        scale a row, applied at the end. PARTIAL: float32 sums to y[pid_k] ([splits, M, N]; the host adds
-        them) instead of y [M, N]."""
+        scale a row, applied at the end. SPLITS > 1: each split's float32 sums go to ws[pid_k] ([SPLITS, M,
+        N]); FUSED_REDUCE: the tile's last split to arrive (an atomic count per tile) adds them in split
+        order, writes y and sets the count back to 0 for the next launch (CUTLASS's semaphore split-K, in
+        the kernel: no second launch, and the same bits whichever split is last); else the host adds them."""
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -158,8 +163,22 @@ def _kernel(interpret: bool):
             acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
         out = rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-        if PARTIAL:
-            tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=ok)
+        if SPLITS > 1 and not FUSED_REDUCE:  # the host adds the splits
+            tl.store(ws_ptr + pid_k * stride_ws + out, acc, mask=ok)
+        elif SPLITS > 1:
+            tl.store(ws_ptr + pid_k * stride_ws + out, acc, mask=ok)
+            tile = pid_m * tl.num_programs(0) + pid_n
+            # Every warp's stores done (the barrier) before one thread's release of the count; the last
+            # split's acquire then sees every split's sums (read past L1, which is not coherent).
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for i in range(0, SPLITS):  # in split order, not arrival order: deterministic
+                    acc += tl.load(ws_ptr + i * stride_ws + out, mask=ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.atomic_xchg(count_ptr + tile, 0)
         else:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -206,25 +225,38 @@ def linear(
     block_k = GROUP_SIZE * config.k_groups
     k_per_split = _cdiv(_cdiv(k, block_k), config.split_k) * block_k  # whole steps (so whole groups)
     splits = _cdiv(k, k_per_split)  # split_k or fewer (when it does not divide the steps evenly)
-    partial = splits > 1
-    y = torch.empty(
-        (splits, rows, n) if partial else (rows, n),
-        device=x.device,
-        dtype=torch.float32 if partial else x.dtype,
-    )
+    y = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     grid = (_cdiv(n, config.block_n), _cdiv(rows, config.block_m), splits)
+    if splits > 1:
+        ws = torch.empty((splits, rows, n), device=x.device, dtype=torch.float32)  # each split's sums
+        counts = _counts(x.device, grid[0] * grid[1])  # [tiles] int32, 0 between launches
+    else:
+        ws = counts = y  # not read
     kernel[grid](
-        x2, weight, scales, bias if bias is not None else scales, y,
+        x2, weight, scales, bias if bias is not None else scales, y, ws, counts,
         rows, n, k, groups, x2.stride(0), n, rows * n,
         GROUP=GROUP_SIZE, GROUPED=groups > 1, SCALE_TILE=groups > 1 and config.k_groups > 1,
-        HAS_BIAS=bias is not None, PARTIAL=partial,
+        HAS_BIAS=bias is not None, SPLITS=splits, FUSED_REDUCE=config.fused_reduce,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 x: in full, not TF32
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, K_STEPS=k_per_split // block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if partial:
-        y = y.sum(0)  # [M, N] float32, the splits in order
+    if splits > 1 and not config.fused_reduce:
+        total = ws.sum(0)  # [M, N] float32, the splits in order
         if bias is not None:
-            y += bias
-        y = y.to(x.dtype)
+            total += bias
+        y.copy_(total)
     return y.view(*lead, n)
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counts(device: torch.device, tiles: int) -> torch.Tensor:
+    """The split-K arrival counts, one int32 per output tile, zero between launches (each launch's last
+    split resets its tile's): one buffer per device, shared by every launch. Launches on one stream never
+    overlap; the decode graphs' eager warm-up makes it before any capture."""
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < tiles:
+        counts = _COUNTS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counts
