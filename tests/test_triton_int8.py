@@ -88,11 +88,34 @@ def test_split_k_leaves_its_counts_at_zero_and_adds_splits_in_order():
     x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(11))
     b = torch.randn(200)
     fused = triton_int8.linear(x, q, scales, b, Config(block_m=16, block_n=32, split_k=4))
-    assert not triton_int8._COUNTS[x.device].any()
+    assert not triton_int8._EAGER_COUNTS[x.device, 0].any()
     host = triton_int8.linear(x, q, scales, b, Config(block_m=16, block_n=32, split_k=4, fused_reduce=False))
     torch.testing.assert_close(fused, host, rtol=1e-6, atol=1e-5)
     again = triton_int8.linear(x, q, scales, b, Config(block_m=16, block_n=32, split_k=4))
     assert torch.equal(fused, again)
+
+
+def test_counts_for_captures_are_never_shared_and_eager_ones_are_per_stream(monkeypatch):
+    """What a CUDA graph captures keeps counts no other launch touches (disjoint slices of zeroed chunks, a
+    new chunk when one is used up); eager launches share their stream's buffer. (CUDA's capture and
+    streams stood in for by patching; the bookkeeping is the same.)"""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(triton_int8, "_ARENA", {})
+    monkeypatch.setattr(triton_int8, "_EAGER_COUNTS", {})
+    monkeypatch.setattr(triton_int8, "_ARENA_CHUNKS", [])
+    monkeypatch.setattr(triton_int8, "ARENA_INTS", 1000)
+    capturing = [False]
+    monkeypatch.setattr(triton_int8, "_capturing", lambda device: capturing[0])
+    eager = triton_int8._counts(cpu, 300)  # the first eager launch also makes the first chunk
+    assert eager.numel() == triton_int8.MAX_TILES and triton_int8._counts(cpu, 10) is eager
+    monkeypatch.setattr(triton_int8, "_stream", lambda device: 7)
+    assert triton_int8._counts(cpu, 10) is not eager  # another stream, another buffer
+    capturing[0] = True
+    slices = [triton_int8._counts(cpu, 400) for _ in range(5)]  # 2 a chunk of 1000
+    ptrs = [(t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in slices]
+    assert all(a_end <= b or b_end <= a for i, (a, a_end) in enumerate(ptrs) for b, b_end in ptrs[i + 1 :])
+    assert all(t.numel() == 400 and not t.any() for t in slices)
+    assert len({t.untyped_storage().data_ptr() for t in slices}) == 3  # 400 + 400, then new chunks
 
 
 def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch_and_run_to_run():
@@ -138,6 +161,8 @@ def test_bad_shapes_say_what_was_expected():
         Config(split_k=0)
     with pytest.raises(ValueError, match="k_groups must be a power of two, got 3"):
         Config(k_groups=3)
+    with pytest.raises(ValueError, match=r"split-K over 70000 output tiles, at most 65536"):
+        triton_int8._counts(torch.device("cpu"), 70_000)
 
 
 def test_int8_linear_runs_on_triton_where_it_is_available(monkeypatch):

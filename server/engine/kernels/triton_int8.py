@@ -9,15 +9,16 @@ accumulator: the weight is never widened in memory, and the scale is applied onc
 the exact integer weights (weight-only int8 as GPTQ's and Marlin's kernels do it). `Config.k_groups` > 1
 takes several groups a step instead (longer reads along K), scaling the widened tile before one dot:
 which is faster on a given GPU is what loadtest/gpu_int8.py's sweep says. A few rows give few N tiles,
-far fewer than a GPU's SMs, so K is split too (split-K): each split writes float32 partial sums and one
-sum adds them in a fixed order (no atomics: the same inputs give the same bits).
+far fewer than a GPU's SMs, so K is split too (split-K): each split writes float32 partial sums, and the
+tile's last split to finish adds them in split order (an atomic count per tile says which is last; the
+sums are never added atomically, so the same inputs give the same bits) and writes the result.
 
 Rows beyond `MAX_KERNEL_ROWS` (prefill chunks) are compute-bound: there the weight is widened once into
 a temporary and torch's matmul (cuBLAS) runs; the extra read is small beside such a GEMM.
 
 Triton is imported on first use (the CPU server never needs it). Under Triton's interpreter
 (TRITON_INTERPRET=1) the same kernel runs on CPU tensors, which is how tests/test_triton_int8.py checks it
-on machines without a GPU; the interpreter's bfloat16 casts are wrong (Triton 3.6 to 3.8), so those tests
+on machines without a GPU; the interpreter's bfloat16 casts are wrong (Triton 3.6 to 3.9), so those tests
 run float32 and float16. Speed is measured on a GPU only: `loadtest/gpu_int8.py`.
 """
 
@@ -249,14 +250,41 @@ def linear(
     return y.view(*lead, n)
 
 
-_COUNTS: dict[torch.device, torch.Tensor] = {}
+MAX_TILES = 1 << 16  # output tiles of one split-K launch (the default tilings use a few hundred)
+ARENA_INTS = 1 << 20  # counts handed to CUDA-graph captures, a chunk at a time (4 MB)
+_EAGER_COUNTS: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, stream) -> [MAX_TILES] int32
+_ARENA: dict[torch.device, list] = {}  # device -> [chunk, next free]
+_ARENA_CHUNKS: list[torch.Tensor] = []  # every chunk ever made: graphs hold pointers into them
 
 
 def _counts(device: torch.device, tiles: int) -> torch.Tensor:
-    """The split-K arrival counts, one int32 per output tile, zero between launches (each launch's last
-    split resets its tile's): one buffer per device, shared by every launch. Launches on one stream never
-    overlap; the decode graphs' eager warm-up makes it before any capture."""
-    counts = _COUNTS.get(device)
-    if counts is None or counts.numel() < tiles:
-        counts = _COUNTS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    """Split-K arrival counts for one launch, one int32 per output tile, all 0 (the launch's last splits
+    set them back to 0). An eager launch shares its stream's buffer (launches on one stream never overlap;
+    streams get their own). A launch being captured into a CUDA graph gets counts of its own, taken from a
+    chunk zeroed before (so a replay runs no memset), never handed out again: a graph may replay while
+    other work runs on another stream."""
+    if tiles > MAX_TILES:
+        raise ValueError(f"int8 linear: split-K over {tiles} output tiles, at most {MAX_TILES}")
+    capturing = _capturing(device)
+    arena = _ARENA.get(device)
+    if arena is None or (capturing and arena[1] + tiles > arena[0].numel()):
+        # Made on the first eager launch (a decode graph's warm-up runs eagerly before its capture); a
+        # chunk made during a capture is zeroed by the graph itself: correct, one memset a replay.
+        arena = _ARENA[device] = [torch.zeros(ARENA_INTS, dtype=torch.int32, device=device), 0]
+        _ARENA_CHUNKS.append(arena[0])
+    if capturing:
+        start, arena[1] = arena[1], arena[1] + tiles
+        return arena[0][start : start + tiles]
+    stream = _stream(device)
+    counts = _EAGER_COUNTS.get((device, stream))
+    if counts is None:
+        counts = _EAGER_COUNTS[device, stream] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
     return counts
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
