@@ -114,7 +114,7 @@ def test_counts_for_captures_are_never_shared_and_eager_ones_are_per_stream(monk
     slices = [triton_int8._counts(cpu, 400) for _ in range(5)]  # 2 a chunk of 1000
     ptrs = [(t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in slices]
     assert all(a_end <= b or b_end <= a for i, (a, a_end) in enumerate(ptrs) for b, b_end in ptrs[i + 1 :])
-    assert all(t.numel() == 400 and not t.any() for t in slices)
+    assert all(t.numel() == 400 and not t.any() and t.data_ptr() % 64 == 0 for t in slices)
     assert len({t.untyped_storage().data_ptr() for t in slices}) == 3  # 400 + 400, then new chunks
 
 
@@ -128,6 +128,21 @@ def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch_and_run_to_run():
     assert torch.equal(batch, triton_int8.linear(x, q, scales))
     for i in (0, 5, 11):
         assert torch.equal(triton_int8.linear(x[i : i + 1], q, scales), batch[i : i + 1])
+
+
+def test_an_unaligned_or_strided_input_gives_the_same_result():
+    """x a view at an odd offset (copied first: the kernel is compiled for aligned inputs) or with a row
+    stride (made contiguous): the same bits as a fresh x."""
+    q, scales = quantized(48, 128, seed=12)
+    fresh = torch.randn(3, 128)
+    odd = torch.empty(3 * 128 + 1)[1:].view(3, 128)
+    odd.copy_(fresh)
+    assert odd.data_ptr() % 16
+    wide = torch.zeros(3, 256)[:, :128]
+    wide.copy_(fresh)
+    want = triton_int8.linear(fresh, q, scales)
+    assert torch.equal(triton_int8.linear(odd, q, scales), want)
+    assert torch.equal(triton_int8.linear(wide, q, scales), want)
 
 
 def test_many_rows_widen_the_weight_once_for_torchs_matmul(monkeypatch):

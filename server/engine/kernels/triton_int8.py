@@ -221,6 +221,8 @@ def linear(
         w = (weight.view(n, groups, -1).to(torch.float32) * scales[:, :, None]).view(n, k).to(x.dtype)
         return F.linear(x, w, bias)
     x2 = x2.contiguous()
+    if x2.data_ptr() % 16:  # a view at an odd offset: copied, so x's alignment is always the one compiled for
+        x2 = x2.clone()
     config = config or choose(rows, n, k, x.device)
     kernel = _kernel(interpreting())
     block_k = GROUP_SIZE * config.k_groups
@@ -273,7 +275,9 @@ def _counts(device: torch.device, tiles: int) -> torch.Tensor:
         arena = _ARENA[device] = [torch.zeros(ARENA_INTS, dtype=torch.int32, device=device), 0]
         _ARENA_CHUNKS.append(arena[0])
     if capturing:
-        start, arena[1] = arena[1], arena[1] + tiles
+        # Slices start 64-byte aligned, as a fresh buffer does: Triton specializes on a pointer's alignment,
+        # and a new specialization would compile in the middle of the capture.
+        start, arena[1] = arena[1], arena[1] + _cdiv(tiles, 16) * 16
         return arena[0][start : start + tiles]
     stream = _stream(device)
     counts = _EAGER_COUNTS.get((device, stream))
