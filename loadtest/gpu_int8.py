@@ -110,6 +110,20 @@ class Linears:
             "int8": sum(q.numel() + s.numel() * 4 for q, s in self.int8),
         }
 
+    def copies(self, n: int, k: int, count: int) -> list:
+        """`count` int8 weights [n, k] with scales: the shape's own, then random ones of the same shape."""
+        import torch
+
+        first = next(p for p in self.int8 if tuple(p[0].shape) == (n, k))
+        more = [
+            (
+                torch.randint(-127, 128, (n, k), device=self.device, dtype=torch.int8),
+                torch.rand(n, k // 32, device=self.device) * 1e-3,
+            )
+            for _ in range(count - 1)
+        ]
+        return [first, *more]
+
     def inputs(self, rows: int) -> dict:
         import torch
 
@@ -191,37 +205,50 @@ def sweep(ctx: gc.Ctx, lin: Linears) -> dict:
     from server.engine.kernels import triton_int8
 
     ms = timer(ctx)
+    reps = 1 if ctx.tiny else 12
     results: list[dict] = []
     picks = sorted(set(lin.shapes), key=lambda nk: -nk[0] * nk[1])[: 1 if ctx.tiny else 3]
     tilings = TINY_TILINGS if ctx.tiny else SWEEP_TILINGS
+
+    def timed(cfg, x, weights) -> float | str:
+        """ms per call, the calls cycling over `weights` (so a shape that fits in L2 is still read from
+        memory); or the error of a tiling this GPU cannot run (e.g. too much shared memory)."""
+        calls = iter(range(1 << 30))
+
+        def call():
+            q, s = weights[next(calls) % len(weights)]
+            return triton_int8.linear(x, q, s, None, cfg)
+
+        try:
+            return round(ms(call, reps), 4)
+        except gc.OutOfTime:
+            raise
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e)[:160]}"
+
     try:
         for rows in SWEEP_ROWS:
             xs = lin.inputs(rows)
             for n, k in picks:
-                q, s = next(p for p in lin.int8 if tuple(p[0].shape) == (n, k))
-                chosen = triton_int8.choose(rows, n, k, q.device)
-                timings = []
+                weights = lin.copies(n, k, 1 if ctx.tiny else 4)
+                chosen = triton_int8.choose(rows, n, k, weights[0][0].device)
+                timings, failed = [], []
                 for block_n, split_k, k_groups in tilings:
                     ctx.need(3, f"sweep {rows} x [{n}, {k}]")
                     cfg = triton_int8.Config(
                         block_m=chosen.block_m, block_n=block_n, split_k=split_k, k_groups=k_groups
                     )
-                    t = ms(
-                        lambda c=cfg, x=xs[k], q=q, s=s: triton_int8.linear(x, q, s, None, c),
-                        1 if ctx.tiny else 10,
+                    t = timed(cfg, xs[k], weights)
+                    row = {"block_n": block_n, "split_k": split_k, "k_groups": k_groups}
+                    (timings if isinstance(t, float) else failed).append(
+                        row | {"ms" if isinstance(t, float) else "error": t}
                     )
-                    timings.append(
-                        {"block_n": block_n, "split_k": split_k, "k_groups": k_groups, "ms": round(t, 4)}
-                    )
+                if not timings:
+                    results.append({"rows": rows, "n": n, "k": k, "failed": failed})
+                    continue
+                unfused = None
                 if chosen.split_k > 1:  # choose's tiling with torch adding the splits: what fusing saves
-                    cfg = dataclasses.replace(chosen, fused_reduce=False)
-                    t = ms(
-                        lambda c=cfg, x=xs[k], q=q, s=s: triton_int8.linear(x, q, s, None, c),
-                        1 if ctx.tiny else 10,
-                    )
-                    unfused = round(t, 4)
-                else:
-                    unfused = None
+                    unfused = timed(dataclasses.replace(chosen, fused_reduce=False), xs[k], weights)
                 timings.sort(key=lambda r: r["ms"])
                 mine = (chosen.block_n, chosen.split_k, chosen.k_groups)
                 pick = next((r for r in timings if (r["block_n"], r["split_k"], r["k_groups"]) == mine), None)
@@ -238,6 +265,7 @@ def sweep(ctx: gc.Ctx, lin: Linears) -> dict:
                         },
                         "gb_per_s_best": round((n * k + n * k // 8) / timings[0]["ms"] / 1e6, 1),
                         "all": timings,
+                        "failed": failed,
                     }
                 )
     except gc.OutOfTime as e:
@@ -376,6 +404,9 @@ def summary(data: dict) -> list[str]:
         ]
     sweep_data = data.get("sweep") if isinstance(data.get("sweep"), dict) else {}
     for r in sweep_data.get("results", []):
+        if "best" not in r:
+            lines.append(f"sweep {r['rows']} x [{r['n']}, {r['k']}]: every tiling failed: {r['failed'][:2]}")
+            continue
         best = r["best"]
         lines.append(
             f"sweep {r['rows']} x [{r['n']}, {r['k']}]: best block_n {best['block_n']} split_k {best['split_k']} "
@@ -423,11 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = ctx.step("bandwidth", lambda: gc.copy_bandwidth(ctx)).get("bytes_per_s")
         lin = None
         if "linears" not in skip:
-            lin = Linears(ctx, shape)
-            ctx.data["weights"] = {"linears": len(lin.shapes), "bytes": lin.bytes}
-            ctx.step("kernel_check", lambda: kernel_check(ctx, lin), need_s=5)
-            for rows in LINEAR_ROWS if not args.tiny else (1, 4):
-                ctx.step(f"linears:{rows}", lambda r=rows: linears_at(ctx, lin, r, bandwidth), need_s=3)
+            lin = ctx.step("weights", lambda: Linears(ctx, shape), need_s=5)
+            if isinstance(lin, Linears):
+                ctx.data["weights"] = {"linears": len(lin.shapes), "bytes": lin.bytes}
+                ctx.step("kernel_check", lambda: kernel_check(ctx, lin), need_s=5)
+                for rows in LINEAR_ROWS if not args.tiny else (1, 4):
+                    ctx.step(f"linears:{rows}", lambda r=rows: linears_at(ctx, lin, r, bandwidth), need_s=3)
+            else:
+                lin = None  # its error is in the report
         if "engine" not in skip:
             ctx.step("model", lambda: gc.build_model_folder(ctx, name, shape, seed=0), need_s=10)
             engines(ctx, name, bandwidth)

@@ -96,8 +96,8 @@ def test_split_k_leaves_its_counts_at_zero_and_adds_splits_in_order():
 
 
 def test_counts_for_captures_are_never_shared_and_eager_ones_are_per_stream(monkeypatch):
-    """What a CUDA graph captures keeps counts no other launch touches (disjoint slices of zeroed chunks, a
-    new chunk when one is used up); eager launches share their stream's buffer. (CUDA's capture and
+    """What a CUDA graph captures keeps counts no other launch touches (disjoint slices of a zeroed chunk;
+    once it is used up, a buffer of the launch's own); eager launches share their stream's buffer. (CUDA's capture and
     streams stood in for by patching; the bookkeeping is the same.)"""
     cpu = torch.device("cpu")
     monkeypatch.setattr(triton_int8, "_ARENA", {})
@@ -115,7 +115,10 @@ def test_counts_for_captures_are_never_shared_and_eager_ones_are_per_stream(monk
     ptrs = [(t.data_ptr(), t.data_ptr() + 4 * t.numel()) for t in slices]
     assert all(a_end <= b or b_end <= a for i, (a, a_end) in enumerate(ptrs) for b, b_end in ptrs[i + 1 :])
     assert all(t.numel() == 400 and not t.any() and t.data_ptr() % 64 == 0 for t in slices)
-    assert len({t.untyped_storage().data_ptr() for t in slices}) == 3  # 400 + 400, then new chunks
+    storages = [t.untyped_storage().data_ptr() for t in slices]
+    arena = triton_int8._ARENA[cpu][0].untyped_storage().data_ptr()
+    # 400 + 400 from the arena; then, used up, each launch's own (zeroed by its graph), the arena kept
+    assert storages[:2] == [arena, arena] and len({arena, *storages[2:]}) == 4
 
 
 def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch_and_run_to_run():
@@ -158,6 +161,21 @@ def test_many_rows_widen_the_weight_once_for_torchs_matmul(monkeypatch):
     assert not calls  # the kernel was not launched
     torch.testing.assert_close(widened.double(), reference(x, q, scales, b), rtol=1e-5, atol=1e-4)
     assert triton_int8.linear(x[:0], q, scales, b).shape == (0, 48)
+
+
+def test_choose_splits_k_for_few_rows_and_less_for_many(monkeypatch):
+    """On an H100-sized GPU (132 SMs): a decode batch's few N tiles split K until the grid fills it; every
+    row count of a bucket gets the same tiling; 256 rows do not split a 2048-wide K (the splits' sums
+    would cost more traffic than the weight)."""
+    monkeypatch.setattr(triton_int8, "_sm_count", lambda device: 132)
+    gpu = torch.device("cpu")  # only the SM count matters
+    one = choose(1, 8192, 2048, gpu)
+    assert (one.block_m, one.block_n, one.split_k) == (16, 64, 4)  # 128 N tiles x 4 >= 2 x 132
+    assert all(choose(r, 8192, 2048, gpu) == one for r in (2, 7, 16))
+    assert choose(2, 2048, 8192, gpu).split_k == 16  # 32 N tiles: split until >= 264 programs
+    assert choose(64, 2048, 8192, gpu) == Config(block_m=64, block_n=64, split_k=16)  # 8 x 16 x 64 <= 8192
+    assert choose(256, 8192, 2048, gpu).split_k == 1 and choose(256, 2048, 8192, gpu).split_k == 4
+    assert choose(3, 128256, 2048, gpu).split_k == 1  # the lm_head fills the GPU by N alone
 
 
 def test_bad_shapes_say_what_was_expected():

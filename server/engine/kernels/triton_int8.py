@@ -9,7 +9,8 @@ accumulator: the weight is never widened in memory, and the scale is applied onc
 the exact integer weights (weight-only int8 as GPTQ's and Marlin's kernels do it). `Config.k_groups` > 1
 takes several groups a step instead (longer reads along K), scaling the widened tile before one dot:
 which is faster on a given GPU is what loadtest/gpu_int8.py's sweep says. A few rows give few N tiles,
-far fewer than a GPU's SMs, so K is split too (split-K): each split writes float32 partial sums, and the
+far fewer than a GPU's SMs, so K is split too (split-K, less as the rows grow, so the partial sums never
+cost more traffic than the weight): each split writes float32 partial sums, and the
 tile's last split to finish adds them in split order (an atomic count per tile says which is last; the
 sums are never added atomically, so the same inputs give the same bits) and writes the result.
 
@@ -94,14 +95,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose(rows: int, n: int, k: int, device: torch.device) -> Config:
-    """The default tiling for x [rows, k] times a weight [n, k]. The split depends on (n, k) only, so a
-    row's sum runs in the same order whatever the batch (block_m follows the rows)."""
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    """The default tiling for x [rows, k] times a weight [n, k]. It depends on the rows' bucket (16, 32,
+    64, 128, 256) only, so rows 1 to 16 (the decode batches of up to 16) sum in the same order whatever
+    their number."""
+    bucket = max(16, 1 << (rows - 1).bit_length())
+    block_m = min(bucket, 64)
     block_n = 64
     n_tiles, groups = _cdiv(n, block_n), _cdiv(k, GROUP_SIZE)
     split = 1
-    # At least 8 groups (256 k) a split, so each program streams enough to hide its latency.
-    while n_tiles * split < SPLIT_TARGET * _sm_count(device) and groups // (split * 2) >= 8:
+    # At least 8 groups (256 k) a split, so each program streams enough to hide its latency; and the
+    # splits' float32 sums (written and read: 8 bytes a row, output and split) at most the int8 weight's
+    # bytes (~1 a k), so many rows split less.
+    while (
+        n_tiles * split < SPLIT_TARGET * _sm_count(device)
+        and groups // (split * 2) >= 8
+        and 8 * (split * 2) * bucket <= k
+    ):
         split *= 2
     return Config(block_m=block_m, block_n=block_n, split_k=split)
 
@@ -137,6 +146,10 @@ def _kernel(interpret: bool):
         # tl.full, not tl.zeros: the standard library's functions are jitted when triton is imported, and an
         # interpreter turned on after that cannot call them (the tests turn it on late).
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        # One group a step: its scales [BLOCK_N] are loaded a step ahead, so their latency hides behind a
+        # dot (Triton pipelines the tiles' loads, not this small one).
+        g_first = pid_k * K_STEPS * (BLOCK_K // GROUP)  # this split's first group
+        s_next = tl.load(s_ptr + rn * G + g_first, mask=n_ok & (rn * 0 + g_first < G), other=0.0)  # [BLOCK_N]
         for step in range(0, K_STEPS):  # this split's K: K_STEPS x BLOCK_K from pid_k * K_STEPS * BLOCK_K
             k0 = (pid_k * K_STEPS + step) * BLOCK_K
             kk = k0 + rk
@@ -147,17 +160,20 @@ def _kernel(interpret: bool):
             q = tl.load(
                 w_ptr + rn[None, :] * K + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0
             )  # [BLOCK_K, BLOCK_N] int8 (via float32: the interpreter's int8 -> bfloat16 cast is wrong)
-            if SCALE_TILE:  # several groups a step: the tile widened and scaled, weight by weight
+            if SCALE_TILE:  # several groups a step: the tile widened and scaled by its groups' scales
+                gs = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # [groups a step]
                 s = tl.load(
-                    s_ptr + rn[None, :] * G + kk[:, None] // GROUP,
-                    mask=n_ok[None, :] & k_ok[:, None],
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_N] float32, each group's scale repeated (from L1)
-                acc += tl.dot(x, (q.to(tl.float32) * s).to(x.dtype), input_precision=PRECISION)
+                    s_ptr + rn[None, :] * G + gs[:, None], mask=n_ok[None, :] & (gs < G)[:, None], other=0.0
+                )  # [groups a step, BLOCK_N] float32
+                w = tl.reshape(q.to(tl.float32), (BLOCK_K // GROUP, GROUP, BLOCK_N)) * s[:, None, :]
+                acc += tl.dot(x, tl.reshape(w, (BLOCK_K, BLOCK_N)).to(x.dtype), input_precision=PRECISION)
             else:
                 dot = tl.dot(x, q.to(tl.float32).to(x.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-                if GROUPED:  # BLOCK_K is one group: its scales [BLOCK_N]
-                    acc += dot * tl.load(s_ptr + rn * G + k0 // GROUP, mask=n_ok, other=0.0)[None, :]
+                if GROUPED:  # BLOCK_K is one group
+                    s_step = s_next
+                    g = k0 // GROUP + 1
+                    s_next = tl.load(s_ptr + rn * G + g, mask=n_ok & (rn * 0 + g < G), other=0.0)
+                    acc += dot * s_step[None, :]
                 else:
                     acc += dot
         if not GROUPED:  # one scale per output feature
@@ -218,7 +234,9 @@ def linear(
     rows = x2.shape[0]
     # Also where the kernel cannot run: a CPU tensor outside the interpreter.
     if rows == 0 or (config is None and rows > MAX_KERNEL_ROWS) or not (x.is_cuda or interpreting()):
-        w = (weight.view(n, groups, -1).to(torch.float32) * scales[:, :, None]).view(n, k).to(x.dtype)
+        # Widened straight into x's dtype (no float32 copy of the weight: the lm_head's alone would be
+        # 1 GB for a 1B model); the scale rounded to x's dtype first, a second rounding of bfloat16 size.
+        w = (weight.view(n, groups, -1).to(x.dtype) * scales.to(x.dtype)[:, :, None]).view(n, k)
         return F.linear(x, w, bias)
     x2 = x2.contiguous()
     if x2.data_ptr() % 16:  # a view at an odd offset: copied, so x's alignment is always the one compiled for
@@ -269,11 +287,13 @@ def _counts(device: torch.device, tiles: int) -> torch.Tensor:
         raise ValueError(f"int8 linear: split-K over {tiles} output tiles, at most {MAX_TILES}")
     capturing = _capturing(device)
     arena = _ARENA.get(device)
-    if arena is None or (capturing and arena[1] + tiles > arena[0].numel()):
-        # Made on the first eager launch (a decode graph's warm-up runs eagerly before its capture); a
-        # chunk made during a capture is zeroed by the graph itself: correct, one memset a replay.
+    if arena is None and not capturing:  # on the first eager launch: a graph's warm-up runs eagerly first
         arena = _ARENA[device] = [torch.zeros(ARENA_INTS, dtype=torch.int32, device=device), 0]
         _ARENA_CHUNKS.append(arena[0])
+    if capturing and (arena is None or arena[1] + tiles > arena[0].numel()):
+        # The arena used up (or never made): counts of this launch's own, zeroed by a memset the graph
+        # captures (correct, one memset a replay); never shared, since that memset runs only with its graph.
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
     if capturing:
         # Slices start 64-byte aligned, as a fresh buffer does: Triton specializes on a pointer's alignment,
         # and a new specialization would compile in the middle of the capture.
