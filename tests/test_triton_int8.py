@@ -1,8 +1,9 @@
 """The CUDA int8 kernel (server/engine/kernels/triton_int8.py), run here by Triton's interpreter on CPU
 tensors (TRITON_INTERPRET=1): the same kernel source a GPU compiles, so its indexing, group scales, K
-splits, masks and bias are checked on machines without one. The interpreter's bfloat16 casts are wrong
-(Triton 3.6 to 3.9), so these run float32 and float16; bfloat16 and the speed are the GPU's
-(`cuda` tests, loadtest/gpu_int8.py)."""
+splits, masks and bias are checked on machines without one; and compiled (not run) for an H100 by
+Triton's own compiler, so what only a GPU build shows (shared memory, the split-K reduction's barrier and
+atomics) is checked too. The interpreter's bfloat16 casts are wrong (Triton 3.6 to 3.9), so the runs are
+float32 and float16; bfloat16 results and the speed are the GPU's (`cuda` tests, loadtest/gpu_int8.py)."""
 
 from __future__ import annotations
 
@@ -259,6 +260,83 @@ def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(graphs):
     want = make_requests(prefixes, prompt_lens, new_tokens)
     run_joining(torch_int8, want, joins_at)
     assert [r.output_token_ids for r in batch] == [r.output_token_ids for r in want]
+
+
+H100_SHARED_BYTES = 232_448  # the most shared memory one program may use on an H100 (sm_90)
+
+
+def compile_for_h100(config: Config, k: int, dtype: str = "bf16", grouped: bool = True, bias: bool = False):
+    """The kernel compiled (not run) for sm_90 by the installed Triton, as `linear` would launch it for a
+    weight [N, k] with the rows' block: no GPU needed, only Triton's bundled compiler."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = triton_int8._kernel(False)
+    block_k = 32 * config.k_groups
+    k_per_split = triton_int8._cdiv(triton_int8._cdiv(k, block_k), config.split_k) * block_k
+    splits = triton_int8._cdiv(k, k_per_split)
+    f32 = "*fp32"
+    signature = {
+        "x_ptr": f"*{dtype}", "w_ptr": "*i8", "s_ptr": f32, "b_ptr": f"*{dtype}" if bias else f32,
+        "y_ptr": f"*{dtype}", "ws_ptr": f32 if splits > 1 else f"*{dtype}",
+        "count_ptr": "*i32" if splits > 1 else f"*{dtype}",
+        "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ws": "i32",
+    }  # fmt: skip
+    constexprs = dict(
+        GROUP=32, GROUPED=grouped, SCALE_TILE=grouped and config.k_groups > 1, HAS_BIAS=bias,
+        PRECISION="ieee" if dtype == "fp32" else "tf32", SPLITS=splits, FUSED_REDUCE=config.fused_reduce,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, K_STEPS=k_per_split // block_k,
+    )  # fmt: skip
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    aligned = {"N", "K", "stride_xm", "stride_ym", "stride_ws"}  # as the shapes here: multiples of 16
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if name.endswith("_ptr") or name in aligned
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), splits
+
+
+# choose's tilings for a Llama-3.2-1B's shapes at 1, 16, 64 and 256 rows on 132 SMs, and the sweep's
+# heaviest ones (block_m 64, split, four groups a step)
+H100_CASES = [
+    (Config(block_m=16, block_n=64, split_k=4), 2048, "bf16"),
+    (Config(block_m=16, block_n=64, split_k=16), 8192, "bf16"),
+    (Config(block_m=64, block_n=64, split_k=4), 2048, "bf16"),
+    (Config(block_m=64, block_n=64, split_k=1), 2048, "bf16"),
+    (Config(block_m=64, block_n=128, split_k=4, k_groups=4), 2048, "bf16"),
+    (Config(block_m=64, block_n=128, split_k=1, k_groups=4), 8192, "bf16"),
+    (Config(block_m=64, block_n=32, split_k=16), 8192, "bf16"),
+    (Config(block_m=32, block_n=64, split_k=2, fused_reduce=False), 2048, "fp16"),
+    (Config(block_m=16, block_n=64, split_k=2), 2048, "fp32"),
+]
+
+
+@pytest.mark.parametrize("config, k, dtype", H100_CASES)
+def test_the_kernel_compiles_for_an_h100(config, k, dtype, monkeypatch, tmp_path):
+    """What the interpreter cannot show: Triton's real compiler takes the kernel for sm_90, within the
+    H100's shared memory, and the fused split-K reduction is a CTA barrier, then one acq_rel atomic add
+    at GPU scope, loads of the splits past L1 (.cg), and an atomic reset."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # compiled here and now, not taken from a cache
+    compiled, splits = compile_for_h100(config, k, dtype, bias=dtype == "fp16")
+    assert compiled.metadata.shared <= H100_SHARED_BYTES
+    ptx = compiled.asm["ptx"]
+    if splits > 1 and config.fused_reduce:
+        assert "bar.sync" in ptx and "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+        assert "atom.global.gpu.acq_rel.exch" in ptx
+    else:
+        assert "atom." not in ptx
+
+
+def test_a_kernel_with_one_scale_a_row_compiles_for_an_h100(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compiled, _ = compile_for_h100(Config(block_m=16, block_n=64, split_k=2), 2048, grouped=False)
+    assert compiled.metadata.shared <= H100_SHARED_BYTES
 
 
 @pytest.mark.cuda
