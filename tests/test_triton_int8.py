@@ -234,7 +234,9 @@ def test_quantize_model_takes_triton_on_cuda_or_under_the_interpreter(monkeypatc
     assert kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8", triton=True)) == {None}
 
 
-@pytest.mark.parametrize("graphs", [True])  # the eager step's: loadtest/gpu_int8's rehearsal (test_gpu_int8)
+# The CUDA-graph step's code (what CUDA runs); the eager decode calls the same Int8Linears through
+# transformers' forward, which every prefill here runs too.
+@pytest.mark.parametrize("graphs", [True])
 def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(graphs):
     """Rows of different prefixes (and none) joining mid-flight, every linear on the Triton kernel, on the
     eager decode or the CUDA-graph step's code (static buffers, no capture on a CPU): each row's greedy
