@@ -38,8 +38,8 @@ SWEEP_TILINGS = [(bn, sk, 1) for bn in (32, 64, 128) for sk in (1, 2, 4, 8, 16)]
 ]  # all with the split-K sums added in the kernel (`choose`'s tiling is also run with torch adding them)
 TINY_TILINGS = [(32, 1, 1), (64, 2, 1), (64, 1, 2), (32, 2, 2)]
 WORKLOAD = gc.Workload(levels=(1, 16, 64), new_tokens=64, waves=1, exact_rows=8, exact_new_tokens=16)
-TINY_WORKLOAD = gc.Workload(levels=(1, 4), prompt_len=8, new_tokens=8, waves=1, exact_rows=4,
-                            exact_new_tokens=8, step_warm=1, step_timed=3, kv_cache_bytes=64 << 20)  # fmt: skip
+TINY_WORKLOAD = gc.Workload(levels=(1, 4), prompt_len=8, new_tokens=4, waves=1, exact_rows=4,
+                            exact_new_tokens=5, step_warm=1, step_timed=2, kv_cache_bytes=64 << 20)  # fmt: skip
 
 
 def linear_shapes(shape: dict) -> list[tuple[int, int]]:

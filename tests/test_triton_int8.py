@@ -249,7 +249,7 @@ def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(graphs):
         assert engine.decoder.captures == 0
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
-    prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [10, 5, 8, 6], [0, 0, 2, 4]
+    prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [7, 4, 6, 4], [0, 0, 2, 4]
     batch = make_requests(prefixes, prompt_lens, new_tokens)
     run_joining(engine, batch, joins_at)
     for i, req in enumerate(batch):
