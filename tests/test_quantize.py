@@ -229,20 +229,29 @@ def int8_engine(seed: int = 0, kernel: str | None = "a16", **kw) -> Engine:
     return Engine(quantize_model(make_tiny_model("llama-gqa", seed), mode, vnni), byte_tokenizer(), **kw)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_mixed_batch_equals_each_request_alone(kernel):
-    """Rows of different prefixes (and none) joining mid-flight under int8: each row's greedy tokens
-    are the tokens it gets alone."""
-    engine = int8_engine(kernel=kernel, max_rows=4)
+def assert_mixed_batch_equals_alone(engine: Engine, new_tokens=(12, 5, 10, 8)):
+    """Rows of different prefixes (one shared by two rows, and none) joining mid-flight: each row's greedy
+    tokens are the tokens it gets alone. Returns a function making the same requests anew, and the batch."""
     fp = engine.fingerprint
     prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
-    prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [12, 5, 10, 8], [0, 0, 2, 4]
-    batch = make_requests(prefixes, prompt_lens, new_tokens)
+    prompt_lens, joins_at = [6, 14, 2, 9], [0, 0, 2, 4]
+
+    def requests():
+        return make_requests(prefixes, prompt_lens, list(new_tokens))
+
+    batch = requests()
     run_joining(engine, batch, joins_at)
     for i, req in enumerate(batch):
-        alone = make_requests(prefixes, prompt_lens, new_tokens)[i]
+        alone = requests()[i]
         engine.generate([alone])
         assert req.output_token_ids == alone.output_token_ids, f"row {i}"
+    return requests, joins_at, batch
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_mixed_batch_equals_each_request_alone(kernel):
+    """Under int8, on each kernel: a mixed batch joining mid-flight equals each request alone."""
+    assert_mixed_batch_equals_alone(int8_engine(kernel=kernel, max_rows=4))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import byte_tokenizer, make_tiny_model, run_joining
-from test_engine import make_requests, random_prefix
+from test_quantize import assert_mixed_batch_equals_alone
 
 from server.engine.engine import Engine
 from server.engine.kernels import triton_int8
@@ -247,19 +247,11 @@ def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(graphs):
     if graphs:
         engine.compile(graphs=True)
         assert engine.decoder.captures == 0
-    fp = engine.fingerprint
-    prefixes = [random_prefix(fp, 3, 1), None, random_prefix(fp, 17, 2), random_prefix(fp, 3, 1)]
-    prompt_lens, new_tokens, joins_at = [6, 14, 2, 9], [7, 4, 6, 4], [0, 0, 2, 4]
-    batch = make_requests(prefixes, prompt_lens, new_tokens)
-    run_joining(engine, batch, joins_at)
-    for i, req in enumerate(batch):
-        alone = make_requests(prefixes, prompt_lens, new_tokens)[i]
-        engine.generate([alone])
-        assert req.output_token_ids == alone.output_token_ids, f"row {i}"
+    requests, joins_at, batch = assert_mixed_batch_equals_alone(engine, new_tokens=(7, 4, 6, 4))
     torch_int8 = Engine(
         quantize_model(make_tiny_model("llama-gqa"), "int8", vnni=False), byte_tokenizer(), max_rows=4
     )
-    want = make_requests(prefixes, prompt_lens, new_tokens)
+    want = requests()
     run_joining(torch_int8, want, joins_at)
     assert [r.output_token_ids for r in batch] == [r.output_token_ids for r in want]
 
