@@ -10,8 +10,8 @@
 # OUTDIR/gpu_check.json, OUTDIR/gpu_check.md, OUTDIR/gpu_check.log (this script's and the driver's
 # progress) and OUTDIR/gpu_check.parts.log (each part's whole output); the JSON and the Markdown exist
 # even when the driver fails or is killed (then they say so). Then issue #18's int8 measurement,
-# `python3 -m loadtest.gpu_int8 --out OUTDIR`, under its own limit (GPU_CHECK_INT8_S, default 110 s; 0
-# skips it): OUTDIR/gpu_int8.json and gpu_int8.md. Both together: under 560 s. Exit code: the driver's (0: every part ok;
+# `python3 -m loadtest.gpu_int8 --out OUTDIR`, under its own limit (GPU_CHECK_INT8_S, default 130 s; 0
+# skips it): OUTDIR/gpu_int8.json and gpu_int8.md. Both together: under 580 s. Exit code: the driver's (0: every part ok;
 # 3: the report is written but a part failed, ran out of time or was skipped; 124 or 137: stopped at the
 # limit; 124 also when too little time was left to start it). Arguments after OUTDIR go to the driver,
 # e.g. `--device cpu --tiny` for a rehearsal on a CPU (with GPU_CHECK_SKIP_WHEELS=1 and PYTHON set to a
@@ -26,7 +26,7 @@ for ((i = 1; i <= $#; i++)); do
   [[ ${!i} == --tiny ]] && INT8_ARGS+=(--tiny)
 done
 TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
-INT8_S=${GPU_CHECK_INT8_S:-110}
+INT8_S=${GPU_CHECK_INT8_S:-130}
 PY=${PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/prefix-server-gpu-site}
 START=$(date +%s)
