@@ -16,7 +16,14 @@ from test_quantize import assert_mixed_batch_equals_alone
 from server.engine.engine import Engine
 from server.engine.kernels import triton_int8
 from server.engine.kernels.triton_int8 import Config, choose
-from server.engine.quantize import Int8Linear, dequantize, quantize_int8, quantize_model
+from server.engine.quantize import (
+    KERNEL_WARM_ROWS,
+    Int8Linear,
+    dequantize,
+    quantize_int8,
+    quantize_model,
+    warm_up_kernels,
+)
 
 pytest.importorskip("triton", reason="Triton is a dev dependency (pyproject.toml)")
 
@@ -232,6 +239,20 @@ def test_quantize_model_takes_triton_on_cuda_or_under_the_interpreter(monkeypatc
     assert "triton" not in kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8"))
     # asked for where it cannot run (a CPU outside the interpreter): torch's weight-only path
     assert kernels_of(quantize_model(make_tiny_model("llama-gqa"), "int8", triton=True)) == {None}
+
+
+def test_warm_up_runs_every_distinct_linear_at_every_rows_bucket(monkeypatch):
+    """Engine.compile first runs each distinct int8 linear at one row count of each of choose's buckets
+    (on a GPU: every compile serving can meet, before any capture); nothing where no linear is on Triton."""
+    model = quantize_model(make_tiny_model("llama-gqa"), "int8", triton=True)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Int8Linear)}
+    seen = []
+    real = triton_int8.linear
+    monkeypatch.setattr(triton_int8, "linear", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    assert warm_up_kernels(model) == len(shapes) * len(KERNEL_WARM_ROWS)
+    assert sorted(set(seen)) == list(KERNEL_WARM_ROWS)
+    assert {max(16, 1 << (r - 1).bit_length()) for r in KERNEL_WARM_ROWS} == {16, 32, 64, 128, 256}
+    assert warm_up_kernels(make_tiny_model("llama-gqa")) == 0  # float linears: nothing to compile
 
 
 # The CUDA-graph step's code (what CUDA runs); the eager decode calls the same Int8Linears through

@@ -10,6 +10,7 @@ chunks instead of waiting for all of it."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,7 @@ from server.engine.pages import (
     pages_for,
 )
 from server.engine.prefill import use_cascade
+from server.engine.quantize import warm_up_kernels
 from server.engine.rows import Rows
 from server.engine.sampling import make_generator, sample
 from server.errors import InvalidRequest, PrefixServerError
@@ -111,7 +113,13 @@ class Engine:
             )
         else:
             decoder = CompiledDecode(self.model, self.max_rows, on_new_shape=on_new_shape)
-        seconds = decoder.warm_up(self.pool)
+        started = time.perf_counter()
+        launches = warm_up_kernels(self.model)  # the int8 Triton kernel's compiles, before any capture
+        if launches:
+            log.info(
+                "int8 Triton kernel: %d warm-up launches (%.1f s)", launches, time.perf_counter() - started
+            )
+        seconds = decoder.warm_up(self.pool) + time.perf_counter() - started
         self.decoder = decoder
         return seconds
 

@@ -139,6 +139,31 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}, {groups} scales per row"
 
 
+# Row counts in each of the Triton kernel's buckets (triton_int8.choose: 16, 32, 64, 128, 256 rows): one
+# launch each compiles every variant serving can meet (the row count itself is not specialized on).
+KERNEL_WARM_ROWS = (1, 17, 33, 65, 129)
+
+
+@torch.inference_mode()
+def warm_up_kernels(model: PreTrainedModel) -> int:
+    """Compile the Triton int8 kernel for every distinct linear of `model` at every rows bucket, on zeros,
+    so that no request (a prefill of up to 256 tokens, a decode batch) waits on a compile and no CUDA
+    graph capture meets one. Returns the launches run (0 where no linear is on Triton)."""
+    seen: set[tuple] = set()
+    launches = 0
+    for module in model.modules():
+        if not isinstance(module, Int8Linear) or module.kernel != "triton":
+            continue
+        key = (module.out_features, module.in_features, module.scales.shape[1], module.bias is not None)
+        if key in seen:
+            continue
+        seen.add(key)
+        for rows in KERNEL_WARM_ROWS:
+            module(torch.zeros(rows, module.in_features, dtype=model.dtype, device=module.weight.device))
+            launches += 1
+    return launches
+
+
 def quantize_model(
     model: PreTrainedModel,
     mode: str,
