@@ -363,7 +363,8 @@ def summary(data: dict) -> list[str]:
     rows = [v for k, v in data.items() if k.startswith("linears:") and isinstance(v, dict) and "rows" in v]
     if rows:
         lines += [
-            "| rows | bf16 ms (vs floor) | int8 Triton ms (vs floor) | int8 widened ms | int8 speedup |",
+            f"| rows | {data.get('dtype', 'bfloat16')} ms (vs floor) | int8 Triton ms (vs floor) | int8 widened ms "
+            "| int8 speedup |",
             "|---|---|---|---|---|",
         ]
         for r in rows:
@@ -438,16 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     name = gc.GOAL_MODEL["tiny" if args.tiny else "full"]
     shape = gc.shapes_for(args.tiny)[name]
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"  # the interpreter: no bfloat16
     ctx = gc.Ctx(
         workdir=Path(tempfile.mkdtemp(prefix="gpu-int8-")),
         device=args.device,
-        dtype="bfloat16" if args.device.startswith("cuda") else "float32",  # the interpreter: no bfloat16
+        dtype=dtype,
         tiny=args.tiny,
         compile="graphs",
         deadline=time.time() + args.budget_s,
         workload=TINY_WORKLOAD if args.tiny else WORKLOAD,
         result_path=out / "gpu_int8.json",
-        data={"issue": 18, "model": name, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+        data={"issue": 18, "model": name, "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
     )
     try:
         ctx.step("environment", lambda: gc.environment(args.device) | _triton_version())

@@ -58,5 +58,5 @@ def test_tiny_cpu_rehearsal_reports_every_section(tmp_path):
     sweep = data["sweep"]
     assert sweep["stopped"] is None and len(sweep["results"]) == 2 and len(sweep["results"][0]["all"]) == 4
     report = (tmp_path / "gpu_int8.md").read_text()
-    assert "| rows | bf16 ms" in report and "4 of 4 rows equal" in report and "sweep 64 x" in report
+    assert "| rows | float32 ms" in report and "4 of 4 rows equal" in report and "sweep 64 x" in report
     assert "Kernel check: 20 of 20 cases" in report
