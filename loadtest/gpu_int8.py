@@ -96,33 +96,25 @@ class Linears:
         self.shapes = linear_shapes(shape)
         dev, dtype = ctx.device, gc.torch_dtype(ctx.dtype)
         gen = torch.Generator(device=dev).manual_seed(0)
-        self.float = [torch.randn(n, k, device=dev, generator=gen).to(dtype) * 0.02 for n, k in self.shapes]
-        self.int8 = [
-            (
-                torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8),
-                torch.rand(n, k // 32, device=dev, generator=gen) * 1e-3,
-            )
-            for n, k in self.shapes
-        ]
         self.dtype, self.device = dtype, dev
+        self.float = [torch.randn(n, k, device=dev, generator=gen).to(dtype) * 0.02 for n, k in self.shapes]
+        self.int8 = [self.random_int8(n, k, gen) for n, k in self.shapes]
         self.bytes = {
             "bfloat16": sum(w.numel() * w.element_size() for w in self.float),
             "int8": sum(q.numel() + s.numel() * 4 for q, s in self.int8),
         }
 
-    def copies(self, n: int, k: int, count: int) -> list:
-        """`count` int8 weights [n, k] with scales: the shape's own, then random ones of the same shape."""
+    def random_int8(self, n: int, k: int, gen=None) -> tuple:
+        """A random int8 weight [n, k] and its float32 scales [n, k / 32]."""
         import torch
 
+        q = torch.randint(-127, 128, (n, k), device=self.device, generator=gen, dtype=torch.int8)
+        return q, torch.rand(n, k // 32, device=self.device, generator=gen) * 1e-3
+
+    def copies(self, n: int, k: int, count: int) -> list:
+        """`count` int8 weights [n, k] with scales: the shape's own, then random ones of the same shape."""
         first = next(p for p in self.int8 if tuple(p[0].shape) == (n, k))
-        more = [
-            (
-                torch.randint(-127, 128, (n, k), device=self.device, dtype=torch.int8),
-                torch.rand(n, k // 32, device=self.device) * 1e-3,
-            )
-            for _ in range(count - 1)
-        ]
-        return [first, *more]
+        return [first, *(self.random_int8(n, k) for _ in range(count - 1))]
 
     def inputs(self, rows: int) -> dict:
         import torch
@@ -292,6 +284,8 @@ def step_bytes(model) -> int:
 
 
 def engines(ctx: gc.Ctx, name: str, bandwidth: float | None) -> None:
+    from server.engine.quantize import Int8Linear
+
     fixtures = {}
     for mode in ("off", "int8"):
         fx = ctx.step(f"load:{mode}", lambda m=mode: gc.Fixture(ctx, name, quantize=m), need_s=10)
@@ -309,7 +303,7 @@ def engines(ctx: gc.Ctx, name: str, bandwidth: float | None) -> None:
             "seconds": round(fx.load_s, 1),
             "step_bytes": step_bytes(fx.engine.model),
             "int8_kernels": sorted(
-                {str(m.kernel) for m in fx.engine.model.modules() if hasattr(m, "scales")}
+                {str(m.kernel) for m in fx.engine.model.modules() if isinstance(m, Int8Linear)}
             ),
             "compiled": gc._compiled(fx.engine),
             "graphs": graphs,

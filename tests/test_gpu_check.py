@@ -40,6 +40,10 @@ def test_the_script_writes_a_report_when_the_driver_cannot_run(tmp_path):
     assert report["status"] == "driver failed" and report["exit_code"] == 124
     assert "wrote no report" in (out / "gpu_check.md").read_text()
     assert "the driver does not start" in (out / "gpu_check.log").read_text()
+    # then issue #18's int8 measurement, on its own limit: it runs and reports (here: no CUDA to measure)
+    int8 = json.loads((out / "gpu_int8.json").read_text())
+    assert int8["issue"] == 18 and int8["bandwidth"]["status"] == "error"
+    assert "Not measured:" in (out / "gpu_int8.md").read_text()
 
 
 def test_a_budget_too_small_skips_every_part_and_still_reports(tmp_path):

@@ -16,14 +16,7 @@ from test_quantize import assert_mixed_batch_equals_alone
 from server.engine.engine import Engine
 from server.engine.kernels import triton_int8
 from server.engine.kernels.triton_int8 import Config, choose
-from server.engine.quantize import (
-    KERNEL_WARM_ROWS,
-    Int8Linear,
-    dequantize,
-    quantize_int8,
-    quantize_model,
-    warm_up_kernels,
-)
+from server.engine.quantize import Int8Linear, dequantize, quantize_int8, quantize_model, warm_up_kernels
 
 pytest.importorskip("triton", reason="Triton is a dev dependency (pyproject.toml)")
 
@@ -110,7 +103,6 @@ def test_counts_for_captures_are_never_shared_and_eager_ones_are_per_stream(monk
     cpu = torch.device("cpu")
     monkeypatch.setattr(triton_int8, "_ARENA", {})
     monkeypatch.setattr(triton_int8, "_EAGER_COUNTS", {})
-    monkeypatch.setattr(triton_int8, "_ARENA_CHUNKS", [])
     monkeypatch.setattr(triton_int8, "ARENA_INTS", 1000)
     capturing = [False]
     monkeypatch.setattr(triton_int8, "_capturing", lambda device: capturing[0])
@@ -249,25 +241,28 @@ def test_warm_up_runs_every_distinct_linear_at_every_rows_bucket(monkeypatch):
     seen = []
     real = triton_int8.linear
     monkeypatch.setattr(triton_int8, "linear", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
-    assert warm_up_kernels(model) == len(shapes) * len(KERNEL_WARM_ROWS)
-    assert sorted(set(seen)) == list(KERNEL_WARM_ROWS)
-    assert {max(16, 1 << (r - 1).bit_length()) for r in KERNEL_WARM_ROWS} == {16, 32, 64, 128, 256}
+    rows = triton_int8.warm_up_rows()
+    assert rows == (1, 17, 33, 65, 129)  # one in each of ROW_BUCKETS
+    assert warm_up_kernels(model) == len(shapes) * len(rows)
+    assert sorted(set(seen)) == list(rows)
     assert warm_up_kernels(make_tiny_model("llama-gqa")) == 0  # float linears: nothing to compile
 
 
-# The CUDA-graph step's code (what CUDA runs); the eager decode calls the same Int8Linears through
-# transformers' forward, which every prefill here runs too.
-@pytest.mark.parametrize("graphs", [True])
-def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(graphs):
+def test_mixed_batch_on_the_triton_kernel_equals_each_request_alone(monkeypatch):
     """Rows of different prefixes (and none) joining mid-flight, every linear on the Triton kernel, on the
-    eager decode or the CUDA-graph step's code (static buffers, no capture on a CPU): each row's greedy
-    tokens are the tokens it gets alone, and the weight-only torch engine's (float32)."""
+    CUDA-graph step's code (static buffers, no capture on a CPU; the eager decode calls the same
+    Int8Linears through transformers' forward, which every prefill here runs too): each row's greedy
+    tokens are the tokens it gets alone, and the weight-only torch engine's (float32). Engine.compile
+    warmed the kernel up first, every rows bucket (129 rows: no request here has that many)."""
     model = quantize_model(make_tiny_model("llama-gqa"), "int8", triton=True)
     assert model.lm_head.kernel == model.model.layers[0].self_attn.q_proj.kernel == "triton"
     engine = Engine(model, byte_tokenizer(), max_rows=4, max_virtual_tokens=32, max_seq_len=64)
-    if graphs:
-        engine.compile(graphs=True)
-        assert engine.decoder.captures == 0
+    seen = []
+    real = triton_int8.linear
+    monkeypatch.setattr(triton_int8, "linear", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    engine.compile(graphs=True)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Int8Linear)}
+    assert engine.decoder.captures == 0 and seen.count(129) == len(shapes)
     requests, joins_at, batch = assert_mixed_batch_equals_alone(engine, new_tokens=(7, 4, 6, 4))
     torch_int8 = Engine(
         quantize_model(make_tiny_model("llama-gqa"), "int8", vnni=False), byte_tokenizer(), max_rows=4
@@ -288,9 +283,9 @@ def compile_for_h100(config: Config, k: int, dtype: str = "bf16", grouped: bool 
     from triton.compiler import ASTSource
 
     kernel = triton_int8._kernel(False)
-    block_k = 32 * config.k_groups
-    k_per_split = triton_int8._cdiv(triton_int8._cdiv(k, block_k), config.split_k) * block_k
-    splits = triton_int8._cdiv(k, k_per_split)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    constexprs = triton_int8.launch_constexprs(config, k, k // 32 if grouped else 1, torch_dtype, bias)
+    splits = constexprs["SPLITS"]
     f32 = "*fp32"
     signature = {
         "x_ptr": f"*{dtype}", "w_ptr": "*i8", "s_ptr": f32, "b_ptr": f"*{dtype}" if bias else f32,
@@ -298,11 +293,6 @@ def compile_for_h100(config: Config, k: int, dtype: str = "bf16", grouped: bool 
         "count_ptr": "*i32" if splits > 1 else f"*{dtype}",
         "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ws": "i32",
     }  # fmt: skip
-    constexprs = dict(
-        GROUP=32, GROUPED=grouped, SCALE_TILE=grouped and config.k_groups > 1, HAS_BIAS=bias,
-        PRECISION="ieee" if dtype == "fp32" else "tf32", SPLITS=splits, FUSED_REDUCE=config.fused_reduce,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, K_STEPS=k_per_split // block_k,
-    )  # fmt: skip
     signature |= dict.fromkeys(constexprs, "constexpr")
     aligned = {"N", "K", "stride_xm", "stride_ym", "stride_ws"}  # as the shapes here: multiples of 16
     attrs = {

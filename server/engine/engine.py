@@ -114,14 +114,10 @@ class Engine:
         else:
             decoder = CompiledDecode(self.model, self.max_rows, on_new_shape=on_new_shape)
         started = time.perf_counter()
-        launches = warm_up_kernels(self.model)  # the int8 Triton kernel's compiles, before any capture
-        if launches:
-            log.info(
-                "int8 Triton kernel: %d warm-up launches (%.1f s)", launches, time.perf_counter() - started
-            )
-        seconds = decoder.warm_up(self.pool) + time.perf_counter() - started
+        warm_up_kernels(self.model)  # the int8 Triton kernel's compiles, before any capture
+        decoder.warm_up(self.pool)
         self.decoder = decoder
-        return seconds
+        return time.perf_counter() - started
 
     def try_compile(self) -> bool:
         """`compile`, logging instead of raising: the engine stays eager if it cannot compile."""

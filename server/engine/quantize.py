@@ -21,6 +21,7 @@ How far each is from float32, and how fast, is measured by `python -m loadtest.b
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -139,16 +140,12 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}, {groups} scales per row"
 
 
-# Row counts in each of the Triton kernel's buckets (triton_int8.choose: 16, 32, 64, 128, 256 rows): one
-# launch each compiles every variant serving can meet (the row count itself is not specialized on).
-KERNEL_WARM_ROWS = (1, 17, 33, 65, 129)
-
-
 @torch.inference_mode()
 def warm_up_kernels(model: PreTrainedModel) -> int:
     """Compile the Triton int8 kernel for every distinct linear of `model` at every rows bucket, on zeros,
     so that no request (a prefill of up to 256 tokens, a decode batch) waits on a compile and no CUDA
     graph capture meets one. Returns the launches run (0 where no linear is on Triton)."""
+    started = time.perf_counter()
     seen: set[tuple] = set()
     launches = 0
     for module in model.modules():
@@ -158,9 +155,11 @@ def warm_up_kernels(model: PreTrainedModel) -> int:
         if key in seen:
             continue
         seen.add(key)
-        for rows in KERNEL_WARM_ROWS:
+        for rows in triton_int8.warm_up_rows():
             module(torch.zeros(rows, module.in_features, dtype=model.dtype, device=module.weight.device))
             launches += 1
+    if launches:
+        log.info("int8 Triton kernel: %d warm-up launches (%.1f s)", launches, time.perf_counter() - started)
     return launches
 
 
@@ -176,9 +175,10 @@ def quantize_model(
     embedding keeps), on the mode's VNNI kernel where the CPU runs it, on the Triton kernel on CUDA (both
     modes weight-only there); 'off': the model as it is. `vnni` False: weight-only in torch everywhere (for
     comparisons). `triton`: None, on CUDA (and on a CPU where TRITON_INTERPRET=1 asks for Triton's
-    interpreter); True, asked for anywhere (a CPU runs it only under the interpreter); False, never. `blocks`: module name -> int8 weight and scales
-    to take as they are (a GGUF's Q8_0 linears); the others are rounded from their float weights. The
-    blocks are taken out of the dict as they are used, so each is freed once its layer has packed it."""
+    interpreter); True, asked for anywhere (a CPU runs it only under the interpreter); False, never.
+    `blocks`: module name -> int8 weight and scales to take as they are (a GGUF's Q8_0 linears); the others
+    are rounded from their float weights. The blocks are taken out of the dict as they are used, so each is
+    freed once its layer has packed it."""
     if mode not in QUANTIZE_CHOICES:
         raise ConfigError(f"setting quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode == "off":

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 GROUP_SIZE = 32  # engine/quantize.py's: the weights per scale along K (the kernel's K step)
-MAX_KERNEL_ROWS = 256  # more rows (a prefill chunk): widen the weight once, then cuBLAS
+ROW_BUCKETS = (16, 32, 64, 128, 256)  # `choose` tiles by the bucket a row count falls in
+MAX_KERNEL_ROWS = ROW_BUCKETS[-1]  # more rows (a prefill chunk): widen the weight once, then cuBLAS
 SPLIT_TARGET = 2  # split K until the grid holds about this many programs per SM
 
 
@@ -94,11 +95,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def warm_up_rows() -> tuple[int, ...]:
+    """A row count in each of ROW_BUCKETS (1, 17, 33, ...): launching each once compiles every variant a
+    weight's launches can meet (the row count itself is not specialized on)."""
+    return tuple(1 if i == 0 else ROW_BUCKETS[i - 1] + 1 for i in range(len(ROW_BUCKETS)))
+
+
 def choose(rows: int, n: int, k: int, device: torch.device) -> Config:
-    """The default tiling for x [rows, k] times a weight [n, k]. It depends on the rows' bucket (16, 32,
-    64, 128, 256) only, so rows 1 to 16 (the decode batches of up to 16) sum in the same order whatever
+    """The default tiling for x [rows, k] times a weight [n, k]. It depends on the rows' bucket
+    (ROW_BUCKETS) only, so rows 1 to 16 (the decode batches of up to 16) sum in the same order whatever
     their number."""
-    bucket = max(16, 1 << (rows - 1).bit_length())
+    bucket = next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
     block_m = min(bucket, 64)
     block_n = 64
     n_tiles, groups = _cdiv(n, block_n), _cdiv(k, GROUP_SIZE)
@@ -180,10 +187,9 @@ def _kernel(interpret: bool):
             acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
         out = rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-        if SPLITS > 1 and not FUSED_REDUCE:  # the host adds the splits
-            tl.store(ws_ptr + pid_k * stride_ws + out, acc, mask=ok)
-        elif SPLITS > 1:
-            tl.store(ws_ptr + pid_k * stride_ws + out, acc, mask=ok)
+        if SPLITS > 1:
+            tl.store(ws_ptr + pid_k * stride_ws + out, acc, mask=ok)  # this split's sums
+        if SPLITS > 1 and FUSED_REDUCE:  # (else the host adds the splits)
             tile = pid_m * tl.num_programs(0) + pid_n
             # Every warp's stores done (the barrier) before one thread's release of the count; the last
             # split's acquire then sees every split's sums (read past L1, which is not coherent).
@@ -196,12 +202,25 @@ def _kernel(interpret: bool):
                     acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
                 tl.atomic_xchg(count_ptr + tile, 0)
-        else:
+        if SPLITS == 1:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     return int8_linear
+
+
+def launch_constexprs(config: Config, k: int, groups: int, dtype: torch.dtype, has_bias: bool) -> dict:
+    """The kernel's compile-time arguments for a weight [N, k] with `groups` scales a row and x of `dtype`
+    (SPLITS: the launch's K splits, split_k or fewer where it does not divide the steps evenly)."""
+    block_k = GROUP_SIZE * config.k_groups
+    k_per_split = _cdiv(_cdiv(k, block_k), config.split_k) * block_k  # whole steps (so whole groups)
+    return dict(
+        GROUP=GROUP_SIZE, GROUPED=groups > 1, SCALE_TILE=groups > 1 and config.k_groups > 1,
+        HAS_BIAS=has_bias, PRECISION="ieee" if dtype == torch.float32 else "tf32",  # float32: in full, not TF32
+        SPLITS=_cdiv(k, k_per_split), FUSED_REDUCE=config.fused_reduce,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, K_STEPS=k_per_split // block_k,
+    )  # fmt: skip
 
 
 def linear(
@@ -242,10 +261,8 @@ def linear(
     if x2.data_ptr() % 16:  # a view at an odd offset: copied, so x's alignment is always the one compiled for
         x2 = x2.clone()
     config = config or choose(rows, n, k, x.device)
-    kernel = _kernel(interpreting())
-    block_k = GROUP_SIZE * config.k_groups
-    k_per_split = _cdiv(_cdiv(k, block_k), config.split_k) * block_k  # whole steps (so whole groups)
-    splits = _cdiv(k, k_per_split)  # split_k or fewer (when it does not divide the steps evenly)
+    constexprs = launch_constexprs(config, k, groups, x.dtype, bias is not None)
+    splits = constexprs["SPLITS"]
     y = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     grid = (_cdiv(n, config.block_n), _cdiv(rows, config.block_m), splits)
     if splits > 1:
@@ -253,14 +270,10 @@ def linear(
         counts = _counts(x.device, grid[0] * grid[1])  # [tiles] int32, 0 between launches
     else:
         ws = counts = y  # not read
-    kernel[grid](
+    _kernel(interpreting())[grid](
         x2, weight, scales, bias if bias is not None else scales, y, ws, counts,
         rows, n, k, groups, x2.stride(0), n, rows * n,
-        GROUP=GROUP_SIZE, GROUPED=groups > 1, SCALE_TILE=groups > 1 and config.k_groups > 1,
-        HAS_BIAS=bias is not None, SPLITS=splits, FUSED_REDUCE=config.fused_reduce,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 x: in full, not TF32
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, K_STEPS=k_per_split // block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1 and not config.fused_reduce:
         total = ws.sum(0)  # [M, N] float32, the splits in order
@@ -273,8 +286,7 @@ def linear(
 MAX_TILES = 1 << 16  # output tiles of one split-K launch (the default tilings use a few hundred)
 ARENA_INTS = 1 << 20  # counts handed to CUDA-graph captures, a chunk at a time (4 MB)
 _EAGER_COUNTS: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, stream) -> [MAX_TILES] int32
-_ARENA: dict[torch.device, list] = {}  # device -> [chunk, next free]
-_ARENA_CHUNKS: list[torch.Tensor] = []  # every chunk ever made: graphs hold pointers into them
+_ARENA: dict[torch.device, list] = {}  # device -> [chunk, next free]: kept for good (graphs point into it)
 
 
 def _counts(device: torch.device, tiles: int) -> torch.Tensor:
@@ -289,7 +301,6 @@ def _counts(device: torch.device, tiles: int) -> torch.Tensor:
     arena = _ARENA.get(device)
     if arena is None and not capturing:  # on the first eager launch: a graph's warm-up runs eagerly first
         arena = _ARENA[device] = [torch.zeros(ARENA_INTS, dtype=torch.int32, device=device), 0]
-        _ARENA_CHUNKS.append(arena[0])
     if capturing and (arena is None or arena[1] + tiles > arena[0].numel()):
         # The arena used up (or never made): counts of this launch's own, zeroed by a memset the graph
         # captures (correct, one memset a replay); never shared, since that memset runs only with its graph.
